@@ -1,0 +1,1 @@
+"""Apache Beam adapter for modelshare (RunInference ModelHandler wrappers) -- not built yet."""

@@ -1,0 +1,78 @@
+"""modelshare: load a model once per machine and share it zero-copy across threads and processes.
+
+Public API (everything else is private)::
+
+    from modelshare import SharedModel
+
+    shared = SharedModel(load_model, key="ranker", share="processes")
+    with shared.use() as model:
+        model.predict(batch)
+
+See ``SharedModel`` for the lifetime rules, ``modelshare.codecs`` to teach it a new framework,
+``modelshare.memory`` for USS/PSS accounting, and ``modelshare ls`` / ``modelshare gc`` to
+inspect and clean the segment directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+import os
+
+from . import memory
+from ._segment import SegmentInfo, default_directory
+from ._shared import SharedModel
+from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
+from .errors import (
+    AcquireTimeoutError,
+    EncodeError,
+    InvalidKeyError,
+    LoaderError,
+    ModelShareError,
+    SegmentCorruptedError,
+    SegmentDirectoryError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SharedModel",
+    "Codec",
+    "Encoded",
+    "register_codec",
+    "codec_for",
+    "get_codec",
+    "SegmentInfo",
+    "list_segments",
+    "gc_segments",
+    "default_directory",
+    "memory",
+    "ModelShareError",
+    "InvalidKeyError",
+    "LoaderError",
+    "EncodeError",
+    "SegmentCorruptedError",
+    "SegmentDirectoryError",
+    "AcquireTimeoutError",
+]
+
+
+def list_segments(directory: Union[str, os.PathLike[str], None] = None) -> list[SegmentInfo]:
+    """Every segment in ``directory`` (default: the default directory) with its holders' pids."""
+    from . import _segment
+
+    return _segment.list_segments(Path(directory) if directory is not None else default_directory())
+
+
+def gc_segments(
+    directory: Union[str, os.PathLike[str], None] = None, *, include_warm: bool = False, dry_run: bool = False
+) -> list[Path]:
+    """Remove segments no live process holds (and half-written files); return what was removed.
+
+    Segments published with ``keep_warm=True`` stay unless ``include_warm``.
+    """
+    from . import _segment
+
+    return _segment.sweep(
+        Path(directory) if directory is not None else default_directory(), include_warm=include_warm, dry_run=dry_run
+    )

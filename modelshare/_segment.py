@@ -1,0 +1,626 @@
+"""Named shared-memory segments: one file per model version, published atomically, held by flocks.
+
+The problem: N processes on a machine want the same weights. A segment is a file in a tmpfs
+directory (``/dev/shm/modelshare-<uid>/`` by default) that holds them once; every process maps it
+and reads the weights in place.
+
+File format (little-endian; every segment is one file ``<key>--<version hash>.seg``)::
+
+    [0, 64)            preamble: magic b"MODLSHR\\0", format version (u32), flags (u32; bit 0 =
+                       keep warm), header length (u64), data offset (u64), file size (u64),
+                       CRC-32 of the header (u32), zero padding
+    [64, 64+hlen)      header: UTF-8 JSON -- key, version, codec, created, loader pid, skeleton
+                       {offset, nbytes}, manifest [{offset, nbytes, crc32, info}], fingerprint
+    [data offset, ...) data, page-aligned: the skeleton, then each buffer at a 64-byte-aligned
+                       offset (offsets in the header are relative to the data offset)
+
+The fingerprint is a SHA-256 over the skeleton and each buffer's size and CRC-32, so
+``verify()`` can say which buffer is damaged; a file whose size, preamble or header is wrong is
+rejected at attach with :class:`SegmentCorruptedError`.
+
+Lifetime rules:
+
+* **Publish**: under an exclusive ``flock`` on ``<stem>.lock``, the loader writes
+  ``<stem>.seg.tmp-<pid>-<random>`` and renames it to ``<stem>.seg``. A reader never sees half a
+  segment; a writer killed mid-write leaves a temporary file that the next writer (or ``sweep``)
+  removes, since holding the exclusive lock proves its writer is gone.
+* **Hold**: every attached process holds a *shared* ``flock`` on the lock file. The kernel drops
+  it when the process dies, SIGKILL included: there are no pid files to go stale.
+* **Release**: the last holder to leave converts its lock to exclusive without blocking; if
+  that succeeds nobody else holds the segment, and it unlinks the segment and the lock file
+  (unless the segment was published with ``keep_warm``).
+* **Sweep** (``modelshare gc``): whatever a crash left -- a segment whose holders were all
+  killed, a half-written temporary -- is unlinked when a non-blocking exclusive lock succeeds.
+* Lock files are only unlinked under their own exclusive lock, and whoever locks one checks
+  afterwards that the path still names the file it locked, so two processes never end up
+  holding locks on two different files of the same name.
+
+Example::
+
+    name = SegmentName.for_model(directory, "resnet", version_hash)
+    handle = open_or_publish(name, produce=lambda: (fields, codec.encode(model)))
+    model = codec.decode(handle.mapping.skeleton, handle.mapping.buffers)
+    ...
+    release(handle)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import re
+import secrets
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .codecs import Encoded
+from .errors import (
+    AcquireTimeoutError,
+    InvalidKeyError,
+    SegmentCorruptedError,
+    SegmentDirectoryError,
+)
+
+MAGIC = b"MODLSHR\x00"
+FORMAT_VERSION = 1
+FLAG_KEEP_WARM = 1
+_PREAMBLE = struct.Struct("<8sIIQQQI")
+PREAMBLE_SIZE = 64
+DATA_ALIGN = 4096
+BUFFER_ALIGN = 64
+MAX_HEADER = 64 << 20
+_WRITE_CHUNK = 1 << 30
+_SEG, _LOCK, _TMP = ".seg", ".lock", ".seg.tmp-"
+_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}")
+
+
+def default_directory() -> Path:
+    """``$MODELSHARE_DIR`` if set, else ``/dev/shm/modelshare-<uid>`` (tmpfs: memory, not disk)."""
+    env = os.environ.get("MODELSHARE_DIR")
+    if env:
+        return Path(env)
+    return Path("/dev/shm") / f"modelshare-{os.getuid()}"
+
+
+def ensure_directory(directory: Path) -> Path:
+    """Create ``directory`` (mode 0700) if needed and check that this process can use it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegmentDirectoryError(
+            exc.errno,
+            f"cannot create the segment directory {directory} ({exc.strerror}); pass "
+            "directory=... or set MODELSHARE_DIR to a writable directory on tmpfs (e.g. /dev/shm)",
+        ) from exc
+    if not directory.is_dir():
+        raise SegmentDirectoryError(
+            errno.ENOTDIR, f"{directory} is not a directory; point MODELSHARE_DIR at a directory"
+        )
+    if directory.stat().st_uid != os.getuid() and directory == default_directory():
+        raise SegmentDirectoryError(
+            errno.EPERM,
+            f"{directory} belongs to uid {directory.stat().st_uid}, not to this user "
+            f"({os.getuid()}); remove it or set MODELSHARE_DIR to a directory of your own",
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SegmentDirectoryError(
+            errno.EACCES,
+            f"no permission to write in the segment directory {directory}; fix its permissions "
+            "or set MODELSHARE_DIR to a directory this user can write",
+        )
+    return directory
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it can name a segment file, else raise :class:`InvalidKeyError`."""
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or "--" in key:
+        raise InvalidKeyError(
+            f"model key {key!r} cannot name a segment: use 1-128 characters from letters, digits "
+            "and '_.=+-', starting with a letter, digit or '_', without '--' (no '/', no spaces)"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """Where one model version lives: ``<directory>/<key>--<version hash>{.seg,.lock}``."""
+
+    directory: Path
+    stem: str
+
+    @classmethod
+    def for_model(cls, directory: Path, key: str, version_hash: str) -> "SegmentName":
+        return cls(Path(directory), f"{validate_key(key)}--{version_hash}")
+
+    @property
+    def seg_path(self) -> Path:
+        return self.directory / (self.stem + _SEG)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory / (self.stem + _LOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done : done + _WRITE_CHUNK], offset + done)
+
+
+def _directory_error(exc: OSError, directory: Path, needed: int) -> SegmentDirectoryError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        try:
+            free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+        except OSError:
+            free = -1
+        return SegmentDirectoryError(
+            exc.errno,
+            f"no room for a {needed / 2**20:.1f} MiB segment in {directory} "
+            f"({free / 2**20:.1f} MiB free); free memory there (modelshare gc), enlarge the tmpfs, "
+            "or set MODELSHARE_DIR to a directory with room",
+        )
+    return SegmentDirectoryError(
+        exc.errno,
+        f"cannot write a segment in {directory} ({exc.strerror}); fix the directory's "
+        "permissions or set MODELSHARE_DIR to a directory this user can write",
+    )
+
+
+def write_segment(name: SegmentName, fields: dict[str, Any], encoded: Encoded, *, keep_warm: bool) -> None:
+    """Write ``encoded`` as ``name``'s segment: temporary file first, then an atomic rename.
+
+    The caller must hold the exclusive lock on ``name.lock_path``.
+    """
+    skeleton = memoryview(encoded.skeleton)
+    offset = _align(len(skeleton), BUFFER_ALIGN)
+    manifest = []
+    for i, buf in enumerate(encoded.buffers):
+        manifest.append({"offset": offset, "nbytes": buf.nbytes, "crc32": 0,
+                         "info": encoded.buffer_info[i] if i < len(encoded.buffer_info) else {}})
+        offset = _align(offset + buf.nbytes, BUFFER_ALIGN)
+    data_size = offset
+    header = dict(fields, skeleton={"offset": 0, "nbytes": len(skeleton)}, manifest=manifest,
+                  fingerprint="0" * 64)
+    header_len = len(json.dumps(header).encode()) + 32 * len(manifest) + 64
+    data_offset = _align(PREAMBLE_SIZE + header_len, DATA_ALIGN)
+    size = data_offset + data_size
+
+    tmp = name.directory / f"{name.stem}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _directory_error(exc, name.directory, size) from exc
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            raise _directory_error(exc, name.directory, size) from exc
+        fingerprint = hashlib.sha256(bytes(skeleton))
+        _pwrite_all(fd, skeleton, data_offset)
+        for entry, buf in zip(manifest, encoded.buffers):
+            view = memoryview(buf)
+            entry["crc32"] = zlib.crc32(view)
+            fingerprint.update(struct.pack("<QI", entry["nbytes"], entry["crc32"]))
+            _pwrite_all(fd, view, data_offset + entry["offset"])
+        header["fingerprint"] = fingerprint.hexdigest()
+        header_bytes = json.dumps(header).encode()
+        if PREAMBLE_SIZE + len(header_bytes) > data_offset:  # pragma: no cover - sized above
+            raise AssertionError("segment header outgrew its reserved room")
+        os.pwrite(fd, header_bytes, PREAMBLE_SIZE)
+        preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, FLAG_KEEP_WARM if keep_warm else 0,
+                                  len(header_bytes), data_offset, size, zlib.crc32(header_bytes))
+        os.pwrite(fd, preamble, 0)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, name.seg_path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class Mapping:
+    """A segment mapped read-only into this process: its header, skeleton and buffer views."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        st = os.fstat(fd)
+        self.inode = (st.st_dev, st.st_ino)
+        self.header, data_offset, self.flags = read_header(path, fd, st.st_size)
+        self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        whole = memoryview(self._mmap)
+        sk = self.header["skeleton"]
+        self.skeleton = whole[data_offset + sk["offset"] : data_offset + sk["offset"] + sk["nbytes"]]
+        self.buffers = [whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]]
+                        for e in self.header["manifest"]]
+        self._whole = whole
+        self.nbytes = st.st_size
+
+    @property
+    def keep_warm(self) -> bool:
+        return bool(self.flags & FLAG_KEEP_WARM)
+
+    def verify(self) -> None:
+        """Recompute every buffer's CRC-32; raise :class:`SegmentCorruptedError` on a mismatch."""
+        for i, (entry, buf) in enumerate(zip(self.header["manifest"], self.buffers)):
+            if zlib.crc32(buf) != entry["crc32"]:
+                raise SegmentCorruptedError(
+                    f"segment {self.path}: buffer {i} ({entry['nbytes']} bytes) does not match its "
+                    "checksum; the file was modified after publishing. Remove it "
+                    "(`modelshare gc --all`, once no process uses it) and load again"
+                )
+
+    def close(self) -> None:
+        """Drop this mapping's own views and unmap, unless the model still uses them.
+
+        Arrays built on the buffers keep the mapping alive; it is unmapped when the last dies.
+        """
+        for view in [self.skeleton, *self.buffers, self._whole]:
+            try:
+                view.release()
+            except BufferError:
+                pass
+        self.buffers = []
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass
+
+
+def _corrupt(path: Path, why: str) -> SegmentCorruptedError:
+    exc = SegmentCorruptedError(
+        f"segment file {path} is not a valid modelshare segment: {why}. It was truncated or "
+        "overwritten after publishing. Remove it with `modelshare gc --all` (or delete the file "
+        "once no process uses it) and acquire again to reload the model"
+    )
+    exc.reason = why
+    return exc
+
+
+def read_header(path: Path, fd: int, file_size: int) -> tuple[dict[str, Any], int, int]:
+    """Validate a segment's preamble and header; return (header, data offset, flags)."""
+    raw = os.pread(fd, PREAMBLE_SIZE, 0)
+    if len(raw) < PREAMBLE_SIZE:
+        raise _corrupt(path, f"only {len(raw)} bytes long")
+    magic, version, flags, header_len, data_offset, size, crc = _PREAMBLE.unpack_from(raw)
+    if magic != MAGIC:
+        raise _corrupt(path, "bad magic number")
+    if version != FORMAT_VERSION:
+        raise SegmentCorruptedError(
+            f"segment file {path} has format version {version}, this modelshare reads version "
+            f"{FORMAT_VERSION}; remove it with `modelshare gc --all` or use a matching modelshare"
+        )
+    if size != file_size:
+        raise _corrupt(path, f"{file_size} bytes long, its header says {size}")
+    if not (0 < header_len <= MAX_HEADER and PREAMBLE_SIZE + header_len <= data_offset <= size):
+        raise _corrupt(path, "header length or data offset out of range")
+    header_bytes = os.pread(fd, header_len, PREAMBLE_SIZE)
+    if zlib.crc32(header_bytes) != crc:
+        raise _corrupt(path, "header checksum mismatch")
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        raise _corrupt(path, f"header is not JSON ({exc})") from exc
+    data_size = size - data_offset
+    regions = [header["skeleton"], *header["manifest"]]
+    if any(r["offset"] < 0 or r["nbytes"] < 0 or r["offset"] + r["nbytes"] > data_size for r in regions):
+        raise _corrupt(path, "a buffer lies outside the file")
+    return header, data_offset, flags
+
+
+def _try_map(path: Path) -> Optional[Mapping]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return Mapping(path, fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks: holders share, publishers and collectors exclude
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _flock(fd: int, op: int, timeout: Optional[float], what: str) -> None:
+    if timeout is None:
+        fcntl.flock(fd, op)
+        return
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise AcquireTimeoutError(
+                    f"waited {timeout:g} s for {what}; the process loading it is still at work "
+                    "(see `modelshare ls`). Raise timeout=, or kill a stuck loader: its lock "
+                    "is released when it dies"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+def lock_file(path: Path, op: int, timeout: Optional[float] = None, *, create: bool = True) -> Optional[int]:
+    """Open and ``flock`` ``path``; return the fd once the path still names the locked file.
+
+    Returns None when ``create`` is false and the file does not exist, or when ``op`` includes
+    ``LOCK_NB`` and the lock is taken.
+    """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _directory_error(exc, path.parent, 0) from exc
+        try:
+            if op & fcntl.LOCK_NB:
+                fcntl.flock(fd, op)
+            else:
+                _flock(fd, op, timeout, f"the model at {path.with_suffix('')}")
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)
+        if not create:
+            return None
+
+
+@dataclass
+class SegmentHandle:
+    """This process's hold on a segment: its shared lock and its mapping."""
+
+    name: SegmentName
+    lock_fd: int
+    mapping: Mapping
+
+
+Produce = Callable[[], "tuple[dict[str, Any], Encoded, bool]"]
+
+
+def open_or_publish(name: SegmentName, produce: Produce, *, timeout: Optional[float] = None) -> tuple[SegmentHandle, bool]:
+    """Attach ``name``'s segment, publishing it first with ``produce()`` if nobody has.
+
+    ``produce`` returns (header fields, encoded model, keep warm) and runs in at most one process
+    at a time, under the exclusive lock. Returns the handle and whether this call published.
+    """
+    while True:
+        fd = lock_file(name.lock_path, fcntl.LOCK_SH, timeout)
+        assert fd is not None
+        try:
+            mapping = _try_map(name.seg_path)
+            if mapping is not None:
+                return SegmentHandle(name, fd, mapping), False
+            _flock(fd, fcntl.LOCK_EX, timeout, f"the model at {name.directory / name.stem}")
+            if not _same_file(fd, name.lock_path):
+                os.close(fd)
+                continue
+            published = False
+            mapping = _try_map(name.seg_path)
+            if mapping is None:
+                _remove_temporaries(name)
+                _publish(name, produce)
+                published = True
+                mapping = _try_map(name.seg_path)
+                assert mapping is not None
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if _same_file(fd, name.lock_path) and _inode(name.seg_path) == mapping.inode:
+                return SegmentHandle(name, fd, mapping), published
+            mapping.close()
+            os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def _publish(name: SegmentName, produce: Produce) -> None:
+    """Run ``produce`` and write its result; every reference to the model dies with this frame."""
+    fields, encoded, keep_warm = produce()
+    write_segment(name, fields, encoded, keep_warm=keep_warm)
+
+
+def _inode(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _remove_temporaries(name: SegmentName) -> None:
+    """Remove ``name``'s half-written files; only valid while holding its exclusive lock."""
+    for path in name.directory.glob(name.stem + _TMP + "*"):
+        path.unlink(missing_ok=True)
+
+
+def release(handle: SegmentHandle) -> bool:
+    """Give up this process's hold; unlink the segment if it was the last holder.
+
+    Returns whether the segment was removed. A segment published with keep warm stays.
+    """
+    keep_warm = handle.mapping.keep_warm
+    handle.mapping.close()
+    removed = False
+    try:
+        if not keep_warm:
+            try:
+                fcntl.flock(handle.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # someone else holds it; our shared lock goes with the close below
+            else:
+                if _same_file(handle.lock_fd, handle.name.lock_path):
+                    handle.name.seg_path.unlink(missing_ok=True)
+                    handle.name.lock_path.unlink(missing_ok=True)
+                    removed = True
+    finally:
+        os.close(handle.lock_fd)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection and garbage collection
+
+
+def _stems(directory: Path) -> list[str]:
+    stems = set()
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        for suffix in (_SEG, _LOCK):
+            if entry.endswith(suffix):
+                stems.add(entry[: -len(suffix)])
+        if _TMP in entry:
+            stems.add(entry.split(_TMP)[0])
+    return sorted(stems)
+
+
+def _is_warm(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(PREAMBLE_SIZE)
+    except FileNotFoundError:
+        return False
+    if len(raw) < PREAMBLE_SIZE:
+        return False
+    magic, _version, flags, *_ = _PREAMBLE.unpack_from(raw)
+    return magic == MAGIC and bool(flags & FLAG_KEEP_WARM)
+
+
+def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False) -> list[Path]:
+    """Unlink every segment no live process holds, and every orphaned temporary file.
+
+    Segments published with keep warm stay unless ``include_warm``. Returns what was (or, with
+    ``dry_run``, would be) removed.
+    """
+    removed: list[Path] = []
+    for stem in _stems(directory):
+        name = SegmentName(directory, stem)
+        fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:
+            continue  # held (or being published) by a live process
+        try:
+            doomed = list(directory.glob(stem + _TMP + "*"))
+            seg = name.seg_path
+            keep_seg = seg.exists() and _is_warm(seg) and not include_warm
+            if seg.exists() and not keep_seg:
+                doomed.append(seg)
+            if not keep_seg:
+                doomed.append(name.lock_path)
+            if not dry_run:
+                for path in doomed:
+                    path.unlink(missing_ok=True)
+            removed.extend(p for p in doomed if p.suffix != _LOCK)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def lock_holders(lock_path: Path) -> list[int]:
+    """Pids holding a ``flock`` on ``lock_path``, read from ``/proc/locks`` (no bookkeeping)."""
+    try:
+        st = os.stat(lock_path)
+        with open("/proc/locks") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    pids = []
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        major, minor, inode = parts[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) == want:
+            pids.append(int(parts[4]))
+    return sorted(set(pids))
+
+
+@dataclass
+class SegmentInfo:
+    """What ``modelshare ls`` shows about one segment."""
+
+    path: Path
+    key: str
+    version: Optional[str]
+    codec: str
+    nbytes: int
+    created: float
+    holders: list[int]
+    keep_warm: bool
+    state: str  # "ready", "publishing", or "corrupt: <why>"
+    fingerprint: str = ""
+
+
+def list_segments(directory: Path) -> list[SegmentInfo]:
+    """Every segment (and segment being published) in ``directory``, with its holders."""
+    infos = []
+    for stem in _stems(directory):
+        name = SegmentName(directory, stem)
+        holders = lock_holders(name.lock_path)
+        key = stem.rsplit("--", 1)[0]
+        seg = name.seg_path
+        try:
+            fd = os.open(seg, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            temps = list(directory.glob(stem + _TMP + "*"))
+            if temps:
+                size = sum(p.stat().st_size for p in temps if p.exists())
+                infos.append(SegmentInfo(temps[0], key, None, "?", size, temps[0].stat().st_mtime,
+                                         holders, False, "publishing"))
+            continue
+        try:
+            st = os.fstat(fd)
+            try:
+                header, _offset, flags = read_header(seg, fd, st.st_size)
+            except SegmentCorruptedError as exc:
+                infos.append(SegmentInfo(seg, key, None, "?", st.st_size, st.st_mtime, holders,
+                                         False, f"corrupt: {getattr(exc, 'reason', exc)}"))
+                continue
+        finally:
+            os.close(fd)
+        infos.append(SegmentInfo(seg, header.get("key", key), header.get("version"), header.get("codec", "?"),
+                                 st.st_size, header.get("created", st.st_mtime), holders,
+                                 bool(flags & FLAG_KEEP_WARM), "ready", header.get("fingerprint", "")))
+    return infos

@@ -1,0 +1,331 @@
+"""SharedModel: load a model once, share it across the threads of a process or the processes of a
+machine.
+
+The problem: every worker that calls ``load_model()`` pays for the weights again. With
+
+    model = SharedModel(load_model, key="ranker", share="processes")
+    with model.use() as m:
+        m.predict(batch)
+
+the first process on the machine to ask runs ``load_model`` under an exclusive file lock,
+splits the result with a codec (skeleton + buffers), writes the buffers once into a segment
+and maps it; every other process waits for that lock, then maps the same segment and rebuilds
+the model over zero-copy, read-only views. Compute stays local: no call crosses a process.
+
+Lifetime rules:
+
+* ``acquire()`` returns the model and counts a hold; ``release(model)`` gives it back;
+  ``use()`` does both around a ``with`` block. Within a process every acquire of the same model
+  (by any thread, through any unpickled copy of the same SharedModel) returns the same object.
+* When a process's last hold is released, it unmaps (once the caller drops its own references)
+  and drops its shared lock; the last process on the machine unlinks the segment. A process that
+  exits without releasing is released at exit; one killed by SIGKILL is released by the kernel,
+  and ``modelshare gc`` (or the next process to attach in the directory) removes what it left.
+* ``keep_warm=True`` keeps the segment after its last holder (``share="processes"``), or the
+  instance for the life of the process (``share="threads"``).
+* The loading process keeps only the shared copy: its private model is dropped after
+  publishing and freed heap pages go back to the system (``malloc_trim``).
+* Segments are named by key and version. Without ``version=``, the version is a fingerprint of
+  the loader's code and bound values, so a changed loader never attaches to a stale segment.
+
+``share="threads"`` skips segments: one instance per process, loaded once even when threads race.
+SharedModel objects pickle (loaders that are lambdas or closures too, via cloudpickle) so they can
+be handed to spawned processes and Beam DoFns; an attaching process never unpickles the loader.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import fcntl
+import gc
+import hashlib
+import multiprocessing.util
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Generic, Iterator, Literal, Optional, TypeVar, Union
+
+from . import _segment
+from ._fingerprint import loader_fingerprint
+from .codecs import Codec, Encoded, codec_for, get_codec
+from .errors import LoaderError
+
+__all__ = ["SharedModel"]
+
+M = TypeVar("M")
+Share = Literal["threads", "processes"]
+_SHARES = ("threads", "processes")
+
+
+class _Entry:
+    """One model in this process: the object handed out, how many holds, and its segment."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.refcount = 0
+        self.model: Any = None
+        self.handle: Optional[_segment.SegmentHandle] = None
+
+
+class _ProcessTable:
+    """Every model this process holds, keyed so that copies of one SharedModel meet here."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, ...], _Entry] = {}
+        self._swept: set[Path] = set()
+        self._exit_hooked = False
+
+    def entry(self, ident: tuple[str, ...]) -> _Entry:
+        with self._lock:
+            found = self._entries.get(ident)
+            if found is None:
+                found = self._entries[ident] = _Entry()
+            return found
+
+    def prepare_directory(self, directory: Path) -> None:
+        """Once per directory: register the exit hook and collect what crashed processes left."""
+        with self._lock:
+            self._hook_exit()
+            first = directory not in self._swept
+            self._swept.add(directory)
+        if first:
+            _segment.sweep(directory)
+
+    def _hook_exit(self) -> None:
+        # atexit covers the main process and spawned children; multiprocessing's finalizers
+        # also run in forked children, which leave through os._exit and skip atexit.
+        if not self._exit_hooked:
+            atexit.register(self.release_all)
+            multiprocessing.util.Finalize(None, self.release_all, exitpriority=10)
+            self._exit_hooked = True
+
+    def release_all(self) -> None:
+        """Release every segment this process still holds (at exit: a forgotten release())."""
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            handle, entry.handle, entry.model, entry.refcount = entry.handle, None, None, 0
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    _segment.release(handle)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child shares its parent's lock descriptions: take locks of its own."""
+        self._lock = threading.Lock()
+        self._exit_hooked = False
+        for entry in self._entries.values():
+            entry.lock = threading.Lock()
+            handle = entry.handle
+            if handle is not None:
+                fd = _segment.lock_file(handle.name.lock_path, fcntl.LOCK_SH)
+                os.close(handle.lock_fd)  # the parent's lock survives: it has its own descriptor
+                handle.lock_fd = fd
+                self._hook_exit()
+
+
+_table = _ProcessTable()
+os.register_at_fork(after_in_child=_table.after_fork_in_child)
+
+
+def _reclaim_heap() -> None:
+    """Return freed memory to the system: glibc keeps freed heap pages until ``malloc_trim``."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _short_hash(*parts: str) -> str:
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
+
+
+class SharedModel(Generic[M]):
+    """A model loaded once and shared by the threads of a process or the processes of a machine.
+
+    Args:
+        loader: zero-argument callable that returns the model; runs once per machine
+            (``"processes"``) or once per process (``"threads"``).
+        key: the model's name: letters, digits and ``_.=+-``; it names the segment file.
+        share: ``"processes"`` (one copy of the weights per machine, zero-copy views in every
+            process) or ``"threads"`` (one instance per process).
+        version: what decides whether an existing segment is this model (e.g. the weight file's
+            mtime); by default a fingerprint of the loader's code and bound values.
+        directory: where segments live; default ``$MODELSHARE_DIR`` or ``/dev/shm/modelshare-<uid>``.
+        codec: a codec name or instance to force; by default chosen by the loaded model's type.
+        keep_warm: keep the model loaded after its last holder releases it.
+        timeout: seconds to wait for another process's load before :class:`AcquireTimeoutError`.
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[], M],
+        *,
+        key: str,
+        share: Share = "processes",
+        version: Optional[str] = None,
+        directory: Union[str, os.PathLike[str], None] = None,
+        codec: Union[str, Codec, None] = None,
+        keep_warm: bool = False,
+        timeout: Optional[float] = None,
+    ) -> None:
+        if not callable(loader):
+            raise TypeError(f"loader must be a zero-argument callable returning the model, not {loader!r}")
+        if share not in _SHARES:
+            raise ValueError(f"share must be 'threads' or 'processes', not {share!r}")
+        self.key = _segment.validate_key(key)
+        self.share: Share = share
+        self.version = None if version is None else str(version)
+        codec_name = codec if isinstance(codec, str) or codec is None else codec.name
+        basis = f"version:{self.version}" if version is not None else f"loader:{loader_fingerprint(loader)}"
+        self.version_hash = _short_hash(basis, codec_name or "")
+        self._loader: Optional[Callable[[], M]] = loader
+        self._loader_bytes: Optional[bytes] = None
+        self._directory = None if directory is None else Path(directory)
+        self._codec = codec
+        self.keep_warm = bool(keep_warm)
+        self.timeout = timeout
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        """Where this model's segment lives (resolved in the process that uses it)."""
+        return self._directory if self._directory is not None else _segment.default_directory()
+
+    @property
+    def segment_name(self) -> _segment.SegmentName:
+        return _segment.SegmentName.for_model(self.directory, self.key, self.version_hash)
+
+    def _ident(self) -> tuple[str, ...]:
+        if self.share == "threads":
+            return ("threads", self.key, self.version_hash)
+        return ("processes", str(self.directory), self.segment_name.stem)
+
+    def __repr__(self) -> str:
+        return f"SharedModel(key={self.key!r}, share={self.share!r}, version={self.version_hash})"
+
+    # -- acquire / release ------------------------------------------------------------------
+
+    def acquire(self) -> M:
+        """The model; loads or attaches it on this process's first hold. Pair with release()."""
+        entry = _table.entry(self._ident())
+        with entry.lock:
+            if entry.refcount == 0 and entry.model is None:
+                if self.share == "threads":
+                    entry.model = self._run_loader()
+                else:
+                    entry.model, entry.handle = self._attach()
+            entry.refcount += 1
+            return entry.model
+
+    def release(self, model: M) -> None:
+        """Give back a model from acquire(); the last release frees this process's hold."""
+        entry = _table.entry(self._ident())
+        with entry.lock:
+            if entry.refcount == 0 or model is not entry.model:
+                raise ValueError(
+                    f"release() got an object that {self!r} did not hand out, or more releases "
+                    "than acquires; pass exactly the object acquire() returned, once per acquire"
+                )
+            entry.refcount -= 1
+            if entry.refcount:
+                return
+            handle, entry.handle = entry.handle, None
+            if self.share == "processes" or not self.keep_warm:
+                entry.model = None
+            if handle is not None:
+                _segment.release(handle)
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[M]:
+        """``with shared.use() as model:`` -- acquire() on entry, release() on exit."""
+        model = self.acquire()
+        try:
+            yield model
+        finally:
+            self.release(model)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _get_loader(self) -> Callable[[], M]:
+        if self._loader is None:
+            import cloudpickle  # only a process that has to load pays for unpickling the loader
+
+            assert self._loader_bytes is not None
+            self._loader = cloudpickle.loads(self._loader_bytes)
+        return self._loader
+
+    def _run_loader(self) -> M:
+        try:
+            return self._get_loader()()
+        except Exception as exc:
+            raise LoaderError(
+                f"the loader for model {self.key!r} raised {type(exc).__name__}: {exc}. Nothing "
+                "was published and other processes are unaffected; fix the loader -- the next "
+                "acquire() runs it again"
+            ) from exc
+
+    def _produce(self) -> tuple[dict[str, Any], Encoded, bool]:
+        _segment.sweep(self.directory)  # reclaim what crashes left before using more memory
+        model = self._run_loader()
+        codec = get_codec(self._codec) if isinstance(self._codec, str) else self._codec or codec_for(model)
+        fields = {
+            "key": self.key,
+            "version": self.version,
+            "version_hash": self.version_hash,
+            "codec": codec.name,
+            "created": time.time(),
+            "loader_pid": os.getpid(),
+        }
+        return fields, codec.encode(model), self.keep_warm
+
+    def _attach(self) -> tuple[M, _segment.SegmentHandle]:
+        directory = _segment.ensure_directory(self.directory)
+        _table.prepare_directory(directory)
+        handle, published = _segment.open_or_publish(self.segment_name, self._produce, timeout=self.timeout)
+        if published:
+            _reclaim_heap()
+        try:
+            model = get_codec(handle.mapping.header["codec"]).decode(handle.mapping.skeleton, handle.mapping.buffers)
+        except BaseException:
+            _segment.release(handle)
+            raise
+        return model, handle
+
+    # -- pickling ---------------------------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._loader_bytes is None:
+            import cloudpickle
+
+            try:
+                self._loader_bytes = cloudpickle.dumps(self._loader)
+            except Exception as exc:
+                raise TypeError(
+                    f"{self!r} cannot be pickled because its loader cannot ({type(exc).__name__}: "
+                    f"{exc}); use a module-level function, or a closure over picklable values"
+                ) from exc
+        state = {
+            "key": self.key,
+            "share": self.share,
+            "version": self.version,
+            "version_hash": self.version_hash,
+            "_loader_bytes": self._loader_bytes,
+            "_directory": self._directory,
+            "_codec": self._codec,
+            "keep_warm": self.keep_warm,
+            "timeout": self.timeout,
+        }
+        return (_restore, (state,))
+
+
+def _restore(state: dict[str, Any]) -> SharedModel[Any]:
+    shared: SharedModel[Any] = SharedModel.__new__(SharedModel)
+    shared.__dict__.update(state)
+    shared._loader = None
+    return shared

@@ -1,0 +1,81 @@
+"""``modelshare ls | gc``: inspect and clean a segment directory from the shell.
+
+``ls`` shows each segment's key, size, holders' pids and age; ``gc`` unlinks what no live process
+holds (what SIGKILLed processes left behind). Both read ``--dir``, else ``$MODELSHARE_DIR``, else
+the default ``/dev/shm/modelshare-<uid>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import default_directory, gc_segments, list_segments
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _ls(directory: Path, as_json: bool) -> int:
+    infos = list_segments(directory)
+    if as_json:
+        print(json.dumps([dict(asdict(i), path=str(i.path)) for i in infos], indent=2))
+        return 0
+    if not infos:
+        print(f"no segments in {directory}")
+        return 0
+    now = time.time()
+    rows = [("KEY", "VERSION", "CODEC", "SIZE", "HOLDERS", "AGE", "STATE")]
+    for i in infos:
+        holders = ",".join(map(str, i.holders)) or "-"
+        state = i.state + (" (keep warm)" if i.keep_warm else "")
+        rows.append((i.key, i.version or i.path.stem.rsplit("--", 1)[-1], i.codec, _size(i.nbytes),
+                     holders, _age(now - i.created), state))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    print(f"{len(infos)} segment(s), {_size(sum(i.nbytes for i in infos))} in {directory}")
+    return 0
+
+
+def _gc(directory: Path, include_warm: bool, dry_run: bool) -> int:
+    removed = gc_segments(directory, include_warm=include_warm, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(removed)} file(s) from {directory}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``modelshare`` command."""
+    parser = argparse.ArgumentParser(prog="modelshare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, default=None, help="segment directory (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("ls", help="list segments: key, size, holders, age")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    gc = sub.add_parser("gc", help="remove segments that no live process holds")
+    gc.add_argument("--all", action="store_true", help="also remove segments kept warm")
+    gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    args = parser.parse_args(argv)
+    directory = args.dir if args.dir is not None else default_directory()
+    if args.command == "ls":
+        return _ls(directory, args.json)
+    return _gc(directory, args.all, args.dry_run)

@@ -1,0 +1,139 @@
+"""Codecs: how a model becomes a small skeleton plus large buffers, and back again without a copy.
+
+A codec is what makes a framework's model shareable. ``encode(model)`` splits it into
+
+* a *skeleton*: a few bytes that describe the model's structure (for the generic codec, a
+  pickle with every large buffer left out), copied into each process; and
+* *buffers*: the weights, as contiguous bytes-like views, written once into a shared segment.
+
+``decode(skeleton, buffers)`` rebuilds the model in another process where ``buffers`` are
+read-only memoryviews of the segment: a good codec wraps them (``numpy.frombuffer``,
+``torch.frombuffer``, an ONNX ``OrtValue``) instead of copying them. ``estimate(model)`` says how
+many bytes the buffers will take, for admission before anything is written.
+
+Codecs are found by the model's type. Framework codecs register by *name* (the dotted path of a
+class and the dotted path of the codec), so finding a codec never imports a framework: a class
+name in the model's MRO is compared as a string, and the codec module is imported only when a
+model of that type actually shows up. Anything without a registered codec goes to the generic
+codec (pickle protocol 5, numpy arrays out of band).
+
+Example -- a codec for a hypothetical framework, registered without importing it::
+
+    register_codec("myfw_codec:MyFrameworkCodec", types=["myfw.core.Model"])
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence, Union
+
+__all__ = ["Codec", "Encoded", "register_codec", "codec_for", "get_codec"]
+
+
+@dataclass
+class Encoded:
+    """A model split by a codec: ``skeleton`` bytes plus the large ``buffers`` to share.
+
+    ``buffer_info`` may give one small JSON-able dict per buffer (a name, dtype, shape); it is
+    recorded in the segment's manifest for ``modelshare ls`` and for the codec's own use.
+    """
+
+    skeleton: bytes
+    buffers: list[memoryview]
+    buffer_info: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of skeleton plus buffers (without the segment's header and alignment)."""
+        return len(self.skeleton) + sum(b.nbytes for b in self.buffers)
+
+
+class Codec(abc.ABC):
+    """Splits models of some types into skeleton + buffers and rebuilds them over shared views."""
+
+    #: Unique name, stored in every segment so that attaching processes pick the same codec.
+    name: str = ""
+
+    @abc.abstractmethod
+    def encode(self, model: Any) -> Encoded:
+        """Split ``model``; buffers must be C-contiguous bytes-like views (no copy needed)."""
+
+    @abc.abstractmethod
+    def decode(self, skeleton: memoryview, buffers: Sequence[memoryview]) -> Any:
+        """Rebuild the model; ``buffers`` are read-only views of shared memory to wrap, not copy."""
+
+    def estimate(self, model: Any) -> int:
+        """Bytes the model will take in a segment. The default encodes it (no buffer is copied)."""
+        return self.encode(model).nbytes
+
+
+CodecRef = Union[Codec, str]
+
+_lock = threading.Lock()
+_by_name: dict[str, CodecRef] = {}
+_by_type: dict[str, str] = {}
+
+
+def _type_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve(ref: CodecRef) -> Codec:
+    if isinstance(ref, Codec):
+        return ref
+    module_name, _, attr = ref.partition(":")
+    if not attr:
+        raise ValueError(f"codec path {ref!r} must look like 'package.module:ClassName'")
+    codec = getattr(importlib.import_module(module_name), attr)
+    return codec() if isinstance(codec, type) else codec
+
+
+def register_codec(codec: CodecRef, *, types: Iterable[type | str] = (), name: str | None = None) -> None:
+    """Register ``codec`` (an instance, or ``'module:Class'`` imported on first use) for ``types``.
+
+    ``types`` are classes or their dotted paths (``'torch.nn.modules.module.Module'``); a model
+    whose MRO contains one of them uses this codec. ``name`` is required when ``codec`` is given
+    as a path (the codec is not imported to read it).
+    """
+    codec_name = codec.name if isinstance(codec, Codec) else name
+    if not codec_name:
+        raise ValueError("register_codec needs the codec's name: pass name=... with a codec path")
+    with _lock:
+        _by_name[codec_name] = codec
+        for t in types:
+            _by_type[t if isinstance(t, str) else _type_path(t)] = codec_name
+
+
+def get_codec(name: str) -> Codec:
+    """The codec registered under ``name`` (imported now if it was registered by path)."""
+    with _lock:
+        ref = _by_name.get(name)
+    if ref is None:
+        known = ", ".join(sorted(_by_name))
+        raise LookupError(
+            f"no codec named {name!r} is registered in this process (known: {known}); "
+            "import or register the codec's package before attaching models that use it"
+        )
+    codec = _resolve(ref)
+    if not isinstance(ref, Codec):
+        with _lock:
+            _by_name[name] = codec
+    return codec
+
+
+def codec_for(model: Any) -> Codec:
+    """The codec registered for the nearest class in ``type(model).__mro__``, else the generic one."""
+    with _lock:
+        for cls in type(model).__mro__:
+            codec_name = _by_type.get(_type_path(cls))
+            if codec_name is not None:
+                break
+        else:
+            codec_name = "generic"
+    return get_codec(codec_name)
+
+
+register_codec("modelshare.codecs.generic:GenericCodec", name="generic")

@@ -1,0 +1,102 @@
+"""Host memory accounting: what the machine has, what each process really uses, what segments hold.
+
+The numbers tests and benchmarks assert on. RSS counts a shared page in every process that maps
+it, so N processes on one segment look like N copies; the figures here avoid that:
+
+* **USS** (unique set size): pages only this process maps -- its private cost.
+* **PSS** (proportional set size): private pages plus each shared page divided by the number of
+  processes that map it. Summed over processes, a segment is counted once.
+* **segment bytes**: what the files in a segment directory occupy in tmpfs (memory, not disk).
+
+Example::
+
+    from modelshare import memory
+    total = sum(memory.process(pid).pss for pid in worker_pids)
+    assert total < memory.segment_bytes() + budget
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import psutil
+
+from . import _segment
+
+__all__ = ["HostMemory", "ProcessMemory", "host", "process", "total_pss", "segment_bytes"]
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Machine-wide memory in bytes (``available`` is what can be used without swapping)."""
+
+    total: int
+    available: int
+    used: int
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """One process's memory in bytes; ``segment_pss`` is the part of ``pss`` in segment files."""
+
+    pid: int
+    rss: int
+    uss: int
+    pss: int
+    segment_pss: int
+
+
+def host() -> HostMemory:
+    """The machine's total, available and used memory."""
+    vm = psutil.virtual_memory()
+    return HostMemory(total=vm.total, available=vm.available, used=vm.total - vm.available)
+
+
+def _segment_pss(pid: int, directory: Path) -> int:
+    """PSS of the mappings of files under ``directory``, from ``/proc/<pid>/smaps``."""
+    prefix = str(directory).rstrip("/") + "/"
+    total = 0
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    fields = line.split(None, 5)
+                    inside = len(fields) == 6 and fields[5].startswith(prefix)
+                elif inside and line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        raise psutil.NoSuchProcess(pid) from None
+    return total
+
+
+def process(pid: Optional[int] = None, directory: Union[str, os.PathLike[str], None] = None) -> ProcessMemory:
+    """RSS, USS, PSS of process ``pid`` (default: this one), and its PSS in segments."""
+    pid = os.getpid() if pid is None else pid
+    info = psutil.Process(pid).memory_full_info()
+    seg_dir = Path(directory) if directory is not None else _segment.default_directory()
+    return ProcessMemory(pid=pid, rss=info.rss, uss=info.uss, pss=info.pss, segment_pss=_segment_pss(pid, seg_dir))
+
+
+def total_pss(pids: Iterable[int]) -> int:
+    """Sum of PSS over ``pids``: what this set of processes costs the machine, shared pages once."""
+    return sum(psutil.Process(pid).memory_full_info().pss for pid in pids)
+
+
+def segment_bytes(directory: Union[str, os.PathLike[str], None] = None) -> int:
+    """Bytes of memory the files in a segment directory occupy (allocated blocks, not sizes)."""
+    seg_dir = Path(directory) if directory is not None else _segment.default_directory()
+    total = 0
+    try:
+        entries = list(os.scandir(seg_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except FileNotFoundError:
+            continue
+    return total
