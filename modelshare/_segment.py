@@ -439,7 +439,13 @@ def open_or_publish(name: SegmentName, produce: Produce, *, timeout: Optional[fl
             mapping = _try_map(name.seg_path)
             if mapping is None:
                 _remove_temporaries(name)
-                _publish(name, produce)
+                try:
+                    _publish(name, produce)
+                except BaseException:
+                    # We hold the lock exclusively, so no one else uses this file; waiters
+                    # notice it is gone and lock a fresh one.
+                    name.lock_path.unlink(missing_ok=True)
+                    raise
                 published = True
                 mapping = _try_map(name.seg_path)
                 assert mapping is not None

@@ -1,0 +1,103 @@
+"""Models, loaders and process entry points for the tests (importable by spawned children)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+MiB = 1 << 20
+
+
+class NumpyMLP:
+    """A user-defined model made of numpy arrays: ReLU layers, float32."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.layers = layers
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        for weight, bias in self.layers:
+            x = np.maximum(x @ weight + bias, 0.0)
+            x /= max(float(np.abs(x).max()), 1.0)
+        return x
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes + b.nbytes for w, b in self.layers)
+
+
+def make_mlp(total_mib: int, width: int = 4096, seed: int = 0, counter: Optional[str] = None,
+             delay: float = 0.0) -> NumpyMLP:
+    """An MLP of about ``total_mib`` MiB; appends this pid to ``counter`` to count loads."""
+    if counter:
+        with open(counter, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    if delay:
+        time.sleep(delay)
+    rng = np.random.default_rng(seed)
+    rows = max(1, total_mib * MiB // (4 * width * width)) or 1
+    layers = []
+    for _ in range(rows):
+        weight = rng.random((width, width), dtype=np.float32) - 0.5
+        layers.append((weight, rng.random(width, dtype=np.float32)))
+    return NumpyMLP(layers)
+
+
+def loads_counted(counter: str) -> list[int]:
+    path = Path(counter)
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def sample_input(width: int = 4096, batch: int = 4) -> np.ndarray:
+    return np.random.default_rng(123).random((batch, width), dtype=np.float32)
+
+
+def bare_worker(ready: Any, done: Any) -> None:
+    """A process that imported modelshare and nothing else: the baseline of the PSS budget."""
+    import modelshare  # noqa: F401
+
+    ready.put(os.getpid())
+    done.wait()
+
+
+def use_worker(shared: Any, x: np.ndarray, results: Any, done: Any, threads: int = 1) -> None:
+    """Acquire ``shared`` (from ``threads`` racing threads), report outputs, hold until ``done``."""
+    import threading
+
+    outputs: list[Any] = [None] * threads
+    models: list[Any] = [None] * threads
+    start = threading.Barrier(threads)
+
+    def run(i: int) -> None:
+        start.wait()
+        models[i] = shared.acquire()
+        outputs[i] = models[i](x)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    same = all(m is models[0] for m in models)
+    results.put((os.getpid(), outputs[0], same))
+    done.wait()
+    for m in models:
+        shared.release(m)
+
+
+def hold_forever(shared: Any, x: np.ndarray, results: Any) -> None:
+    """Acquire and compute in a loop until killed."""
+    model = shared.acquire()
+    results.put((os.getpid(), model(x), True))
+    while True:
+        model(x)
+
+
+def acquire_and_exit(shared: Any, results: Any) -> None:
+    """Acquire and leave without release(): the exit hook must release."""
+    model = shared.acquire()
+    results.put(os.getpid())
+    del model

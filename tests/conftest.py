@@ -1,0 +1,28 @@
+"""Fixtures shared by the test suite: a private segment directory that must end up empty."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+@pytest.fixture
+def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh segment directory on /dev/shm; the test fails if it leaves any file behind."""
+    directory = Path("/dev/shm") / f"modelshare-test-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("MODELSHARE_DIR", str(directory))
+    yield directory
+    leftover = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    shutil.rmtree(directory, ignore_errors=True)
+    assert leftover == [], f"the test left files in the segment directory: {leftover}"
+
+
+@pytest.fixture
+def spawn() -> multiprocessing.context.SpawnContext:
+    """The spawn start method: real fresh processes, as Beam's workers and process pools use."""
+    return multiprocessing.get_context("spawn")

@@ -1,0 +1,142 @@
+"""share="processes" across real spawned processes: one load, one copy, PSS asserted."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelshare import SharedModel, memory
+
+from . import _workers
+from ._workers import MiB, loads_counted, make_mlp, sample_input
+
+N_PROCS = 4
+
+
+def _start(spawn, target, args, n):
+    procs = [spawn.Process(target=target, args=args, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _collect(results, n, timeout=240):
+    return [results.get(timeout=timeout) for _ in range(n)]
+
+
+def _stop(procs, done):
+    done.set()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def test_four_processes_pay_for_the_weights_once(shm_dir: Path, tmp_path: Path, spawn) -> None:
+    counter = str(tmp_path / "loads")
+    loader = functools.partial(make_mlp, 512, counter=counter)
+    x = sample_input()
+    expected = make_mlp(512)(x)
+
+    ready, done = spawn.Queue(), spawn.Event()
+    bare = _start(spawn, _workers.bare_worker, (ready, done), N_PROCS)
+    bare_pids = _collect(ready, N_PROCS)
+    bare_pss = memory.total_pss(bare_pids)
+    _stop(bare, done)
+
+    shared = SharedModel(loader, key="mlp512", share="processes")
+    results, done = spawn.Queue(), spawn.Event()
+    procs = _start(spawn, _workers.use_worker, (shared, x, results, done), N_PROCS)
+    got = _collect(results, N_PROCS)
+    pids = [pid for pid, _, _ in got]
+    for _, out, _ in got:
+        np.testing.assert_array_equal(out, expected)
+    weights = 512 * MiB
+    segment = memory.segment_bytes(shm_dir)
+    total = memory.total_pss(pids)
+    in_segments = sum(memory.process(pid, shm_dir).segment_pss for pid in pids)
+    _stop(procs, done)
+
+    assert loads_counted(counter) and len(loads_counted(counter)) == 1
+    assert segment >= weights
+    budget = (weights + bare_pss) * 1.10
+    report = (f"4 processes: {total / MiB:.0f} MiB PSS ({in_segments / MiB:.0f} MiB of it in the "
+              f"segment); budget {budget / MiB:.0f} MiB = 1.1 x (weights {weights / MiB:.0f} MiB + "
+              f"4 bare processes {bare_pss / MiB:.0f} MiB)")
+    print(report)
+    assert total <= budget, report
+    assert in_segments == pytest.approx(weights, rel=0.02), report
+    assert list(shm_dir.iterdir()) == []
+
+
+def test_threads_in_processes_race_to_one_load(shm_dir: Path, tmp_path: Path, spawn) -> None:
+    counter = str(tmp_path / "loads")
+    shared = SharedModel(functools.partial(make_mlp, 16, width=1024, counter=counter, delay=0.5),
+                         key="race", share="processes")
+    x = sample_input(1024)
+    results, done = spawn.Queue(), spawn.Event()
+    procs = _start(spawn, _workers.use_worker, (shared, x, results, done, 8), N_PROCS)
+    got = _collect(results, N_PROCS)
+    _stop(procs, done)
+    assert len(loads_counted(counter)) == 1
+    assert all(same for _, _, same in got), "threads of one process must share one object"
+    for _, out, _ in got[1:]:
+        np.testing.assert_array_equal(out, got[0][1])
+
+
+def test_lambda_loader_travels_by_value(shm_dir: Path, spawn) -> None:
+    scale = np.float32(3.0)
+    weight = np.eye(256, dtype=np.float32)
+    shared = SharedModel(lambda: _workers.NumpyMLP([(weight * scale, np.zeros(256, np.float32))]), key="lam")
+    x = sample_input(256)
+    results, done = spawn.Queue(), spawn.Event()
+    procs = _start(spawn, _workers.use_worker, (shared, x, results, done), 2)
+    got = _collect(results, 2)
+    _stop(procs, done)
+    expected = _workers.NumpyMLP([(weight * scale, np.zeros(256, np.float32))])(x)
+    for _, out, _ in got:
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_exit_without_release_unlinks_the_segment(shm_dir: Path, spawn) -> None:
+    shared = SharedModel(functools.partial(make_mlp, 4, width=512), key="forgot")
+    results = spawn.Queue()
+    (proc,) = _start(spawn, _workers.acquire_and_exit, (shared, results), 1)
+    results.get(timeout=120)
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert list(shm_dir.iterdir()) == []
+
+
+def test_forked_child_holds_its_own_lock(shm_dir: Path) -> None:
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    shared = SharedModel(functools.partial(make_mlp, 4, width=512), key="forked")
+    model = shared.acquire()
+    results = fork.Queue()
+    child = fork.Process(target=_workers.acquire_and_exit, args=(shared, results))
+    child.start()
+    assert results.get(timeout=60) == child.pid
+    child.join(60)
+    assert child.exitcode == 0
+    assert shared.segment_name.seg_path.exists(), "the child's exit must not release the parent's hold"
+    np.testing.assert_array_equal(model(sample_input(512)), make_mlp(4, width=512)(sample_input(512)))
+    shared.release(model)
+    assert list(shm_dir.iterdir()) == []
+
+
+def test_changed_loader_does_not_attach_to_stale_segment(shm_dir: Path) -> None:
+    old = SharedModel(lambda: np.zeros(2048), key="versioned")
+    new = SharedModel(lambda: np.ones(2048), key="versioned")
+    pinned_a = SharedModel(lambda: np.zeros(2048), key="versioned", version="7")
+    pinned_b = SharedModel(lambda: np.ones(2048), key="versioned", version="7")
+    assert old.version_hash != new.version_hash
+    assert pinned_a.version_hash == pinned_b.version_hash
+    a = old.acquire()
+    b = new.acquire()
+    assert a.sum() == 0 and b.sum() == 2048
+    old.release(a)
+    new.release(b)
