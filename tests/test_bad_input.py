@@ -1,0 +1,192 @@
+"""Bad input: each case is a clear exception saying what and what to do, and leaks no file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelshare import (
+    EncodeError,
+    InvalidKeyError,
+    LoaderError,
+    SegmentCorruptedError,
+    SegmentDirectoryError,
+    SharedModel,
+    gc_segments,
+)
+
+
+class _Flaky:
+    """Raises on its first call, returns a model on the next."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> dict:
+        self.calls += 1
+        if self.calls == 1:
+            raise FileNotFoundError("weights.npz")
+        return {"w": np.arange(2048.0)}
+
+
+@pytest.mark.parametrize("share", ["threads", "processes"])
+def test_loader_that_raises(shm_dir: Path, share: str) -> None:
+    loader = _Flaky()
+    shared = SharedModel(loader, key="flaky", share=share)
+    with pytest.raises(LoaderError, match=r"loader for model 'flaky' raised FileNotFoundError: weights.npz.*"
+                                          r"next acquire\(\) runs it again") as info:
+        shared.acquire()
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert not shm_dir.exists() or list(shm_dir.iterdir()) == []
+    with shared.use() as model:  # recovers on the next acquire
+        assert model["w"][-1] == 2047.0
+
+
+def test_unpicklable_model(shm_dir: Path) -> None:
+    shared = SharedModel(lambda: {"w": np.ones(4096), "lock": threading.Lock()}, key="unpicklable")
+    with pytest.raises(EncodeError, match=r"cannot be pickled.*share='threads'.*register_codec"):
+        shared.acquire()
+    assert list(shm_dir.iterdir()) == []
+    with SharedModel(lambda: threading.Lock(), key="unpicklable", share="threads").use() as lock:
+        assert lock.acquire(blocking=False)  # threads mode pickles nothing: fine
+
+
+@pytest.mark.parametrize("key", ["", "../etc/passwd", "a/b", "has space", "-dash", "a--b", "x" * 129, ".hidden", None])
+def test_key_with_path_characters(key) -> None:
+    with pytest.raises(InvalidKeyError, match="cannot name a segment: use 1-128 characters"):
+        SharedModel(lambda: 1, key=key)
+
+
+def test_share_and_loader_checked() -> None:
+    with pytest.raises(ValueError, match="share must be 'threads' or 'processes'"):
+        SharedModel(lambda: 1, key="k", share="machine")
+    with pytest.raises(TypeError, match="loader must be a zero-argument callable"):
+        SharedModel(np.ones(3), key="k")
+
+
+def test_release_of_foreign_object(shm_dir: Path) -> None:
+    shared = SharedModel(lambda: {"w": np.ones(4096)}, key="foreign")
+    model = shared.acquire()
+    with pytest.raises(ValueError, match="did not hand out"):
+        shared.release({"w": np.ones(4096)})
+    shared.release(model)
+    with pytest.raises(ValueError, match="more releases than acquires"):
+        shared.release(model)
+
+
+def _warm_segment(shm_dir: Path) -> SharedModel:
+    shared = SharedModel(lambda: {"w": np.arange(100_000.0)}, key="warm", keep_warm=True)
+    with shared.use():
+        pass
+    assert shared.segment_name.seg_path.exists(), "keep_warm keeps the segment after its last holder"
+    return shared
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "magic-version"])
+def test_corrupted_segment(shm_dir: Path, damage: str) -> None:
+    shared = _warm_segment(shm_dir)
+    path = shared.segment_name.seg_path
+    if damage == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+        expected = r"bytes long, its header says"
+    elif damage == "header":
+        with open(path, "r+b") as f:
+            f.seek(80)
+            f.write(b"\xff\xff\xff")
+        expected = "header checksum mismatch"
+    else:
+        with open(path, "r+b") as f:
+            f.seek(8)
+            f.write((99).to_bytes(4, "little"))
+        expected = "has format version 99"
+    with pytest.raises(SegmentCorruptedError, match=expected + r".*modelshare gc --all"):
+        shared.acquire()
+    assert gc_segments(shm_dir) == [], "gc keeps warm segments unless asked"
+    assert path in gc_segments(shm_dir, include_warm=True)
+    with shared.use() as model:  # reloaded from the loader
+        assert model["w"][-1] == 99_999.0
+    gc_segments(shm_dir, include_warm=True)
+
+
+def test_verify_names_the_damaged_buffer(shm_dir: Path) -> None:
+    from modelshare import _segment
+
+    shared = _warm_segment(shm_dir)
+    path = shared.segment_name.seg_path
+    with open(path, "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        f.write(b"\x01" * 8)
+    mapping = _segment._try_map(path)
+    with pytest.raises(SegmentCorruptedError, match=r"buffer 0 \(800000 bytes\) does not match its checksum"):
+        mapping.verify()
+    mapping.close()
+    gc_segments(shm_dir, include_warm=True)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path):
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs to run out of room (needs root): {result.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_directory_without_room(tiny_tmpfs: Path) -> None:
+    directory = tiny_tmpfs / "segments"
+    shared = SharedModel(lambda: {"w": np.ones((4 << 20) // 8)}, key="big", directory=directory)
+    with pytest.raises(SegmentDirectoryError, match=r"no room for a 4\.0 MiB segment in .*MiB free.*MODELSHARE_DIR"):
+        shared.acquire()
+    assert list(directory.iterdir()) == []
+    small = SharedModel(lambda: {"w": np.ones(1024)}, key="small", directory=directory)
+    with small.use() as model:  # the directory still works for what fits
+        assert model["w"].sum() == 1024
+    assert list(directory.iterdir()) == []
+
+
+def test_directory_without_permission(tmp_path: Path) -> None:
+    directory = Path("/dev/shm") / f"modelshare-test-noperm-{uuid.uuid4().hex[:8]}"
+    directory.mkdir(mode=0o700)
+    try:
+        code = (
+            "import os, sys\n"
+            "import numpy as np\n"
+            "from modelshare import SharedModel, SegmentDirectoryError\n"
+            f"m = SharedModel(lambda: np.ones(4096), key='k', directory={str(directory / 'sub')!r})\n"
+            "if os.getuid() == 0: os.setgid(65534); os.setuid(65534)  # root passes every permission check\n"
+            "try:\n    m.acquire()\n"
+            "except SegmentDirectoryError as e:\n    print(e); sys.exit(3)\n"
+        )
+        if os.getuid() != 0:
+            directory.chmod(0o500)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 3, run.stderr
+        assert "cannot create the segment directory" in run.stdout and "MODELSHARE_DIR" in run.stdout
+        assert list(directory.iterdir()) == []
+    finally:
+        directory.chmod(0o700)
+        directory.rmdir()
+
+
+def test_directory_is_a_file(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(SegmentDirectoryError, match="MODELSHARE_DIR"):
+        SharedModel(lambda: np.ones(8), key="k", directory=not_a_dir).acquire()
+
+
+def test_write_to_shared_weights_is_refused(shm_dir: Path) -> None:
+    with SharedModel(lambda: {"w": np.zeros(4096)}, key="ro").use() as model:
+        with pytest.raises(ValueError, match="read-only"):
+            model["w"][0] = 1.0
+        assert model["w"][0] == 0.0
