@@ -102,4 +102,5 @@ class GenericCodec(Codec):
             total += view.nbytes
             return False
 
-        return total + len(self._pickle(model, count))
+        skeleton_bytes = len(self._pickle(model, count))
+        return skeleton_bytes + total
