@@ -9,50 +9,23 @@ from typing import Any, Optional
 
 import numpy as np
 
-MiB = 1 << 20
-
-
-class NumpyMLP:
-    """A user-defined model made of numpy arrays: ReLU layers, float32."""
-
-    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        self.layers = layers
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        for weight, bias in self.layers:
-            x = np.maximum(x @ weight + bias, 0.0)
-            x /= max(float(np.abs(x).max()), 1.0)
-        return x
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes + b.nbytes for w, b in self.layers)
+from benchmarks.models import MiB, NumpyMLP, numpy_mlp, sample_input  # noqa: F401
 
 
 def make_mlp(total_mib: int, width: int = 4096, seed: int = 0, counter: Optional[str] = None,
              delay: float = 0.0) -> NumpyMLP:
-    """An MLP of about ``total_mib`` MiB; appends this pid to ``counter`` to count loads."""
+    """``numpy_mlp``, appending this pid to the file ``counter`` first so tests can count loads."""
     if counter:
         with open(counter, "a") as f:
             f.write(f"{os.getpid()}\n")
     if delay:
         time.sleep(delay)
-    rng = np.random.default_rng(seed)
-    rows = max(1, total_mib * MiB // (4 * width * width)) or 1
-    layers = []
-    for _ in range(rows):
-        weight = rng.random((width, width), dtype=np.float32) - 0.5
-        layers.append((weight, rng.random(width, dtype=np.float32)))
-    return NumpyMLP(layers)
+    return numpy_mlp(total_mib, width, seed)
 
 
 def loads_counted(counter: str) -> list[int]:
     path = Path(counter)
     return [int(line) for line in path.read_text().split()] if path.exists() else []
-
-
-def sample_input(width: int = 4096, batch: int = 4) -> np.ndarray:
-    return np.random.default_rng(123).random((batch, width), dtype=np.float32)
 
 
 def bare_worker(ready: Any, done: Any) -> None:

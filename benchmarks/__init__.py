@@ -1,0 +1,1 @@
+"""modelshare's benchmark suite: ``python -m benchmarks --help``."""

@@ -1,0 +1,37 @@
+"""Models the benchmarks (and tests) generate themselves, sized by argument: nothing downloaded."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MiB = 1 << 20
+
+
+class NumpyMLP:
+    """A plain-Python model made of numpy arrays: float32 ReLU layers, normalised per layer."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.layers = layers
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        for weight, bias in self.layers:
+            x = np.maximum(x @ weight + bias, 0.0)
+            x /= max(float(np.abs(x).max()), 1.0)
+        return x
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes + b.nbytes for w, b in self.layers)
+
+
+def numpy_mlp(total_mib: int, width: int = 4096, seed: int = 0) -> NumpyMLP:
+    """An MLP of ``width`` x ``width`` float32 layers, about ``total_mib`` MiB of weights in all."""
+    rng = np.random.default_rng(seed)
+    n_layers = max(1, total_mib * MiB // (4 * width * width))
+    return NumpyMLP([(rng.random((width, width), dtype=np.float32) - 0.5, rng.random(width, dtype=np.float32))
+                     for _ in range(n_layers)])
+
+
+def sample_input(width: int = 4096, batch: int = 4) -> np.ndarray:
+    """A fixed batch of inputs, the same in every process."""
+    return np.random.default_rng(123).random((batch, width), dtype=np.float32)
