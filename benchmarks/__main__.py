@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("benchmark", nargs="?", default="attach", choices=["attach"])
     parser.add_argument("--size-mib", type=int, default=256, help="model size (default %(default)s)")
     parser.add_argument("--processes", type=int, default=4, help="worker processes (default %(default)s)")
-    parser.add_argument("--calls", type=int, default=20, help="timed calls per process (default %(default)s)")
+    parser.add_argument("--calls", type=int, default=30, help="timed calls per process (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default %(default)s)")
     args = parser.parse_args(argv)
 

@@ -15,9 +15,9 @@ inspect and clean the segment directory.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional, Union
 import os
+from pathlib import Path
+from typing import Union
 
 from . import memory
 from ._segment import SegmentInfo, default_directory

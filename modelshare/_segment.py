@@ -4,19 +4,8 @@ The problem: N processes on a machine want the same weights. A segment is a file
 directory (``/dev/shm/modelshare-<uid>/`` by default) that holds them once; every process maps it
 and reads the weights in place.
 
-File format (little-endian; every segment is one file ``<key>--<version hash>.seg``)::
-
-    [0, 64)            preamble: magic b"MODLSHR\\0", format version (u32), flags (u32; bit 0 =
-                       keep warm), header length (u64), data offset (u64), file size (u64),
-                       CRC-32 of the header (u32), zero padding
-    [64, 64+hlen)      header: UTF-8 JSON -- key, version, codec, created, loader pid, skeleton
-                       {offset, nbytes}, manifest [{offset, nbytes, crc32, info}], fingerprint
-    [data offset, ...) data, page-aligned: the skeleton, then each buffer at a 64-byte-aligned
-                       offset (offsets in the header are relative to the data offset)
-
-The fingerprint is a SHA-256 over the skeleton and each buffer's size and CRC-32, so
-``verify()`` can say which buffer is damaged; a file whose size, preamble or header is wrong is
-rejected at attach with :class:`SegmentCorruptedError`.
+Each model version is one segment file ``<key>--<version hash>.seg`` (its format: see
+``_segment_file``) beside a lock file ``<key>--<version hash>.lock``.
 
 Lifetime rules:
 
@@ -38,7 +27,7 @@ Lifetime rules:
 Example::
 
     name = SegmentName.for_model(directory, "resnet", version_hash)
-    handle = open_or_publish(name, produce=lambda: (fields, codec.encode(model)))
+    handle, published = open_or_publish(name, produce=lambda: (fields, codec.encode(model), False))
     model = codec.decode(handle.mapping.skeleton, handle.mapping.buffers)
     ...
     release(handle)
@@ -48,19 +37,23 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import json
-import mmap
 import os
 import re
-import secrets
-import struct
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ._segment_file import (
+    FLAG_KEEP_WARM,
+    TEMPORARY_INFIX,
+    Mapping,
+    directory_error,
+    is_warm,
+    read_header,
+    try_map,
+    write_segment,
+)
 from .codecs import Encoded
 from .errors import (
     AcquireTimeoutError,
@@ -69,16 +62,8 @@ from .errors import (
     SegmentDirectoryError,
 )
 
-MAGIC = b"MODLSHR\x00"
-FORMAT_VERSION = 1
-FLAG_KEEP_WARM = 1
-_PREAMBLE = struct.Struct("<8sIIQQQI")
-PREAMBLE_SIZE = 64
-DATA_ALIGN = 4096
-BUFFER_ALIGN = 64
-MAX_HEADER = 64 << 20
-_WRITE_CHUNK = 1 << 30
-_SEG, _LOCK, _TMP = ".seg", ".lock", ".seg.tmp-"
+_SEG, _LOCK = ".seg", ".lock"
+_TMP = _SEG + TEMPORARY_INFIX
 _KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}")
 
 
@@ -150,198 +135,6 @@ class SegmentName:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing
-
-
-def _align(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done : done + _WRITE_CHUNK], offset + done)
-
-
-def _directory_error(exc: OSError, directory: Path, needed: int) -> SegmentDirectoryError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        try:
-            free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
-        except OSError:
-            free = -1
-        return SegmentDirectoryError(
-            exc.errno,
-            f"no room for a {needed / 2**20:.1f} MiB segment in {directory} "
-            f"({free / 2**20:.1f} MiB free); free memory there (modelshare gc), enlarge the tmpfs, "
-            "or set MODELSHARE_DIR to a directory with room",
-        )
-    return SegmentDirectoryError(
-        exc.errno,
-        f"cannot write a segment in {directory} ({exc.strerror}); fix the directory's "
-        "permissions or set MODELSHARE_DIR to a directory this user can write",
-    )
-
-
-def write_segment(name: SegmentName, fields: dict[str, Any], encoded: Encoded, *, keep_warm: bool) -> None:
-    """Write ``encoded`` as ``name``'s segment: temporary file first, then an atomic rename.
-
-    The caller must hold the exclusive lock on ``name.lock_path``.
-    """
-    skeleton = memoryview(encoded.skeleton)
-    offset = _align(len(skeleton), BUFFER_ALIGN)
-    manifest = []
-    for i, buf in enumerate(encoded.buffers):
-        manifest.append({"offset": offset, "nbytes": buf.nbytes, "crc32": 0,
-                         "info": encoded.buffer_info[i] if i < len(encoded.buffer_info) else {}})
-        offset = _align(offset + buf.nbytes, BUFFER_ALIGN)
-    data_size = offset
-    header = dict(fields, skeleton={"offset": 0, "nbytes": len(skeleton)}, manifest=manifest,
-                  fingerprint="0" * 64)
-    header_len = len(json.dumps(header).encode()) + 32 * len(manifest) + 64
-    data_offset = _align(PREAMBLE_SIZE + header_len, DATA_ALIGN)
-    size = data_offset + data_size
-
-    tmp = name.directory / f"{name.stem}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise _directory_error(exc, name.directory, size) from exc
-    try:
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            raise _directory_error(exc, name.directory, size) from exc
-        fingerprint = hashlib.sha256(bytes(skeleton))
-        _pwrite_all(fd, skeleton, data_offset)
-        for entry, buf in zip(manifest, encoded.buffers):
-            view = memoryview(buf)
-            entry["crc32"] = zlib.crc32(view)
-            fingerprint.update(struct.pack("<QI", entry["nbytes"], entry["crc32"]))
-            _pwrite_all(fd, view, data_offset + entry["offset"])
-        header["fingerprint"] = fingerprint.hexdigest()
-        header_bytes = json.dumps(header).encode()
-        if PREAMBLE_SIZE + len(header_bytes) > data_offset:  # pragma: no cover - sized above
-            raise AssertionError("segment header outgrew its reserved room")
-        os.pwrite(fd, header_bytes, PREAMBLE_SIZE)
-        preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, FLAG_KEEP_WARM if keep_warm else 0,
-                                  len(header_bytes), data_offset, size, zlib.crc32(header_bytes))
-        os.pwrite(fd, preamble, 0)
-        os.close(fd)
-        fd = -1
-        os.rename(tmp, name.seg_path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-class Mapping:
-    """A segment mapped read-only into this process: its header, skeleton and buffer views."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        st = os.fstat(fd)
-        self.inode = (st.st_dev, st.st_ino)
-        self.header, data_offset, self.flags = read_header(path, fd, st.st_size)
-        self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        whole = memoryview(self._mmap)
-        sk = self.header["skeleton"]
-        self.skeleton = whole[data_offset + sk["offset"] : data_offset + sk["offset"] + sk["nbytes"]]
-        self.buffers = [whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]]
-                        for e in self.header["manifest"]]
-        self._whole = whole
-        self.nbytes = st.st_size
-
-    @property
-    def keep_warm(self) -> bool:
-        return bool(self.flags & FLAG_KEEP_WARM)
-
-    def verify(self) -> None:
-        """Recompute every buffer's CRC-32; raise :class:`SegmentCorruptedError` on a mismatch."""
-        for i, (entry, buf) in enumerate(zip(self.header["manifest"], self.buffers)):
-            if zlib.crc32(buf) != entry["crc32"]:
-                raise SegmentCorruptedError(
-                    f"segment {self.path}: buffer {i} ({entry['nbytes']} bytes) does not match its "
-                    "checksum; the file was modified after publishing. Remove it "
-                    "(`modelshare gc --all`, once no process uses it) and load again"
-                )
-
-    def close(self) -> None:
-        """Drop this mapping's own views and unmap, unless the model still uses them.
-
-        Arrays built on the buffers keep the mapping alive; it is unmapped when the last dies.
-        """
-        for view in [self.skeleton, *self.buffers, self._whole]:
-            try:
-                view.release()
-            except BufferError:
-                pass
-        self.buffers = []
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass
-
-
-def _corrupt(path: Path, why: str) -> SegmentCorruptedError:
-    exc = SegmentCorruptedError(
-        f"segment file {path} is not a valid modelshare segment: {why}. It was truncated or "
-        "overwritten after publishing. Remove it with `modelshare gc --all` (or delete the file "
-        "once no process uses it) and acquire again to reload the model"
-    )
-    exc.reason = why
-    return exc
-
-
-def read_header(path: Path, fd: int, file_size: int) -> tuple[dict[str, Any], int, int]:
-    """Validate a segment's preamble and header; return (header, data offset, flags)."""
-    raw = os.pread(fd, PREAMBLE_SIZE, 0)
-    if len(raw) < PREAMBLE_SIZE:
-        raise _corrupt(path, f"only {len(raw)} bytes long")
-    magic, version, flags, header_len, data_offset, size, crc = _PREAMBLE.unpack_from(raw)
-    if magic != MAGIC:
-        raise _corrupt(path, "bad magic number")
-    if version != FORMAT_VERSION:
-        raise SegmentCorruptedError(
-            f"segment file {path} has format version {version}, this modelshare reads version "
-            f"{FORMAT_VERSION}; remove it with `modelshare gc --all` or use a matching modelshare"
-        )
-    if size != file_size:
-        raise _corrupt(path, f"{file_size} bytes long, its header says {size}")
-    if not (0 < header_len <= MAX_HEADER and PREAMBLE_SIZE + header_len <= data_offset <= size):
-        raise _corrupt(path, "header length or data offset out of range")
-    header_bytes = os.pread(fd, header_len, PREAMBLE_SIZE)
-    if zlib.crc32(header_bytes) != crc:
-        raise _corrupt(path, "header checksum mismatch")
-    try:
-        header = json.loads(header_bytes)
-    except ValueError as exc:
-        raise _corrupt(path, f"header is not JSON ({exc})") from exc
-    data_size = size - data_offset
-    regions = [header["skeleton"], *header["manifest"]]
-    if any(r["offset"] < 0 or r["nbytes"] < 0 or r["offset"] + r["nbytes"] > data_size for r in regions):
-        raise _corrupt(path, "a buffer lies outside the file")
-    return header, data_offset, flags
-
-
-def _try_map(path: Path) -> Optional[Mapping]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        return Mapping(path, fd)
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------
 # Locks: holders share, publishers and collectors exclude
 
 
@@ -387,7 +180,7 @@ def lock_file(path: Path, op: int, timeout: Optional[float] = None, *, create: b
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _directory_error(exc, path.parent, 0) from exc
+            raise directory_error(exc, path.parent, 0) from exc
         try:
             if op & fcntl.LOCK_NB:
                 fcntl.flock(fd, op)
@@ -418,7 +211,9 @@ class SegmentHandle:
 Produce = Callable[[], "tuple[dict[str, Any], Encoded, bool]"]
 
 
-def open_or_publish(name: SegmentName, produce: Produce, *, timeout: Optional[float] = None) -> tuple[SegmentHandle, bool]:
+def open_or_publish(
+    name: SegmentName, produce: Produce, *, timeout: Optional[float] = None
+) -> tuple[SegmentHandle, bool]:
     """Attach ``name``'s segment, publishing it first with ``produce()`` if nobody has.
 
     ``produce`` returns (header fields, encoded model, keep warm) and runs in at most one process
@@ -428,7 +223,7 @@ def open_or_publish(name: SegmentName, produce: Produce, *, timeout: Optional[fl
         fd = lock_file(name.lock_path, fcntl.LOCK_SH, timeout)
         assert fd is not None
         try:
-            mapping = _try_map(name.seg_path)
+            mapping = try_map(name.seg_path)
             if mapping is not None:
                 return SegmentHandle(name, fd, mapping), False
             _flock(fd, fcntl.LOCK_EX, timeout, f"the model at {name.directory / name.stem}")
@@ -436,7 +231,7 @@ def open_or_publish(name: SegmentName, produce: Produce, *, timeout: Optional[fl
                 os.close(fd)
                 continue
             published = False
-            mapping = _try_map(name.seg_path)
+            mapping = try_map(name.seg_path)
             if mapping is None:
                 _remove_temporaries(name)
                 try:
@@ -447,7 +242,7 @@ def open_or_publish(name: SegmentName, produce: Produce, *, timeout: Optional[fl
                     name.lock_path.unlink(missing_ok=True)
                     raise
                 published = True
-                mapping = _try_map(name.seg_path)
+                mapping = try_map(name.seg_path)
                 assert mapping is not None
             fcntl.flock(fd, fcntl.LOCK_SH)
             if _same_file(fd, name.lock_path) and _inode(name.seg_path) == mapping.inode:
@@ -462,7 +257,7 @@ def open_or_publish(name: SegmentName, produce: Produce, *, timeout: Optional[fl
 def _publish(name: SegmentName, produce: Produce) -> None:
     """Run ``produce`` and write its result; every reference to the model dies with this frame."""
     fields, encoded, keep_warm = produce()
-    write_segment(name, fields, encoded, keep_warm=keep_warm)
+    write_segment(name.seg_path, fields, encoded, keep_warm=keep_warm)
 
 
 def _inode(path: Path) -> Optional[tuple[int, int]]:
@@ -502,7 +297,6 @@ def release(handle: SegmentHandle) -> bool:
         os.close(handle.lock_fd)
     return removed
 
-
 # ---------------------------------------------------------------------------------------------
 # Inspection and garbage collection
 
@@ -522,18 +316,6 @@ def _stems(directory: Path) -> list[str]:
     return sorted(stems)
 
 
-def _is_warm(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(PREAMBLE_SIZE)
-    except FileNotFoundError:
-        return False
-    if len(raw) < PREAMBLE_SIZE:
-        return False
-    magic, _version, flags, *_ = _PREAMBLE.unpack_from(raw)
-    return magic == MAGIC and bool(flags & FLAG_KEEP_WARM)
-
-
 def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False) -> list[Path]:
     """Unlink every segment no live process holds, and every orphaned temporary file.
 
@@ -549,7 +331,7 @@ def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False)
         try:
             doomed = list(directory.glob(stem + _TMP + "*"))
             seg = name.seg_path
-            keep_seg = seg.exists() and _is_warm(seg) and not include_warm
+            keep_seg = seg.exists() and is_warm(seg) and not include_warm
             if seg.exists() and not keep_seg:
                 doomed.append(seg)
             if not keep_seg:

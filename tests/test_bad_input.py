@@ -116,14 +116,14 @@ def test_corrupted_segment(shm_dir: Path, damage: str) -> None:
 
 
 def test_verify_names_the_damaged_buffer(shm_dir: Path) -> None:
-    from modelshare import _segment
+    from modelshare import _segment_file
 
     shared = _warm_segment(shm_dir)
     path = shared.segment_name.seg_path
     with open(path, "r+b") as f:
         f.seek(-64, os.SEEK_END)
         f.write(b"\x01" * 8)
-    mapping = _segment._try_map(path)
+    mapping = _segment_file.try_map(path)
     with pytest.raises(SegmentCorruptedError, match=r"buffer 0 \(800000 bytes\) does not match its checksum"):
         mapping.verify()
     mapping.close()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelshare import _segment
+from modelshare import _segment_file
 from modelshare.codecs import Codec, Encoded, codec_for, get_codec, register_codec
 from modelshare.codecs.generic import GenericCodec
 
@@ -25,13 +25,13 @@ class Box:
     label: str = "box"
 
 
-def roundtrip(obj: Any, directory: Path, codec: Codec) -> tuple[Any, _segment.Mapping]:
+def roundtrip(obj: Any, directory: Path, codec: Codec) -> tuple[Any, _segment_file.Mapping]:
     """Encode into a real segment file, map it, decode from the mapping."""
     directory.mkdir(exist_ok=True)
-    name = _segment.SegmentName(directory, "prop--0")
-    _segment.write_segment(name, {"codec": codec.name}, codec.encode(obj), keep_warm=False)
-    mapping = _segment._try_map(name.seg_path)
-    name.seg_path.unlink()
+    path = directory / "prop--0.seg"
+    _segment_file.write_segment(path, {"codec": codec.name}, codec.encode(obj), keep_warm=False)
+    mapping = _segment_file.try_map(path)
+    path.unlink()
     return codec.decode(mapping.skeleton, mapping.buffers), mapping
 
 
@@ -103,7 +103,7 @@ def test_any_nesting_of_arrays_roundtrips_equal(model: Any, tmp_path: Path) -> N
     mapping.close()
 
 
-def _address_range(mapping: _segment.Mapping) -> tuple[int, int]:
+def _address_range(mapping: _segment_file.Mapping) -> tuple[int, int]:
     start = np.frombuffer(mapping._whole, dtype=np.uint8).ctypes.data
     return start, start + mapping.nbytes
 
