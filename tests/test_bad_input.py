@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -190,3 +191,36 @@ def test_write_to_shared_weights_is_refused(shm_dir: Path) -> None:
         with pytest.raises(ValueError, match="read-only"):
             model["w"][0] = 1.0
         assert model["w"][0] == 0.0
+
+
+def test_waiting_longer_than_timeout(shm_dir: Path, tmp_path: Path, spawn) -> None:
+    import functools
+
+    from modelshare import AcquireTimeoutError
+
+    from . import _workers
+
+    counter = str(tmp_path / "loads")
+    slow = SharedModel(functools.partial(_workers.make_mlp, 4, width=512, counter=counter, delay=30),
+                       key="slow", timeout=0.5)
+    results, done = spawn.Queue(), spawn.Event()
+    loader = spawn.Process(target=_workers.use_worker, args=(slow, None, results, done), daemon=True)
+    loader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not _workers.loads_counted(counter):  # until the other process is inside its loader
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(AcquireTimeoutError, match=r"waited 0.5 s for the model at .*slow--.*Raise timeout="):
+            slow.acquire()
+    finally:
+        loader.kill()
+        loader.join(30)
+    gc_segments(shm_dir)
+
+
+def test_files_are_private_to_the_user(shm_dir: Path) -> None:
+    with SharedModel(lambda: {"w": np.ones(4096)}, key="modes").use():
+        assert shm_dir.stat().st_mode & 0o777 == 0o700
+        modes = {p.name.rsplit(".", 1)[-1]: p.stat().st_mode & 0o777 for p in shm_dir.iterdir()}
+        assert modes == {"seg": 0o600, "lock": 0o600}
