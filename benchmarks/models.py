@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 MiB = 1 << 20
@@ -35,3 +37,26 @@ def numpy_mlp(total_mib: int, width: int = 4096, seed: int = 0) -> NumpyMLP:
 def sample_input(width: int = 4096, batch: int = 4) -> np.ndarray:
     """A fixed batch of inputs, the same in every process."""
     return np.random.default_rng(123).random((batch, width), dtype=np.float32)
+
+
+def torch_mlp(total_mib: int, width: int = 2048, seed: int = 0) -> Any:
+    """A ``torch.nn.Sequential`` MLP of ``width``-wide float32 Linear+ReLU layers, ~``total_mib`` MiB."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    n_layers = max(1, total_mib * MiB // (4 * width * width))
+    layers: list[Any] = []
+    for _ in range(n_layers):
+        linear = torch.nn.Linear(width, width)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(width, width, generator=generator) / width**0.5)
+            linear.bias.copy_(torch.randn(width, generator=generator) * 0.1)
+        layers += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def torch_input(width: int = 2048, batch: int = 4) -> Any:
+    """A fixed batch of inputs for ``torch_mlp``."""
+    import torch
+
+    return torch.randn(batch, width, generator=torch.Generator().manual_seed(123))

@@ -129,15 +129,27 @@ def write_segment(path: Path, fields: dict[str, Any], encoded: Encoded, *, keep_
         raise
 
 
+VIEWS_READ_ONLY = "read-only"
+VIEWS_COPY_ON_WRITE = "copy-on-write"
+
+
 class Mapping:
-    """A segment mapped read-only into this process: its header, skeleton and buffer views."""
+    """A segment mapped into this process: its header, skeleton and buffer views.
+
+    The header's ``views`` says how: ``read-only`` (a write raises, as numpy does) or
+    ``copy-on-write`` (for frameworks whose tensors cannot be read-only: a write copies the
+    touched pages into this process, never into the segment other processes see).
+    """
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         st = os.fstat(fd)
         self.inode = (st.st_dev, st.st_ino)
         self.header, data_offset, self.flags = read_header(path, fd, st.st_size)
-        self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        if self.header.get("views", VIEWS_READ_ONLY) == VIEWS_COPY_ON_WRITE:
+            self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        else:
+            self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         whole = memoryview(self._mmap)
         sk = self.header["skeleton"]
         self.skeleton = whole[data_offset + sk["offset"] : data_offset + sk["offset"] + sk["nbytes"]]

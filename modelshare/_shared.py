@@ -274,15 +274,23 @@ class SharedModel(Generic[M]):
         _segment.sweep(self.directory)  # reclaim what crashes left before using more memory
         model = self._run_loader()
         codec = get_codec(self._codec) if isinstance(self._codec, str) else self._codec or codec_for(model)
+        encoded = codec.encode(model)
         fields = {
             "key": self.key,
             "version": self.version,
             "version_hash": self.version_hash,
             "codec": codec.name,
+            "views": encoded.views,
             "created": time.time(),
             "loader_pid": os.getpid(),
         }
-        return fields, codec.encode(model), self.keep_warm
+        return fields, encoded, self.keep_warm
+
+    def _decoder(self, codec_name: str) -> Codec:
+        """The codec instance given to this SharedModel (it may carry options), else the registry's."""
+        if isinstance(self._codec, Codec) and self._codec.name == codec_name:
+            return self._codec
+        return get_codec(codec_name)
 
     def _attach(self) -> tuple[M, _segment.SegmentHandle]:
         directory = _segment.ensure_directory(self.directory)
@@ -291,7 +299,8 @@ class SharedModel(Generic[M]):
         if published:
             _reclaim_heap()
         try:
-            model = get_codec(handle.mapping.header["codec"]).decode(handle.mapping.skeleton, handle.mapping.buffers)
+            model = self._decoder(handle.mapping.header["codec"]).decode(handle.mapping.skeleton,
+                                                                         handle.mapping.buffers)
         except BaseException:
             _segment.release(handle)
             raise

@@ -74,3 +74,38 @@ def acquire_and_exit(shared: Any, results: Any) -> None:
     model = shared.acquire()
     results.put(os.getpid())
     del model
+
+
+def bare_framework_worker(framework: str, ready: Any, done: Any) -> None:
+    """A process that imported modelshare and ``framework``: the PSS baseline for that framework."""
+    import importlib
+
+    import modelshare  # noqa: F401
+
+    importlib.import_module(framework)
+    ready.put(os.getpid())
+    done.wait()
+
+
+def torch_use_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
+    """Acquire a shared torch module, run it under inference_mode, hold until ``done``."""
+    import torch
+
+    model = shared.acquire()
+    with torch.inference_mode():
+        out = model(x)
+    results.put((os.getpid(), out, True))
+    done.wait()
+    shared.release(model)
+
+
+def torch_write_worker(shared: Any, results: Any) -> None:
+    """Write into a shared weight (copy-on-write) and report what this process now sees."""
+    import torch
+
+    model = shared.acquire()
+    with torch.no_grad():
+        first = next(model.parameters())
+        first.fill_(7.0)
+    results.put((os.getpid(), float(first.flatten()[0])))
+    shared.release(model)

@@ -29,7 +29,8 @@ def roundtrip(obj: Any, directory: Path, codec: Codec) -> tuple[Any, _segment_fi
     """Encode into a real segment file, map it, decode from the mapping."""
     directory.mkdir(exist_ok=True)
     path = directory / "prop--0.seg"
-    _segment_file.write_segment(path, {"codec": codec.name}, codec.encode(obj), keep_warm=False)
+    encoded = codec.encode(obj)
+    _segment_file.write_segment(path, {"codec": codec.name, "views": encoded.views}, encoded, keep_warm=False)
     mapping = _segment_file.try_map(path)
     path.unlink()
     return codec.decode(mapping.skeleton, mapping.buffers), mapping

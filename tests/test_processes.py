@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelshare import SharedModel, memory
+from modelshare import SharedModel
 
 from . import _workers
+from ._pss import run_shared
 from ._workers import MiB, loads_counted, make_mlp, sample_input
 
 N_PROCS = 4
@@ -36,38 +37,18 @@ def _stop(procs, done):
 
 def test_four_processes_pay_for_the_weights_once(shm_dir: Path, tmp_path: Path, spawn) -> None:
     counter = str(tmp_path / "loads")
-    loader = functools.partial(make_mlp, 512, counter=counter)
     x = sample_input()
     expected = make_mlp(512)(x)
-
-    ready, done = spawn.Queue(), spawn.Event()
-    bare = _start(spawn, _workers.bare_worker, (ready, done), N_PROCS)
-    bare_pids = _collect(ready, N_PROCS)
-    bare_pss = memory.total_pss(bare_pids)
-    _stop(bare, done)
-
-    shared = SharedModel(loader, key="mlp512", share="processes")
-    results, done = spawn.Queue(), spawn.Event()
-    procs = _start(spawn, _workers.use_worker, (shared, x, results, done), N_PROCS)
-    got = _collect(results, N_PROCS)
-    pids = [pid for pid, _, _ in got]
-    for _, out, _ in got:
+    shared = SharedModel(functools.partial(make_mlp, 512, counter=counter), key="mlp512", share="processes")
+    run = run_shared(spawn, shm_dir, "numpy", _workers.use_worker, shared, x, N_PROCS)
+    for out in run.outputs:
         np.testing.assert_array_equal(out, expected)
     weights = 512 * MiB
-    segment = memory.segment_bytes(shm_dir)
-    total = memory.total_pss(pids)
-    in_segments = sum(memory.process(pid, shm_dir).segment_pss for pid in pids)
-    _stop(procs, done)
-
-    assert loads_counted(counter) and len(loads_counted(counter)) == 1
-    assert segment >= weights
-    budget = (weights + bare_pss) * 1.10
-    report = (f"4 processes: {total / MiB:.0f} MiB PSS ({in_segments / MiB:.0f} MiB of it in the "
-              f"segment); budget {budget / MiB:.0f} MiB = 1.1 x (weights {weights / MiB:.0f} MiB + "
-              f"4 bare processes {bare_pss / MiB:.0f} MiB)")
-    print(report)
-    assert total <= budget, report
-    assert in_segments == pytest.approx(weights, rel=0.02), report
+    print(run.report(weights))
+    assert len(loads_counted(counter)) == 1
+    assert run.segment_bytes >= weights
+    assert run.total_pss <= run.budget(weights), run.report(weights)
+    assert run.in_segments == pytest.approx(weights, rel=0.02), run.report(weights)
     assert list(shm_dir.iterdir()) == []
 
 

@@ -39,11 +39,15 @@ class Encoded:
 
     ``buffer_info`` may give one small JSON-able dict per buffer (a name, dtype, shape); it is
     recorded in the segment's manifest for ``modelshare ls`` and for the codec's own use.
+    ``views`` says how attaching processes map the buffers: ``"read-only"`` (a write raises) or
+    ``"copy-on-write"`` (for frameworks that cannot hold read-only memory, such as PyTorch: a
+    write stays private to the writing process).
     """
 
     skeleton: bytes
     buffers: list[memoryview]
     buffer_info: list[dict[str, Any]] = field(default_factory=list)
+    views: str = "read-only"
 
     @property
     def nbytes(self) -> int:
@@ -137,3 +141,4 @@ def codec_for(model: Any) -> Codec:
 
 
 register_codec("modelshare.codecs.generic:GenericCodec", name="generic")
+register_codec("modelshare.codecs.torch:TorchCodec", name="torch", types=["torch.nn.modules.module.Module"])

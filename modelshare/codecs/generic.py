@@ -17,13 +17,22 @@ Details that matter:
   manifest entry are not worth it for a bias vector of eight floats.
 * Arrays come back read-only: a write raises numpy's "assignment destination is read-only"
   instead of corrupting other processes' weights.
+* Torch tensors anywhere in the object (once torch is imported; this module never imports it)
+  go out of band too, as their storages (see ``_torch_storage``). PyTorch has no read-only
+  tensors, so such segments are mapped copy-on-write: a write stays private to its process.
+
+Buffers are numbered in the order the pickle stream meets them, whether a PickleBuffer or a
+storage's first reference; decoding walks the stream in the same order, so one cursor tells
+which buffer comes next.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import cloudpickle
 import numpy as np
@@ -33,13 +42,27 @@ from . import Codec, Encoded
 
 __all__ = ["GenericCodec"]
 
+_TORCH_STORAGE = "torch-storage"
+
+
+def _torch_storage_module() -> Any:
+    """``_torch_storage`` if torch is already imported in this process, else None."""
+    if "torch" not in sys.modules:
+        return None
+    from . import _torch_storage
+
+    return _torch_storage
+
 
 class _Pickler(cloudpickle.CloudPickler):
-    """cloudpickle, except that non-contiguous arrays are pickled as contiguous copies."""
+    """cloudpickle, with non-contiguous arrays made contiguous and torch storages left out."""
 
-    def __init__(self, file: io.BytesIO, min_shared_bytes: int, **kwargs: Any) -> None:
+    def __init__(self, file: io.BytesIO, min_shared_bytes: int, add_storage: Callable[[Any, str], int],
+                 **kwargs: Any) -> None:
         super().__init__(file, protocol=5, **kwargs)
         self._min_shared_bytes = min_shared_bytes
+        self._add_storage = add_storage
+        self._torch = _torch_storage_module()
 
     def reducer_override(self, obj: Any) -> Any:
         if (
@@ -51,6 +74,40 @@ class _Pickler(cloudpickle.CloudPickler):
             return np.ascontiguousarray(obj).__reduce_ex__(5)
         return super().reducer_override(obj)
 
+    def persistent_id(self, obj: Any) -> Optional[tuple[str, int, str]]:
+        found = self._torch.storage_of(obj) if self._torch is not None else None
+        if found is None:
+            return None
+        storage, dtype = found
+        return (_TORCH_STORAGE, self._add_storage(storage, dtype), dtype)
+
+
+class _Unpickler(pickle.Unpickler):
+    """Hands buffers out in stream order: to NEXT_BUFFER opcodes and to first storage references."""
+
+    def __init__(self, file: io.BytesIO, buffers: Sequence[memoryview]) -> None:
+        self._buffers = buffers
+        self._next = 0
+        self._load_storage: Optional[Callable[[int, str], Any]] = None
+        super().__init__(file, buffers=self._in_order())
+
+    def _in_order(self) -> Iterator[memoryview]:
+        for _ in itertools.count():
+            self._next += 1
+            yield self._buffers[self._next - 1]
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, index, dtype = pid
+        if kind != _TORCH_STORAGE or index > self._next:
+            raise pickle.UnpicklingError(f"unexpected reference {pid!r} in a modelshare skeleton")
+        if index == self._next:
+            self._next += 1
+        if self._load_storage is None:
+            from . import _torch_storage
+
+            self._load_storage = _torch_storage.storage_loader(self._buffers.__getitem__)
+        return self._load_storage(index, dtype)
+
 
 class GenericCodec(Codec):
     """Pickle protocol 5 with large buffers out of band; numpy arrays come back as views."""
@@ -60,10 +117,13 @@ class GenericCodec(Codec):
     def __init__(self, min_shared_bytes: int = 1024) -> None:
         self.min_shared_bytes = min_shared_bytes
 
-    def _pickle(self, model: Any, keep: Any) -> bytes:
+    def _pickle(self, model: Any, keep: Callable[[pickle.PickleBuffer], bool],
+                add_storage: Callable[[Any, str], int]) -> bytes:
         stream = io.BytesIO()
         try:
-            _Pickler(stream, self.min_shared_bytes, buffer_callback=keep).dump(model)
+            _Pickler(stream, self.min_shared_bytes, add_storage, buffer_callback=keep).dump(model)
+        except EncodeError:
+            raise
         except Exception as exc:
             raise EncodeError(
                 f"a model of type {type(model).__module__}.{type(model).__qualname__} cannot be "
@@ -73,34 +133,56 @@ class GenericCodec(Codec):
             ) from exc
         return stream.getvalue()
 
+    def _shares_out_of_band(self, view: memoryview) -> bool:
+        return view.nbytes >= self.min_shared_bytes and view.contiguous
+
     def encode(self, model: Any) -> Encoded:
-        buffers: list[memoryview] = []
-        info: list[dict[str, Any]] = []
+        encoded = Encoded(b"", [], [])
+        storages: dict[tuple[int, int], int] = {}
 
         def keep(pickle_buffer: pickle.PickleBuffer) -> bool:
             view = memoryview(pickle_buffer)
-            if view.nbytes < self.min_shared_bytes or not view.contiguous:
+            if not self._shares_out_of_band(view):
                 return True  # in band: written into the skeleton
-            info.append({"format": view.format, "shape": list(view.shape)})
-            buffers.append(pickle_buffer.raw())
+            encoded.buffer_info.append({"format": view.format, "shape": list(view.shape)})
+            encoded.buffers.append(pickle_buffer.raw())
             return False
 
-        skeleton = self._pickle(model, keep)
-        return Encoded(skeleton, buffers, info)
+        def add_storage(storage: Any, dtype: str) -> int:
+            torch_storage = _torch_storage_module()
+            key = torch_storage.storage_key(storage)
+            if key not in storages:
+                storages[key] = len(encoded.buffers)
+                encoded.buffers.append(torch_storage.storage_bytes(storage, model))
+                encoded.buffer_info.append({"torch_storage": dtype})
+                encoded.views = "copy-on-write"
+            return storages[key]
+
+        encoded.skeleton = self._pickle(model, keep, add_storage)
+        return encoded
 
     def decode(self, skeleton: memoryview, buffers: Sequence[memoryview]) -> Any:
-        return pickle.loads(skeleton, buffers=buffers)
+        return _Unpickler(io.BytesIO(skeleton), buffers).load()
 
     def estimate(self, model: Any) -> int:
         total = 0
+        storages: set[tuple[int, int]] = set()
 
         def count(pickle_buffer: pickle.PickleBuffer) -> bool:
             nonlocal total
             view = memoryview(pickle_buffer)
-            if view.nbytes < self.min_shared_bytes or not view.contiguous:
+            if not self._shares_out_of_band(view):
                 return True
             total += view.nbytes
             return False
 
-        skeleton_bytes = len(self._pickle(model, count))
+        def count_storage(storage: Any, dtype: str) -> int:
+            nonlocal total
+            key = _torch_storage_module().storage_key(storage)
+            if key not in storages:
+                storages.add(key)
+                total += key[1]
+            return 0
+
+        skeleton_bytes = len(self._pickle(model, count, count_storage))
         return skeleton_bytes + total
