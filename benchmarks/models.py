@@ -60,3 +60,33 @@ def torch_input(width: int = 2048, batch: int = 4) -> Any:
     import torch
 
     return torch.randn(batch, width, generator=torch.Generator().manual_seed(123))
+
+
+def onnx_mlp(total_mib: int, width: int = 2048, seed: int = 0) -> Any:
+    """An ``onnx.ModelProto`` MLP (MatMul + Add + Relu per layer, float32), ~``total_mib`` MiB of initializers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    n_layers = max(1, total_mib * MiB // (4 * width * width))
+    initializers, nodes, previous = [], [], "x"
+    for i in range(n_layers):
+        weight = ((rng.random((width, width), dtype=np.float32) - 0.5) / np.float32(width**0.5)).astype(np.float32)
+        bias = rng.random(width, dtype=np.float32) * np.float32(0.1)
+        initializers += [numpy_helper.from_array(weight, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"])]
+        previous = f"r{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["N", width])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def onnx_input(width: int = 2048, batch: int = 4) -> np.ndarray:
+    """A fixed batch of inputs for ``onnx_mlp``."""
+    return np.random.default_rng(123).random((batch, width), dtype=np.float32)

@@ -30,7 +30,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
-from .codecs import Encoded
+from .codecs import Encoded, SegmentBuffers
 from .errors import SegmentCorruptedError, SegmentDirectoryError
 
 MAGIC = b"MODLSHR\x00"
@@ -153,8 +153,9 @@ class Mapping:
         whole = memoryview(self._mmap)
         sk = self.header["skeleton"]
         self.skeleton = whole[data_offset + sk["offset"] : data_offset + sk["offset"] + sk["nbytes"]]
-        self.buffers = [whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]]
-                        for e in self.header["manifest"]]
+        manifest = self.header["manifest"]
+        self.buffers = SegmentBuffers([whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]]
+                                       for e in manifest], path, [data_offset + e["offset"] for e in manifest])
         self._whole = whole
         self.nbytes = st.st_size
 
@@ -182,7 +183,7 @@ class Mapping:
                 view.release()
             except BufferError:
                 pass
-        self.buffers = []
+        self.buffers = SegmentBuffers([])
         try:
             self._mmap.close()
         except BufferError:

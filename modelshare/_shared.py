@@ -190,6 +190,37 @@ class SharedModel(Generic[M]):
         self.keep_warm = bool(keep_warm)
         self.timeout = timeout
 
+    @classmethod
+    def from_onnx(
+        cls,
+        path_or_bytes: Union[str, os.PathLike[str], bytes],
+        *,
+        key: Optional[str] = None,
+        share: Share = "processes",
+        providers: Optional[list[Any]] = None,
+        session_options: Any = None,
+        prepack: bool = False,
+        **kwargs: Any,
+    ) -> "SharedModel[Any]":
+        """A shared ``onnxruntime.InferenceSession`` whose initializers live once per machine.
+
+        ``path_or_bytes``: an ``.onnx`` file (external data beside it is loaded too) or its bytes.
+        ``key`` defaults to the file's stem (or a hash of the bytes); the version to the file's
+        size and mtime (or the hash). ``session_options``: a dict or ``onnxruntime.SessionOptions``;
+        ``prepack=True`` lets ORT repack weights privately per process (faster kernels, more
+        memory). Other keyword arguments go to ``SharedModel``.
+        """
+        from ._onnx_source import OnnxSource
+        from .codecs.onnx import OnnxCodec
+
+        source = OnnxSource(path_or_bytes)
+        kwargs.setdefault("version", source.version())
+        codec = OnnxCodec(providers=providers, session_options=session_options, prepack=prepack)
+        if share == "threads":
+            return cls(lambda: codec.private_session(source()), key=key or source.default_key(), share=share,
+                       **kwargs)
+        return cls(source, key=key or source.default_key(), share=share, codec=codec, **kwargs)
+
     # -- identity ---------------------------------------------------------------------------
 
     @property

@@ -109,3 +109,12 @@ def torch_write_worker(shared: Any, results: Any) -> None:
         first.fill_(7.0)
     results.put((os.getpid(), float(first.flatten()[0])))
     shared.release(model)
+
+
+def onnx_use_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
+    """Acquire a shared ONNX Runtime session, run it, hold until ``done``."""
+    session = shared.acquire()
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    results.put((os.getpid(), out, True))
+    done.wait()
+    shared.release(session)

@@ -32,8 +32,10 @@ def roundtrip(obj: Any, directory: Path, codec: Codec) -> tuple[Any, _segment_fi
     encoded = codec.encode(obj)
     _segment_file.write_segment(path, {"codec": codec.name, "views": encoded.views}, encoded, keep_warm=False)
     mapping = _segment_file.try_map(path)
-    path.unlink()
-    return codec.decode(mapping.skeleton, mapping.buffers), mapping
+    try:
+        return codec.decode(mapping.skeleton, mapping.buffers), mapping
+    finally:
+        path.unlink()
 
 
 def assert_same(a: Any, b: Any) -> None:

@@ -28,9 +28,10 @@ import abc
 import importlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence, Union
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
 
-__all__ = ["Codec", "Encoded", "register_codec", "codec_for", "get_codec"]
+__all__ = ["Codec", "Encoded", "SegmentBuffers", "register_codec", "codec_for", "get_codec"]
 
 
 @dataclass
@@ -53,6 +54,20 @@ class Encoded:
     def nbytes(self) -> int:
         """Bytes of skeleton plus buffers (without the segment's header and alignment)."""
         return len(self.skeleton) + sum(b.nbytes for b in self.buffers)
+
+
+class SegmentBuffers(list):  # type: ignore[type-arg]
+    """What ``Codec.decode`` gets as ``buffers``: memoryviews of the segment, in order.
+
+    ``path`` and ``offsets`` say where each buffer lies in the segment file, for frameworks that
+    want to read bytes from a file themselves (ONNX Runtime's graph optimizers); both are empty
+    when the buffers do not come from a file.
+    """
+
+    def __init__(self, views: Sequence[memoryview], path: Optional[Path] = None, offsets: Sequence[int] = ()) -> None:
+        super().__init__(views)
+        self.path = path
+        self.offsets = list(offsets)
 
 
 class Codec(abc.ABC):
@@ -142,3 +157,4 @@ def codec_for(model: Any) -> Codec:
 
 register_codec("modelshare.codecs.generic:GenericCodec", name="generic")
 register_codec("modelshare.codecs.torch:TorchCodec", name="torch", types=["torch.nn.modules.module.Module"])
+register_codec("modelshare.codecs.onnx:OnnxCodec", name="onnx", types=["onnx.onnx_ml_pb2.ModelProto"])

@@ -1,0 +1,237 @@
+"""The ONNX Runtime codec: initializers in the segment, an ``InferenceSession`` in every process.
+
+An ONNX model is a protobuf whose weights are its graph's *initializers*. Encoding (in the one
+process that loads) moves every large initializer's bytes into a segment buffer and marks it in
+the model as external data; the stripped model, a few KiB of structure, is the skeleton.
+
+Decoding, in every process, gives ORT the weights twice over without copying them:
+
+* each buffer becomes an ``OrtValue`` over the segment (``OrtValue.ortvalue_from_numpy`` on a
+  view, no copy) handed to ``SessionOptions.add_initializer``, with which ORT "uses this
+  initializer instance instead of deserializing one from the model file": the kernels compute
+  on the segment;
+* the model's external-data entries point at the segment *file* itself, at each buffer's
+  offset, so that graph optimizers that read an initializer's bytes (constant folding a Cast of
+  an fp16 weight, say) read the real bytes. ORT only accepts data files beside the model file,
+  so the skeleton is written next to the segment for the session's creation, then removed.
+
+Measured dead ends, kept out: ``add_external_initializers`` and in-memory external data both copy
+every initializer into the session (+128 MiB of private memory per process for a 128 MiB
+model); overriding initializers whose external data is a dummy file is zero-copy but lets
+constant folding read the dummy (wrong outputs, caught by the property tests).
+
+Attaching processes never import the ``onnx`` package (~10 MiB per process): the skeleton's
+file name and offsets are fixed-width placeholders, patched as bytes.
+
+Prepacking: ORT's CPU kernels may repack a constant weight into a private, kernel-friendly layout
+at session creation -- a second copy per process. It is off by default
+(``session.disable_prepacking = 1``); ``prepack=True`` turns it on, at the memory cost measured
+in ``benchmarks/RESULTS.md``.
+
+What stays in the skeleton: initializers under ``min_shared_bytes``, strings, packed 4-bit
+types, and initializers of subgraphs (If/Loop/Scan bodies), which ORT cannot take from outside.
+
+Session options: a dict (or an ``onnxruntime.SessionOptions``, whose settable attributes are
+copied into one, since it cannot be pickled to other processes) -- attribute names as keys, plus
+``"config": {key: value}`` for ``add_session_config_entry`` entries.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+
+from .._segment_file import TEMPORARY_INFIX
+from ..errors import EncodeError
+from . import Codec, Encoded
+
+__all__ = ["OnnxCodec", "session_options_dict"]
+
+_OPTION_ATTRIBUTES = ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "execution_mode",
+                      "execution_order", "enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse",
+                      "log_severity_level", "log_verbosity_level", "use_deterministic_compute", "logid")
+SessionOptionsLike = Union[Mapping[str, Any], "ort.SessionOptions", None]
+
+# TensorProto.DataType values this codec shares, with their numpy dtype (None: ORT reads raw bits).
+_ELEMENT_TYPES: dict[int, Optional[str]] = {
+    1: "<f4", 2: "u1", 3: "i1", 4: "<u2", 5: "<i2", 6: "<i4", 7: "<i8", 9: "?", 10: "<f2", 11: "<f8",
+    12: "<u4", 13: "<u8", 14: "<c8", 15: "<c16", 16: None, 17: None, 18: None, 19: None, 20: None,
+}
+_RAW_ITEMSIZE = {16: 2, 17: 1, 18: 1, 19: 1, 20: 1}
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+# Fixed-width placeholders in the skeleton, patched per process without parsing the protobuf.
+_LOCATION_WIDTH, _OFFSET_WIDTH = 240, 32
+_PLACEHOLDER = re.compile(rb"@modelshare-(location|offset)-(\d{9})~*")
+
+
+def _placeholder(kind: str, index: int, width: int) -> str:
+    return f"@modelshare-{kind}-{index:09d}".ljust(width, "~")
+
+
+def _padded_name(name: str, width: int) -> bytes:
+    """``name`` as a relative path of exactly ``width`` bytes: ``./././name`` (or ``.//./name``)."""
+    pad = width - len(name)
+    if pad < 0:
+        raise ValueError(f"segment file name {name!r} is longer than {width} characters")
+    prefix = "./" * (pad // 2) if pad % 2 == 0 else ".//" + "./" * ((pad - 3) // 2)
+    return (prefix + name).encode()
+
+
+def _patch(skeleton: bytes, location: Any, offset: Any) -> bytes:
+    """Replace the placeholders: ``location(i)`` and ``offset(i)`` give buffer i's file and offset."""
+
+    def fill(match: "re.Match[bytes]") -> bytes:  # same length, so the protobuf stays valid
+        index, width = int(match.group(2)), len(match.group(0))
+        if match.group(1) == b"location":
+            return _padded_name(location(index), width)
+        return f"{offset(index):0{width}d}".encode()
+
+    return _PLACEHOLDER.sub(fill, skeleton)
+
+
+def session_options_dict(options: SessionOptionsLike) -> dict[str, Any]:
+    """A picklable description of session options (see the module docstring)."""
+    if options is None:
+        return {}
+    if isinstance(options, ort.SessionOptions):
+        return {name: getattr(options, name) for name in _OPTION_ATTRIBUTES}
+    unknown = set(options) - set(_OPTION_ATTRIBUTES) - {"config"}
+    if unknown:
+        raise ValueError(f"unknown session options {sorted(unknown)}; use {list(_OPTION_ATTRIBUTES)} or 'config'")
+    return dict(options)
+
+
+def _build_session_options(options: Mapping[str, Any], prepack: bool) -> "ort.SessionOptions":
+    built = ort.SessionOptions()
+    for name, value in options.items():
+        if name != "config":
+            setattr(built, name, value)
+    for key, value in options.get("config", {}).items():
+        built.add_session_config_entry(key, str(value))
+    if not prepack:
+        built.add_session_config_entry("session.disable_prepacking", "1")
+    return built
+
+
+def _view(buffer: memoryview, data_type: int, dims: Sequence[int]) -> "ort.OrtValue":
+    """An OrtValue over ``buffer`` with ONNX element type ``data_type``: no copy."""
+    dtype = _ELEMENT_TYPES[data_type]
+    if dtype is None:  # bfloat16, float8: no numpy dtype, ORT takes the raw bits
+        raw = np.frombuffer(buffer, dtype=f"u{_RAW_ITEMSIZE[data_type]}").reshape(dims)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, data_type)
+    return ort.OrtValue.ortvalue_from_numpy(np.frombuffer(buffer, dtype=dtype).reshape(dims))
+
+
+def _initializer_bytes(tensor: Any) -> memoryview:
+    """An initializer's bytes in ONNX's little-endian layout (raw_data, or converted typed fields)."""
+    if tensor.HasField("raw_data"):
+        return memoryview(tensor.raw_data)
+    from onnx import numpy_helper
+
+    return memoryview(numpy_helper.to_array(tensor).tobytes())
+
+
+def _strip(tensor: Any, index: int, nbytes: int) -> None:
+    """Replace an initializer's data with placeholders for segment buffer ``index``."""
+    from onnx import TensorProto
+
+    for field in _DATA_FIELDS:
+        tensor.ClearField(field)
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", _placeholder("location", index, _LOCATION_WIDTH)),
+                       ("offset", _placeholder("offset", index, _OFFSET_WIDTH)), ("length", str(nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _require_model_proto(model: Any) -> None:
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        raise EncodeError(f"the ONNX codec takes an onnx.ModelProto, not {type(model).__qualname__}")
+
+
+class OnnxCodec(Codec):
+    """``onnx.ModelProto`` in, ``onnxruntime.InferenceSession`` over shared initializers out."""
+
+    name = "onnx"
+
+    def __init__(self, providers: Optional[Sequence[Any]] = None, session_options: SessionOptionsLike = None,
+                 prepack: bool = False, min_shared_bytes: int = 1024) -> None:
+        self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        self.session_options = session_options_dict(session_options)
+        self.prepack = prepack
+        self.min_shared_bytes = min_shared_bytes
+
+    def encode(self, model: Any) -> Encoded:
+        """Split ``model``; its large initializers are moved out (the ModelProto is consumed)."""
+        _require_model_proto(model)
+        encoded = Encoded(b"", [], [], views="copy-on-write")
+        specs = []
+        for tensor in model.graph.initializer:
+            if tensor.data_type not in _ELEMENT_TYPES:
+                continue  # strings and packed 4-bit types stay in the skeleton
+            data = _initializer_bytes(tensor)
+            if data.nbytes < self.min_shared_bytes:
+                continue
+            specs.append((tensor.name, tensor.data_type, list(tensor.dims)))
+            encoded.buffers.append(data)
+            encoded.buffer_info.append({"initializer": tensor.name, "dims": list(tensor.dims),
+                                        "data_type": tensor.data_type})
+            _strip(tensor, len(encoded.buffers) - 1, data.nbytes)
+        encoded.skeleton = pickle.dumps((model.SerializeToString(), specs), protocol=5)
+        return encoded
+
+    def decode(self, skeleton: memoryview, buffers: Sequence[memoryview]) -> "ort.InferenceSession":
+        model_bytes, specs = pickle.loads(skeleton)
+        options = _build_session_options(self.session_options, self.prepack)
+        values = [_view(buffer, data_type, dims) for buffer, (_, data_type, dims) in zip(buffers, specs)]
+        for (name, _, _), value in zip(specs, values):
+            options.add_initializer(name, value)  # what the kernels compute on: the segment itself
+        path = getattr(buffers, "path", None)
+        if path is None:
+            session = self._session_from_memory(model_bytes, buffers, options)
+        else:
+            session = self._session_beside(path, _patch(model_bytes, lambda i: path.name, buffers.offsets.__getitem__),
+                                           options)
+        session._modelshare_initializers = values  # the OrtValues must outlive the session
+        return session
+
+    def _session_beside(self, path: Path, model_bytes: bytes, options: "ort.SessionOptions") -> "ort.InferenceSession":
+        """Create the session from a model file written next to the segment file, then remove it."""
+        # a ".tmp-" name: if this process dies right here, `modelshare gc` removes it with the segment
+        beside = path.with_name(f"{path.name}{TEMPORARY_INFIX}onnx-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            with open(beside, "xb") as f:
+                f.write(model_bytes)
+            return ort.InferenceSession(str(beside), sess_options=options, providers=self.providers)
+        finally:
+            beside.unlink(missing_ok=True)
+
+    def _session_from_memory(self, model_bytes: bytes, buffers: Sequence[memoryview],
+                             options: "ort.SessionOptions") -> "ort.InferenceSession":
+        """Buffers that are not in a file: ORT gets them as in-memory files (and copies them)."""
+        names = [f"modelshare-buffer-{i}" for i in range(len(buffers))]
+        if buffers:  # registered under the padded names the patched model refers to
+            options.add_external_initializers_from_files_in_memory(
+                [_padded_name(n, _LOCATION_WIDTH).decode() for n in names], list(buffers), [b.nbytes for b in buffers])
+        return ort.InferenceSession(_patch(model_bytes, names.__getitem__, lambda i: 0), sess_options=options,
+                                    providers=self.providers)
+
+    def private_session(self, model: Any) -> "ort.InferenceSession":
+        """A session that owns its weights (``share="threads"``, or a private baseline)."""
+        options = _build_session_options(self.session_options, self.prepack)
+        return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=self.providers)
+
+    def estimate(self, model: Any) -> int:
+        _require_model_proto(model)
+        return model.ByteSize()
