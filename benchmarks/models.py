@@ -90,3 +90,17 @@ def onnx_mlp(total_mib: int, width: int = 2048, seed: int = 0) -> Any:
 def onnx_input(width: int = 2048, batch: int = 4) -> np.ndarray:
     """A fixed batch of inputs for ``onnx_mlp``."""
     return np.random.default_rng(123).random((batch, width), dtype=np.float32)
+
+
+def sklearn_knn(total_mib: int, features: int = 256, seed: int = 0) -> Any:
+    """A ``KNeighborsClassifier`` fitted on ~``total_mib`` MiB of float64 points (its weights are the data)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(seed)
+    points = rng.standard_normal((max(8, total_mib * MiB // (8 * features)), features))
+    return KNeighborsClassifier(n_neighbors=5, algorithm="brute").fit(points, (points[:, 0] > 0).astype(int))
+
+
+def sklearn_input(features: int = 256, batch: int = 16) -> np.ndarray:
+    """A fixed batch of queries for ``sklearn_knn``."""
+    return np.random.default_rng(123).standard_normal((batch, features))

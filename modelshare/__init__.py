@@ -23,6 +23,7 @@ from . import memory
 from ._segment import SegmentInfo, default_directory
 from ._shared import SharedModel
 from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
+from .codecs.generic import CopiedOnLoadWarning
 from .errors import (
     AcquireTimeoutError,
     EncodeError,
@@ -54,6 +55,7 @@ __all__ = [
     "SegmentCorruptedError",
     "SegmentDirectoryError",
     "AcquireTimeoutError",
+    "CopiedOnLoadWarning",
 ]
 
 

@@ -118,3 +118,11 @@ def onnx_use_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
     results.put((os.getpid(), out, True))
     done.wait()
     shared.release(session)
+
+
+def sklearn_use_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
+    """Acquire a shared scikit-learn estimator, predict probabilities, hold until ``done``."""
+    model = shared.acquire()
+    results.put((os.getpid(), model.predict_proba(x), True))
+    done.wait()
+    shared.release(model)

@@ -32,6 +32,7 @@ import io
 import itertools
 import pickle
 import sys
+import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import cloudpickle
@@ -40,9 +41,19 @@ import numpy as np
 from ..errors import EncodeError
 from . import Codec, Encoded
 
-__all__ = ["GenericCodec"]
+__all__ = ["GenericCodec", "CopiedOnLoadWarning"]
 
 _TORCH_STORAGE = "torch-storage"
+
+# Types known to copy their arrays into private memory when unpickled: sharing saves nothing.
+_COPIED_ON_LOAD = {
+    "sklearn.tree._tree.Tree": "scikit-learn trees (forests, gradient boosting, decision trees) copy their node "
+                               "arrays into private memory when unpickled",
+}
+
+
+class CopiedOnLoadWarning(UserWarning):
+    """The model holds objects that copy their weights when rebuilt: sharing them saves nothing."""
 
 
 def _torch_storage_module() -> Any:
@@ -63,8 +74,12 @@ class _Pickler(cloudpickle.CloudPickler):
         self._min_shared_bytes = min_shared_bytes
         self._add_storage = add_storage
         self._torch = _torch_storage_module()
+        self.copied_on_load: set[str] = set()
 
     def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind.__module__.startswith("sklearn.") and f"{kind.__module__}.{kind.__qualname__}" in _COPIED_ON_LOAD:
+            self.copied_on_load.add(f"{kind.__module__}.{kind.__qualname__}")
         if (
             type(obj) is np.ndarray
             and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
@@ -120,8 +135,9 @@ class GenericCodec(Codec):
     def _pickle(self, model: Any, keep: Callable[[pickle.PickleBuffer], bool],
                 add_storage: Callable[[Any, str], int]) -> bytes:
         stream = io.BytesIO()
+        pickler = _Pickler(stream, self.min_shared_bytes, add_storage, buffer_callback=keep)
         try:
-            _Pickler(stream, self.min_shared_bytes, add_storage, buffer_callback=keep).dump(model)
+            pickler.dump(model)
         except EncodeError:
             raise
         except Exception as exc:
@@ -131,6 +147,11 @@ class GenericCodec(Codec):
                 f"{exc}). Use share='threads' (one copy per process, nothing pickled), or "
                 "register a codec for this type with modelshare.codecs.register_codec."
             ) from exc
+        for path in sorted(pickler.copied_on_load):
+            warnings.warn(CopiedOnLoadWarning(
+                f"{_COPIED_ON_LOAD[path]} ({path}): every process that attaches this "
+                f"{type(model).__qualname__} pays for those arrays again. Use share='threads', or convert "
+                "the model to ONNX (e.g. skl2onnx) and share it with SharedModel.from_onnx"), stacklevel=4)
         return stream.getvalue()
 
     def _shares_out_of_band(self, view: memoryview) -> bool:
