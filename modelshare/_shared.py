@@ -210,16 +210,37 @@ class SharedModel(Generic[M]):
         ``prepack=True`` lets ORT repack weights privately per process (faster kernels, more
         memory). Other keyword arguments go to ``SharedModel``.
         """
-        from ._onnx_source import OnnxSource
-        from .codecs.onnx import OnnxCodec
+        from ._model_source import FileOrBytes
+        from .codecs.onnx import OnnxCodec, load_onnx_bytes, load_onnx_file
 
-        source = OnnxSource(path_or_bytes)
+        source = FileOrBytes(path_or_bytes, "ONNX model", load_onnx_file, load_onnx_bytes)
         kwargs.setdefault("version", source.version())
+        key = key or source.default_key("onnx")
         codec = OnnxCodec(providers=providers, session_options=session_options, prepack=prepack)
         if share == "threads":
-            return cls(lambda: codec.private_session(source()), key=key or source.default_key(), share=share,
-                       **kwargs)
-        return cls(source, key=key or source.default_key(), share=share, codec=codec, **kwargs)
+            return cls(lambda: codec.private_session(source()), key=key, share=share, **kwargs)
+        return cls(source, key=key, share=share, codec=codec, **kwargs)
+
+    @classmethod
+    def from_tensorrt(
+        cls,
+        path_or_bytes: Union[str, os.PathLike[str], bytes],
+        *,
+        key: Optional[str] = None,
+        **kwargs: Any,
+    ) -> "SharedModel[Any]":
+        """A shared TensorRT engine: the plan lives once per machine, each process deserializes it.
+
+        ``acquire()`` returns a ``tensorrt.ICudaEngine``; for N concurrent instances use
+        ``modelshare.codecs.tensorrt.engine_contexts(engine, N)``. Needs TensorRT 10+ and a GPU
+        where the engine is acquired. Other keyword arguments go to ``SharedModel``.
+        """
+        from ._model_source import FileOrBytes
+        from .codecs.tensorrt import EnginePlan
+
+        source = FileOrBytes(path_or_bytes, "TensorRT engine", EnginePlan.from_file, EnginePlan)
+        kwargs.setdefault("version", source.version())
+        return cls(source, key=key or source.default_key("trt"), **kwargs)
 
     # -- identity ---------------------------------------------------------------------------
 

@@ -126,3 +126,24 @@ def sklearn_use_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
     results.put((os.getpid(), model.predict_proba(x), True))
     done.wait()
     shared.release(model)
+
+
+def describe_plan(plan: memoryview) -> dict:
+    """Stands in for TensorRT's deserializer: reports what it was handed (a view, its bytes)."""
+    import numpy as np
+
+    return {"nbytes": plan.nbytes, "readonly": plan.readonly, "head": bytes(plan[:16]),
+            "address": np.frombuffer(plan, dtype=np.uint8).ctypes.data, "pid": os.getpid()}
+
+
+def tensorrt_plan_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
+    """Acquire a shared plan through a deserializer stand-in, check it is a view of the segment."""
+    from modelshare import memory
+
+    engine = shared.acquire()
+    maps = open(f"/proc/{os.getpid()}/maps").read().splitlines()
+    inside = any(int(lo, 16) <= engine["address"] < int(hi, 16) and str(shared.segment_name.seg_path) in line
+                 for line in maps for lo, hi in [line.split()[0].split("-")])
+    results.put((os.getpid(), dict(engine, in_segment=inside, segment_pss=memory.process().segment_pss), True))
+    done.wait()
+    shared.release(engine)

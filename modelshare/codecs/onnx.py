@@ -153,6 +153,20 @@ def _strip(tensor: Any, index: int, nbytes: int) -> None:
         entry.key, entry.value = key, value
 
 
+def load_onnx_file(path: Path) -> Any:
+    """An ``onnx.ModelProto`` from a file, external data beside it included."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def load_onnx_bytes(data: bytes) -> Any:
+    """An ``onnx.ModelProto`` from serialized bytes."""
+    import onnx
+
+    return onnx.load_from_string(data)
+
+
 def _require_model_proto(model: Any) -> None:
     import onnx
 

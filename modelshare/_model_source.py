@@ -1,0 +1,51 @@
+"""Where ``SharedModel.from_onnx`` / ``from_tensorrt`` get a model: a file, or its bytes.
+
+The loader only runs in the one process that publishes; everyone else attaches. It is a small
+picklable object, so a SharedModel built from a path carries the path, not the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Union
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+_LARGE_BYTES = 64 << 20
+
+
+class FileOrBytes:
+    """A zero-argument loader: ``from_path(path)`` or ``from_bytes(data)``, whichever was given."""
+
+    def __init__(self, source: Source, what: str, from_path: Callable[[Path], Any],
+                 from_bytes: Callable[[bytes], Any]) -> None:
+        self.what, self.from_path, self.from_bytes = what, from_path, from_bytes
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.path, self.data = None, bytes(source)
+            if len(self.data) > _LARGE_BYTES:
+                warnings.warn(
+                    f"a {what} of {len(self.data) >> 20} MiB given as bytes travels with every pickled "
+                    "SharedModel; pass its path instead", stacklevel=3)
+        else:
+            self.path, self.data = Path(source), None
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no {what} at {self.path}; pass the path of a file or its bytes")
+
+    def __call__(self) -> Any:
+        return self.from_bytes(self.data) if self.data is not None else self.from_path(self.path)
+
+    def default_key(self, prefix: str) -> str:
+        """The file's stem made key-safe, or ``<prefix>-<hash of the bytes>``."""
+        if self.path is not None:
+            return re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.path.stem)[:100].lstrip(".-").replace("--", "-") or prefix
+        return f"{prefix}-{hashlib.blake2b(self.data, digest_size=6).hexdigest()}"
+
+    def version(self) -> str:
+        """Changes when the model does: content hash for bytes, path, size and mtime for a file."""
+        if self.data is not None:
+            return hashlib.blake2b(self.data, digest_size=16).hexdigest()
+        st = self.path.stat()
+        return f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
