@@ -1,12 +1,14 @@
 """Attach vs. private load: N fresh processes each get one model, privately or through modelshare.
 
-For each approach, N spawned worker processes, one at a time (so that they do not fight over the
-cores), obtain the model, run a first inference and time ``calls`` more; then all of them wait,
-alive, while the parent samples their PSS:
+Runs for any framework in ``frameworks.FRAMEWORKS`` (numpy, torch, onnx, sklearn). The suite
+generates a model of the asked size and saves it in the framework's own format; then, for each
+approach, N spawned worker processes, one at a time (so that they do not fight over the cores),
+obtain the model, run a first inference and time ``calls`` more, and all of them wait, alive,
+while the parent samples their PSS:
 
-* ``private``: every process loads the model file itself (``pickle.load``) -- what a worker pool
-  or Beam's default does: N copies;
-* ``modelshare``: the model is published once (timed as ``publish``); every process attaches
+* ``private``: every process loads the file itself (``pickle.load``, ``torch.load``, an ONNX
+  Runtime session on the file) -- what a worker pool or Beam's default does: N copies;
+* ``modelshare``: the same file is loaded once (timed as ``publish``); every process attaches
   with ``SharedModel.acquire()`` -- zero-copy views of one segment.
 
 Reported per approach: time to obtain the model and to the first inference (median over
@@ -19,20 +21,20 @@ within one run.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
-import pickle
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
-
-import numpy as np
 
 from modelshare import SharedModel, memory
 
-from .models import MiB, numpy_mlp, sample_input
+from .frameworks import FRAMEWORKS, Framework
+from .models import MiB
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ApproachResult:
     """What one approach measured over its N workers."""
 
     approach: str
+    framework: str
     processes: int
     obtain_s: float
     first_inference_s: float
@@ -51,24 +54,26 @@ class ApproachResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_file(path: str) -> Any:
-    with open(path, "rb") as f:
-        return pickle.load(f)
+def _obtain(framework: Framework, approach: str, source: Any) -> Any:
+    return framework.load(source) if approach == "private" else source.acquire()
 
 
-def _worker(approach: str, source: Any, x: np.ndarray, calls: int, started: Any, timing: Any, results: Any,
+def _worker(name: str, approach: str, source: Any, calls: int, started: Any, timing: Any, results: Any,
             done: Any) -> None:
+    framework = FRAMEWORKS[name]
+    importlib.import_module(framework.module)  # import time is not load time, for either approach
+    x = framework.sample()
     started.wait()  # every process has started up: none is importing while another measures
     with timing:  # one process at a time on the cores: each measures what a lone new process sees
         start = time.perf_counter()
-        model = _load_file(source) if approach == "private" else source.acquire()
+        model = _obtain(framework, approach, source)
         obtained = time.perf_counter() - start
-        out = model(x)
+        out = framework.call(model, x)
         first = time.perf_counter() - start
         latencies = []
         for _ in range(calls):
             t = time.perf_counter()
-            model(x)
+            framework.call(model, x)
             latencies.append(time.perf_counter() - t)
     results.put({"pid": os.getpid(), "obtain": obtained, "first": first, "latencies": latencies, "out": out})
     done.wait()
@@ -76,40 +81,40 @@ def _worker(approach: str, source: Any, x: np.ndarray, calls: int, started: Any,
         source.release(model)
 
 
-def _alternating_worker(path: str, shared: SharedModel, x: np.ndarray, calls: int, results: Any) -> None:
-    private, model = _load_file(path), shared.acquire()
-    private(x), model(x)  # warm both: first-touch costs are reported as time to first inference
+def _alternating_worker(name: str, path: Path, shared: SharedModel, calls: int, results: Any) -> None:
+    framework = FRAMEWORKS[name]
+    x = framework.sample()
+    private, model = framework.load(path), shared.acquire()
+    framework.call(private, x), framework.call(model, x)  # warm both: first-touch costs are reported above
     times: dict[str, list[float]] = {"private": [], "modelshare": []}
     for _ in range(calls):
-        for name, m in (("private", private), ("modelshare", model)):
+        for approach, m in (("private", private), ("modelshare", model)):
             t = time.perf_counter()
-            m(x)
-            times[name].append(time.perf_counter() - t)
-    medians = {name: statistics.median(v) for name, v in times.items()}
+            framework.call(m, x)
+            times[approach].append(time.perf_counter() - t)
+    medians = {approach: statistics.median(v) for approach, v in times.items()}
     # each pair of calls ran back to back, so their ratio cancels most of the machine's drift
     medians["paired_ratio"] = statistics.median(s / p for s, p in zip(times["modelshare"], times["private"]))
     results.put(medians)
     shared.release(model)
 
 
-def per_call_ratio(path: str, shared: SharedModel, x: np.ndarray, calls: int) -> dict[str, float]:
+def per_call_ratio(name: str, path: Path, shared: SharedModel, calls: int) -> dict[str, float]:
     """Median call time on shared views and on a private copy, alternating in one fresh process."""
     spawn = multiprocessing.get_context("spawn")
     results = spawn.Queue()
-    proc = spawn.Process(target=_alternating_worker, args=(path, shared, x, calls, results), daemon=True)
+    proc = spawn.Process(target=_alternating_worker, args=(name, path, shared, calls, results), daemon=True)
     proc.start()
     medians = results.get(timeout=1800)
     proc.join(120)
     return medians
 
 
-def _run_workers(approach: str, source: Any, x: np.ndarray, processes: int, calls: int,
-                 expected: np.ndarray) -> ApproachResult:
+def _run_workers(name: str, approach: str, source: Any, processes: int, calls: int, expected: Any) -> ApproachResult:
     spawn = multiprocessing.get_context("spawn")
     started, timing, results, done = spawn.Barrier(processes), spawn.Lock(), spawn.Queue(), spawn.Event()
-    procs = [spawn.Process(target=_worker, args=(approach, source, x, calls, started, timing, results, done),
-                           daemon=True)
-             for _ in range(processes)]
+    procs = [spawn.Process(target=_worker, args=(name, approach, source, calls, started, timing, results, done),
+                           daemon=True) for _ in range(processes)]
     for p in procs:
         p.start()
     got = [results.get(timeout=1800) for _ in procs]
@@ -120,37 +125,34 @@ def _run_workers(approach: str, source: Any, x: np.ndarray, processes: int, call
     latencies = sorted(t for r in got for t in r["latencies"])
     return ApproachResult(
         approach=approach,
+        framework=name,
         processes=processes,
         obtain_s=statistics.median(r["obtain"] for r in got),
         first_inference_s=statistics.median(r["first"] for r in got),
         call_p50_ms=1e3 * latencies[len(latencies) // 2],
         call_p90_ms=1e3 * latencies[int(len(latencies) * 0.9)],
         total_pss_mib=pss / MiB,
-        outputs_equal=all(np.array_equal(r["out"], expected) for r in got),
+        outputs_equal=all(FRAMEWORKS[name].equal(r["out"], expected) for r in got),
     )
 
 
-def run(size_mib: int = 256, processes: int = 4, calls: int = 30, width: int = 4096) -> list[ApproachResult]:
+def run(size_mib: int = 256, processes: int = 4, calls: int = 30, framework: str = "numpy") -> list[ApproachResult]:
     """Measure both approaches on a generated ``size_mib`` MiB model; returns one result each."""
-    x = sample_input(width)
-    loader = _GeneratedModel(size_mib, width)
+    fw = FRAMEWORKS[framework]
     with tempfile.TemporaryDirectory(prefix="modelshare-bench-") as files, \
             tempfile.TemporaryDirectory(prefix="modelshare-bench-", dir="/dev/shm") as segments:
-        model = loader()
-        expected = model(x)
-        path = os.path.join(files, "model.pkl")
-        with open(path, "wb") as f:
-            pickle.dump(model, f, protocol=5)
-        del model
-        private = _run_workers("private", path, x, processes, calls, expected)
+        path = Path(files) / f"model.{framework}"
+        fw.save(fw.build(size_mib), path)
+        expected = fw.call(fw.load(path), fw.sample())
+        private = _run_workers(framework, "private", path, processes, calls, expected)
 
-        shared = SharedModel(loader, key=f"bench-mlp-{size_mib}", share="processes", directory=segments)
+        shared = fw.shared(path, f"bench-{framework}-{size_mib}", Path(segments))
         start = time.perf_counter()
         holder = shared.acquire()  # publish once; this process holds it and never touches the weights
         publish = time.perf_counter() - start
         try:
-            result = _run_workers("modelshare", shared, x, processes, calls, expected)
-            alternating = per_call_ratio(path, shared, x, calls)
+            result = _run_workers(framework, "modelshare", shared, processes, calls, expected)
+            alternating = per_call_ratio(framework, path, shared, calls)
         finally:
             shared.release(holder)
         result.publish_s = publish
@@ -163,20 +165,10 @@ def run(size_mib: int = 256, processes: int = 4, calls: int = 30, width: int = 4
     return [private, result]
 
 
-class _GeneratedModel:
-    """A picklable loader of a generated MLP (a class, so the fingerprint sees its size)."""
-
-    def __init__(self, size_mib: int, width: int) -> None:
-        self.size_mib, self.width = size_mib, width
-
-    def __call__(self) -> Any:
-        return numpy_mlp(self.size_mib, self.width)
-
-
 def as_markdown(results: list[ApproachResult], size_mib: int) -> str:
     """A Markdown table of the results."""
     lines = [
-        f"Model: {size_mib} MiB numpy MLP, {results[0].processes} spawned processes",
+        f"Model: {size_mib} MiB {results[0].framework} model, {results[0].processes} spawned processes",
         "",
         "| approach | get model (median) | first inference | speedup to first inference | per call p50 | p90 | "
         "per call vs private | total PSS | outputs equal |",

@@ -1,0 +1,114 @@
+"""Each framework the benchmarks run: how to build, save, load privately, share and call a model.
+
+A framework is looked up by name in ``FRAMEWORKS`` (spawned workers get the name, not functions).
+"Private" is the framework's own way of loading a saved model -- what each Beam worker does by
+default; "shared" is modelshare loading that same file once per machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from modelshare import SharedModel
+
+from . import models
+
+
+@dataclass(frozen=True)
+class Framework:
+    """How one framework builds, saves, loads, shares and calls a generated model."""
+
+    name: str
+    build: Callable[[int], Any]
+    save: Callable[[Any, Path], None]
+    load: Callable[[Path], Any]
+    call: Callable[[Any, Any], Any]
+    sample: Callable[[], Any]
+    module: str  # what a bare process imports, for the PSS baseline
+
+    def shared(self, path: Path, key: str, directory: Path) -> SharedModel[Any]:
+        """modelshare loading the same file, once per machine."""
+        return SharedModel(functools.partial(self.load, path), key=key, directory=directory, version=str(path))
+
+    def equal(self, a: Any, b: Any) -> bool:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def _pickle_save(model: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(model, f, protocol=5)
+
+
+def _pickle_load(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def _torch_save(model: Any, path: Path) -> None:
+    import torch
+
+    torch.save(model, path)
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    return torch.load(path, weights_only=False)
+
+
+def _torch_call(model: Any, x: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return model(x).numpy()
+
+
+def _onnx_save(model: Any, path: Path) -> None:
+    import onnx
+
+    onnx.save(model, path)
+
+
+def _onnx_load(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _onnx_call(session: Any, x: Any) -> Any:
+    return session.run(None, {"x": x})[0]
+
+
+@dataclass(frozen=True)
+class _OnnxFramework(Framework):
+    """ORT sessions. Private sessions prepack (ORT's default); shared ones only with ``prepack``.
+    Prepacked and unpacked MatMul kernels sum in different orders, so outputs are compared to
+    within 1e-5 rather than bit for bit (the tests compare sessions of equal options exactly)."""
+
+    prepack: bool = False
+
+    def shared(self, path: Path, key: str, directory: Path) -> SharedModel[Any]:
+        return SharedModel.from_onnx(path, key=key, directory=directory, prepack=self.prepack)
+
+    def equal(self, a: Any, b: Any) -> bool:
+        return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
+
+
+FRAMEWORKS: dict[str, Framework] = {
+    "numpy": Framework("numpy", models.numpy_mlp, _pickle_save, _pickle_load, lambda m, x: m(x),
+                       models.sample_input, "numpy"),
+    "torch": Framework("torch", models.torch_mlp, _torch_save, _torch_load, _torch_call, models.torch_input,
+                       "torch"),
+    "onnx": _OnnxFramework("onnx", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call, models.onnx_input,
+                           "onnxruntime"),
+    "onnx-prepack": _OnnxFramework("onnx-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,
+                                   models.onnx_input, "onnxruntime", prepack=True),
+    "sklearn": Framework("sklearn", models.sklearn_knn, _pickle_save, _pickle_load, lambda m, x: m.predict_proba(x),
+                         models.sklearn_input, "sklearn.neighbors"),
+}
