@@ -1,0 +1,181 @@
+"""SharedModelHandler: any Beam ModelHandler, with its model loaded once per machine.
+
+Beam's RunInference loads a model per SDK worker process (``Shared``), or, with
+``large_model=True``, in one process that every batch is pickled to and from over a socket. Wrap
+the handler you already have and nothing else in the pipeline changes::
+
+    handler = SharedModelHandler(PytorchModelHandlerTensor(state_dict_path=..., model_class=...))
+    predictions = examples | RunInference(handler)
+
+``load_model`` goes through :class:`modelshare.SharedModel`: the first worker process on the
+machine runs the wrapped handler's ``load_model`` and publishes the weights; every other worker
+attaches and computes locally on zero-copy views. Every other method -- batching kwargs,
+``run_inference``, preprocess and postprocess functions, metrics namespace, resource hints,
+environment variables, model updates -- is the wrapped handler's, so ``with_exception_handling``,
+``with_no_batching``, ``KeyedModelHandler`` and side-input model updates behave as before.
+
+How the model is shared is decided by ``_share_model``: the generic path shares whatever the
+handler's ``load_model`` returns (a torch module, a scikit-learn estimator); ONNX Runtime
+handlers, whose ``load_model`` returns an unpicklable ``InferenceSession``, are shared from their
+model file with ``SharedModel.from_onnx``. Server mode, exact copies and keyed routing under a
+byte budget will plug in there, behind the same constructor.
+
+Model updates (``model_metadata_pcoll``): Beam calls ``update_model_path`` and then
+``load_model``; the new path is part of the segment's version, so the new model is loaded once per
+machine, and the old one is released as soon as the new one is in place -- the last process to
+let go of it unlinks its segment.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from modelshare import EncodeError, ModelShareError, SharedModel
+from modelshare._fingerprint import loader_fingerprint
+
+__all__ = ["SharedModelHandler", "release_all"]
+
+
+def _default_key(handler: ModelHandler) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.=+-]", "_", type(handler).__name__).strip("_.-") or "model"
+    return f"beam-{name}"[:100]
+
+
+def _is_onnx_handler(handler: ModelHandler) -> bool:
+    return any(cls.__module__ == "apache_beam.ml.inference.onnx_inference" for cls in type(handler).__mro__)
+
+
+# The models this process holds through the adapter, one per (directory, key): Beam gives
+# handlers no teardown, so a hold lasts until a model update replaces it, release_all(), or exit.
+_holds: dict[tuple[str, str], tuple[SharedModel[Any], Any]] = {}
+_holds_lock = threading.Lock()
+
+
+def release_all() -> None:
+    """Let go of every model this process holds through the adapter (e.g. after an in-process
+    pipeline run); worker processes let go when they exit."""
+    with _holds_lock:
+        held = list(_holds.values())
+        _holds.clear()
+    for shared, model in held:
+        shared.release(model)
+
+
+class SharedModelHandler(ModelHandler):
+    """Wraps a Beam ``ModelHandler`` so that its model is loaded once per machine and shared.
+
+    Args:
+        handler: the handler to wrap (PyTorch, scikit-learn, ONNX, keyed, or your own).
+        share: ``"processes"`` (one copy of the weights per machine, local compute in every SDK
+            worker process) or ``"threads"`` (one copy per process, like Beam's default).
+        key: the segment's name; defaults to ``beam-<handler class>``.
+        version: what identifies the model; defaults to a fingerprint of the handler (its class,
+            code and settings, model path included), extended by each model update's path.
+        directory: the segment directory (default ``$MODELSHARE_DIR`` or ``/dev/shm/modelshare-<uid>``).
+    """
+
+    def __init__(self, handler: ModelHandler, share: str = "processes", *, key: Optional[str] = None,
+                 version: Optional[str] = None, directory: Optional[str] = None) -> None:
+        if not isinstance(handler, ModelHandler):
+            raise TypeError(f"SharedModelHandler wraps a Beam ModelHandler, not {type(handler).__qualname__}")
+        if share not in ("processes", "threads"):
+            raise ValueError(f"share must be 'processes' or 'threads', not {share!r}")
+        super().__init__()
+        self._handler = handler
+        self._share = share
+        self._key = key or _default_key(handler)
+        self._version = version or loader_fingerprint(handler.load_model)
+        self._model_path = ""
+        self._directory = directory
+
+    # -- loading: the one thing this wrapper changes -----------------------------------------
+
+    def load_model(self) -> Any:
+        """The wrapped handler's model, loaded once per machine; a previous one is let go."""
+        shared = self._share_model()
+        slot = (str(shared.directory), self._key)
+        with _holds_lock:
+            previous = _holds.get(slot)
+            if previous is not None and previous[0].version_hash == shared.version_hash:
+                return previous[1]  # another DoFn instance or pipeline in this process holds it already
+            try:
+                model = shared.acquire()
+            except EncodeError as exc:
+                raise ModelShareError(
+                    f"the model that {type(self._handler).__name__}.load_model() returns cannot be split into "
+                    f"shared weights ({exc}). Use SharedModelHandler(handler, share='threads') for one copy per "
+                    "process today"
+                ) from exc
+            _holds[slot] = (shared, model)
+        if previous is not None:  # a model update: let the old version go once the new one is in place
+            previous[0].release(previous[1])
+        return model
+
+    def _share_model(self) -> SharedModel[Any]:
+        version = f"{self._version}:{self._model_path}"
+        if _is_onnx_handler(self._handler) and self._share == "processes":
+            handler = self._handler  # Beam's OnnxModelHandler* keep what a session needs in these
+            providers = list(handler._providers)
+            if handler._provider_options:
+                providers = list(zip(providers, handler._provider_options))
+            return SharedModel.from_onnx(handler._model_uri, key=self._key, version=version, directory=self._directory,
+                                         providers=providers, session_options=handler._session_options)
+        return SharedModel(self._handler.load_model, key=self._key, share=self._share, version=version,
+                           directory=self._directory)
+
+    def update_model_path(self, model_path: Optional[str] = None) -> None:
+        self._handler.update_model_path(model_path)
+        self._model_path = model_path or ""
+
+    def update_model_paths(self, model: Any, model_paths: Any = None) -> None:
+        self._handler.update_model_paths(model, model_paths)
+
+    def share_model_across_processes(self) -> bool:
+        return False  # modelshare shares across processes itself, with local compute
+
+    def model_copies(self) -> int:
+        return 1
+
+    # -- everything else is the wrapped handler's ---------------------------------------------
+
+    def run_inference(self, batch: Sequence[Any], model: Any,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
+        return self._handler.run_inference(batch, model, inference_args)
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        return self._handler.get_num_bytes(batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self._handler.get_metrics_namespace()
+
+    def get_resource_hints(self) -> dict[str, Any]:
+        return self._handler.get_resource_hints()
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return self._handler.batch_elements_kwargs()
+
+    def validate_inference_args(self, inference_args: Optional[dict[str, Any]]) -> None:
+        return self._handler.validate_inference_args(inference_args)
+
+    def get_preprocess_fns(self) -> Iterable[Callable[[Any], Any]]:
+        return self._handler.get_preprocess_fns()
+
+    def get_postprocess_fns(self) -> Iterable[Callable[[Any], Any]]:
+        return self._handler.get_postprocess_fns()
+
+    def should_skip_batching(self) -> bool:
+        return self._handler.should_skip_batching()
+
+    def set_environment_vars(self) -> None:
+        return self._handler.set_environment_vars()
+
+    def override_metrics(self, metrics_namespace: str = "") -> bool:
+        return self._handler.override_metrics(metrics_namespace)
+
+    def should_garbage_collect_on_timeout(self) -> bool:
+        return self._handler.should_garbage_collect_on_timeout()
+

@@ -1,0 +1,198 @@
+"""SharedModelHandler in real Beam pipelines (DirectRunner, in-process and multi-processing)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import pytest
+
+beam = pytest.importorskip("apache_beam", reason="Apache Beam is not installed (pip install -e '.[beam]')")
+
+from apache_beam.ml.inference.base import (  # noqa: E402
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
+from beam_adapter import SharedModelHandler, release_all  # noqa: E402
+from modelshare import ModelShareError, list_segments  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _release_after_each(shm_dir: Path) -> Iterable[None]:
+    yield
+    release_all()  # the in-process runner keeps models as a worker would, until told
+
+
+_runs = itertools.count()
+
+
+def run(handler: ModelHandler, examples: list[Any], tmp_path: Path, *, workers: int = 0) -> dict[int, list[float]]:
+    """Run ``examples`` through RunInference(KeyedModelHandler(handler)); {index: prediction as floats}."""
+    out = tmp_path / f"out{next(_runs)}"
+    options = (PipelineOptions(direct_num_workers=workers, direct_running_mode="multi_processing")
+               if workers else PipelineOptions())
+    with beam.Pipeline(options=options) as p:
+        (p
+         | beam.Create(list(enumerate(examples)))
+         | RunInference(KeyedModelHandler(handler))
+         | beam.MapTuple(lambda i, r: json.dumps([i, np.asarray(r.inference, dtype=float).ravel().tolist()]))
+         | beam.io.WriteToText(str(out)))
+    return dict(json.loads(line) for f in tmp_path.glob(out.name + "*") for line in f.read_text().splitlines())
+
+
+def _sklearn_handler(tmp_path: Path) -> ModelHandler:
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 64))
+    model = LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(model))
+    return SklearnModelHandlerNumpy(model_uri=str(path), max_batch_size=4, min_batch_size=4)
+
+
+def _examples(n: int = 12, width: int = 64) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal(width) for _ in range(n)]
+
+
+def test_sklearn_predictions_same_as_unwrapped(tmp_path: Path, shm_dir: Path) -> None:
+    handler = _sklearn_handler(tmp_path)
+    examples = _examples()
+    expected = run(handler, examples, tmp_path)
+    got = run(SharedModelHandler(handler), examples, tmp_path)
+    assert got == expected and len(got) == len(examples)
+    assert [s.key for s in list_segments(shm_dir)] == ["beam-SklearnModelHandlerNumpy"]
+
+
+def test_torch_handler(tmp_path: Path, shm_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+
+    from benchmarks.models import torch_mlp
+
+    net = torch_mlp(4, width=128)
+    path = tmp_path / "state.pt"
+    torch.save(net.state_dict(), path)
+    handler = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=_TorchMLP, model_params={"width": 128},
+                                        max_batch_size=4, min_batch_size=4)
+    examples = [torch.from_numpy(e.astype(np.float32)) for e in _examples(width=128)]
+    expected = run(handler, examples, tmp_path)
+    got = run(SharedModelHandler(handler), examples, tmp_path)
+    assert got == expected
+    assert [s.codec for s in list_segments(shm_dir)] == ["torch"]
+
+
+class _TorchMLP:  # the model class PytorchModelHandlerTensor instantiates (module level: picklable)
+    def __new__(cls, width: int) -> Any:
+        from benchmarks.models import torch_mlp
+
+        return torch_mlp(4, width=width)
+
+
+def test_onnx_handler(tmp_path: Path, shm_dir: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
+
+    from benchmarks.models import onnx_mlp
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(onnx_mlp(4, width=128), path)
+    handler = OnnxModelHandlerNumpy(model_uri=str(path), providers=["CPUExecutionProvider"],
+                                    max_batch_size=4, min_batch_size=4)
+    examples = [e.astype(np.float32) for e in _examples(width=128)]
+    got = run(SharedModelHandler(handler), examples, tmp_path)
+    expected = run(handler, examples, tmp_path)
+    assert set(got) == set(expected)
+    for i in got:  # unwrapped sessions prepack their weights: a different MatMul kernel
+        np.testing.assert_allclose(got[i], expected[i], rtol=1e-5, atol=1e-6)
+    assert [s.codec for s in list_segments(shm_dir)] == ["onnx"]
+
+
+def test_multi_processing_workers_share_one_segment(tmp_path: Path, shm_dir: Path) -> None:
+    handler = _sklearn_handler(tmp_path)
+    examples = _examples(24)
+    expected = run(handler, examples, tmp_path)
+    got = run(SharedModelHandler(handler), examples, tmp_path, workers=2)
+    assert got == expected
+    assert list(shm_dir.iterdir()) == [], "worker processes release at exit: nothing is left behind"
+
+
+class _Scaler:
+    """A model holding a lock: not picklable, so not splittable into weights."""
+
+    def __init__(self) -> None:
+        self.lock, self.scale = threading.Lock(), 2.0
+
+
+class _LockModelHandler(ModelHandler[Any, PredictionResult, Any]):
+    """A custom handler whose model cannot be pickled."""
+
+    def load_model(self) -> Any:
+        return _Scaler()
+
+    def run_inference(self, batch: Sequence[Any], model: Any,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
+        return [PredictionResult(x, x * model.scale) for x in batch]
+
+
+def test_unsplittable_model_says_which_share_works(tmp_path: Path, shm_dir: Path) -> None:
+    with pytest.raises(ModelShareError,
+                       match=r"_LockModelHandler.load_model\(\) returns cannot be split.*share='threads'"):
+        SharedModelHandler(_LockModelHandler()).load_model()
+    got = run(SharedModelHandler(_LockModelHandler(), share="threads"), [1.0, 2.0, 3.0], tmp_path)
+    assert got == {0: [2.0], 1: [4.0], 2: [6.0]}
+
+
+def test_everything_but_loading_is_the_wrapped_handlers(tmp_path: Path) -> None:
+    handler = _sklearn_handler(tmp_path).with_preprocess_fn(lambda x: x * 2).with_postprocess_fn(lambda r: r)
+    wrapped = SharedModelHandler(handler)
+    assert wrapped.batch_elements_kwargs() == handler.batch_elements_kwargs() == {"min_batch_size": 4,
+                                                                                 "max_batch_size": 4}
+    assert wrapped.get_metrics_namespace() == handler.get_metrics_namespace()
+    assert len(list(wrapped.get_preprocess_fns())) == 1 and len(list(wrapped.get_postprocess_fns())) == 1
+    assert wrapped.share_model_across_processes() is False and wrapped.model_copies() == 1
+    assert SharedModelHandler(_sklearn_handler(tmp_path).with_no_batching()).should_skip_batching()
+    with pytest.raises(TypeError, match="wraps a Beam ModelHandler"):
+        SharedModelHandler(object())  # type: ignore[arg-type]
+
+
+def test_model_update_loads_the_new_version_and_frees_the_old(tmp_path: Path, shm_dir: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    handler = SharedModelHandler(_sklearn_handler(tmp_path))
+    first = handler.load_model()
+    assert handler.load_model() is first, "a second DoFn in this process gets the same model"
+    (old,) = list_segments(shm_dir)
+    x = np.random.default_rng(2).standard_normal((50, 64))
+    newer = LogisticRegression(C=0.01).fit(x, (x[:, 1] > 0).astype(int))
+    new_path = tmp_path / "model-v2.pkl"
+    new_path.write_bytes(pickle.dumps(newer))
+    handler.update_model_path(str(new_path))  # what RunInference does on a model_metadata_pcoll update
+    second = handler.load_model()
+    np.testing.assert_array_equal(second.coef_, newer.coef_)
+    (new,) = list_segments(shm_dir)
+    assert new.path != old.path and not old.path.exists(), "the old version's segment is gone"
+
+
+def test_example_pipeline_runs(shm_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    example = Path(__file__).parent.parent / "examples" / "shared_pytorch_pipeline.py"
+    out = subprocess.run([sys.executable, str(example), "--workers", "2", "--size-mib", "16", "--width", "512"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "64 predictions from 2 workers sharing one 16 MiB model" in out.stdout
+    assert list(shm_dir.iterdir()) == []
