@@ -7,6 +7,7 @@ Importing this package imports Apache Beam (``pip install -e '.[beam]'``); ``mod
 never does.
 """
 
+from ._batches import Pad
 from ._handler import SharedModelHandler, release_all
 
-__all__ = ["SharedModelHandler", "release_all"]
+__all__ = ["SharedModelHandler", "Pad", "release_all"]

@@ -32,10 +32,13 @@ import re
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from modelshare import EncodeError, ModelShareError, SharedModel
+from modelshare import EncodeError, HoldInfo, ModelShareError, SharedModel, memory
 from modelshare._fingerprint import loader_fingerprint
+
+from ._batches import BatchRunner, Ragged
 
 __all__ = ["SharedModelHandler", "release_all"]
 
@@ -76,10 +79,14 @@ class SharedModelHandler(ModelHandler):
         version: what identifies the model; defaults to a fingerprint of the handler (its class,
             code and settings, model path included), extended by each model update's path.
         directory: the segment directory (default ``$MODELSHARE_DIR`` or ``/dev/shm/modelshare-<uid>``).
+        ragged: ``None`` (batches as they come), ``"bucket"`` (one call per shape), ``"pad"`` or
+            ``Pad(value, mask_arg, crop)`` (pad to the batch's largest shape, with a mask).
+        split_on_oom: retry a batch that runs out of memory in halves, and cap batch sizes after.
     """
 
     def __init__(self, handler: ModelHandler, share: str = "processes", *, key: Optional[str] = None,
-                 version: Optional[str] = None, directory: Optional[str] = None) -> None:
+                 version: Optional[str] = None, directory: Optional[str] = None, ragged: Ragged = None,
+                 split_on_oom: bool = True) -> None:
         if not isinstance(handler, ModelHandler):
             raise TypeError(f"SharedModelHandler wraps a Beam ModelHandler, not {type(handler).__qualname__}")
         if share not in ("processes", "threads"):
@@ -91,6 +98,8 @@ class SharedModelHandler(ModelHandler):
         self._version = version or loader_fingerprint(handler.load_model)
         self._model_path = ""
         self._directory = directory
+        self._batches = BatchRunner(ragged) if (ragged is not None or split_on_oom) else None
+        self._pending_metrics: Optional[tuple[HoldInfo, int]] = None
 
     # -- loading: the one thing this wrapper changes -----------------------------------------
 
@@ -102,6 +111,7 @@ class SharedModelHandler(ModelHandler):
             previous = _holds.get(slot)
             if previous is not None and previous[0].version_hash == shared.version_hash:
                 return previous[1]  # another DoFn instance or pipeline in this process holds it already
+            before = memory.process().uss
             try:
                 model = shared.acquire()
             except EncodeError as exc:
@@ -111,6 +121,9 @@ class SharedModelHandler(ModelHandler):
                     "process today"
                 ) from exc
             _holds[slot] = (shared, model)
+            info = shared.hold_info()
+            if info is not None:  # reported from run_inference: Beam drops metrics outside a bundle
+                self._pending_metrics = (info, max(0, memory.process().uss - before))
         if previous is not None:  # a model update: let the old version go once the new one is in place
             previous[0].release(previous[1])
         return model
@@ -144,7 +157,21 @@ class SharedModelHandler(ModelHandler):
 
     def run_inference(self, batch: Sequence[Any], model: Any,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
-        return self._handler.run_inference(batch, model, inference_args)
+        if self._pending_metrics is not None:
+            self._report_load(*self._pending_metrics)
+            self._pending_metrics = None
+        if self._batches is None:
+            return self._handler.run_inference(batch, model, inference_args)
+        return self._batches.run(self._handler.run_inference, batch, model, inference_args)
+
+    def _report_load(self, info: HoldInfo, private_bytes: int) -> None:
+        """Beam metrics: loads vs. attaches, their latency, bytes shared vs. private."""
+        namespace = self.get_metrics_namespace()
+        kind = "load" if info.loaded_here else "attach"
+        Metrics.counter(namespace, f"modelshare_{kind}s").inc()
+        Metrics.distribution(namespace, f"modelshare_{kind}_latency_ms").update(int(info.seconds * 1000))
+        Metrics.gauge(namespace, "modelshare_shared_bytes").set(info.shared_bytes)
+        Metrics.gauge(namespace, "modelshare_private_bytes").set(private_bytes)
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         return self._handler.get_num_bytes(batch)

@@ -21,7 +21,7 @@ from typing import Union
 
 from . import memory
 from ._segment import SegmentInfo, default_directory
-from ._shared import SharedModel
+from ._shared import HoldInfo, SharedModel
 from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
 from .codecs.generic import CopiedOnLoadWarning
 from .errors import (
@@ -38,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SharedModel",
+    "HoldInfo",
     "Codec",
     "Encoded",
     "register_codec",

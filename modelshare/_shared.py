@@ -45,6 +45,7 @@ import multiprocessing.util
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Literal, Optional, TypeVar, Union
 
@@ -53,11 +54,20 @@ from ._fingerprint import loader_fingerprint
 from .codecs import Codec, Encoded, codec_for, get_codec
 from .errors import LoaderError
 
-__all__ = ["SharedModel"]
+__all__ = ["SharedModel", "HoldInfo"]
 
 M = TypeVar("M")
 Share = Literal["threads", "processes"]
 _SHARES = ("threads", "processes")
+
+
+@dataclass(frozen=True)
+class HoldInfo:
+    """How this process got the model it holds: for metrics (loads vs. attaches, latency, bytes)."""
+
+    loaded_here: bool  # this process ran the loader (else it attached to another's segment)
+    seconds: float  # how long the acquire that brought the model into this process took
+    shared_bytes: int  # size of the segment this process maps (0 for share="threads")
 
 
 class _Entry:
@@ -68,6 +78,7 @@ class _Entry:
         self.refcount = 0
         self.model: Any = None
         self.handle: Optional[_segment.SegmentHandle] = None
+        self.info: Optional[HoldInfo] = None
 
 
 class _ProcessTable:
@@ -268,10 +279,13 @@ class SharedModel(Generic[M]):
         entry = _table.entry(self._ident())
         with entry.lock:
             if entry.refcount == 0 and entry.model is None:
+                start = time.perf_counter()
                 if self.share == "threads":
                     entry.model = self._run_loader()
+                    entry.info = HoldInfo(True, time.perf_counter() - start, 0)
                 else:
-                    entry.model, entry.handle = self._attach()
+                    entry.model, entry.handle, published = self._attach()
+                    entry.info = HoldInfo(published, time.perf_counter() - start, entry.handle.mapping.nbytes)
             entry.refcount += 1
             return entry.model
 
@@ -344,7 +358,13 @@ class SharedModel(Generic[M]):
             return self._codec
         return get_codec(codec_name)
 
-    def _attach(self) -> tuple[M, _segment.SegmentHandle]:
+    def hold_info(self) -> Optional[HoldInfo]:
+        """How this process got the model it holds now, or None if it holds none."""
+        entry = _table.entry(self._ident())
+        with entry.lock:
+            return entry.info if entry.model is not None else None
+
+    def _attach(self) -> tuple[M, _segment.SegmentHandle, bool]:
         directory = _segment.ensure_directory(self.directory)
         _table.prepare_directory(directory)
         handle, published = _segment.open_or_publish(self.segment_name, self._produce, timeout=self.timeout)
@@ -356,7 +376,7 @@ class SharedModel(Generic[M]):
         except BaseException:
             _segment.release(handle)
             raise
-        return model, handle
+        return model, handle, published
 
     # -- pickling ---------------------------------------------------------------------------
 

@@ -1,0 +1,76 @@
+"""Ragged inputs: elements of different shapes in one batch, without "stack expects each tensor to be
+equal size".
+
+Two ways, both framework-agnostic (numpy arrays and torch tensors; torch is never imported here):
+
+* ``group_by_shape(items)``: split a batch into groups of equal shape (order kept within each
+  group), so each group stacks; every element is computed exactly as in a batch of its own shape.
+* ``pad(items, value)``: pad every element to the batch's largest size in each dimension, and say
+  which entries are real with a boolean mask of the padded shape; for models that take a mask
+  (attention masks, masked pooling).
+
+Example::
+
+    groups = group_by_shape([a3, b5, c3])        # [[0, 2], [1]]
+    padded, masks = pad([a3, b5, c3], value=0)   # all of shape (5,), masks[0] = [T, T, T, F, F]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["group_by_shape", "pad", "crop"]
+
+
+def _shape(item: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in item.shape)
+
+
+def group_by_shape(items: Sequence[Any]) -> list[list[int]]:
+    """Indices of ``items`` grouped by shape (and dtype), groups in order of first appearance."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault((_shape(item), str(item.dtype)), []).append(index)
+    return list(groups.values())
+
+
+def pad(items: Sequence[Any], value: Any = 0) -> tuple[list[Any], list[Any]]:
+    """Each item padded (at the end of each dimension) to the largest size; and its mask.
+
+    Items must have the same number of dimensions and dtype. Returns items of the input's kind
+    (numpy arrays or torch tensors, on the item's device) and boolean masks of the same kind.
+    """
+    if not items:
+        return [], []
+    ndims = {len(_shape(item)) for item in items}
+    if len(ndims) != 1:
+        raise ValueError(f"cannot pad elements with different numbers of dimensions {sorted(ndims)}; "
+                         "reshape them first, or use ragged='bucket' to group them by shape")
+    target = tuple(max(sizes) for sizes in zip(*(_shape(item) for item in items)))
+    padded, masks = [], []
+    for item in items:
+        region = tuple(slice(0, d) for d in _shape(item))
+        if type(item).__module__.startswith("torch"):
+            import torch
+
+            out = torch.full(target, value, dtype=item.dtype, device=item.device)
+            mask = torch.zeros(target, dtype=torch.bool, device=item.device)
+        else:
+            out = np.full(target, value, dtype=item.dtype)
+            mask = np.zeros(target, dtype=bool)
+        out[region] = item
+        mask[region] = True
+        padded.append(out)
+        masks.append(mask)
+    return padded, masks
+
+
+def crop(output: Any, original: tuple[int, ...], padded: tuple[int, ...]) -> Any:
+    """``output`` cut back to ``original`` in the dimensions that padding grew, where it kept the
+    padded size (a per-position output); other dimensions are left alone."""
+    shape = _shape(output) if hasattr(output, "shape") else ()
+    index = tuple(slice(0, size) if size != grown and shape[dim] == grown else slice(None)
+                  for dim, (size, grown) in enumerate(zip(original[:len(shape)], padded)))
+    return output[index] if index else output
