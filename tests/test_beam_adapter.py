@@ -196,3 +196,48 @@ def test_example_pipeline_runs(shm_dir: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "64 predictions from 2 workers sharing one 16 MiB model" in out.stdout
     assert list(shm_dir.iterdir()) == []
+
+
+def _linear_model_file(path: Path, slope: float) -> str:
+    from sklearn.linear_model import LinearRegression
+
+    x = np.arange(10.0).reshape(-1, 1)
+    path.write_bytes(pickle.dumps(LinearRegression().fit(x, slope * x.ravel())))
+    return str(path)
+
+
+def test_model_update_mid_stream_leaves_only_the_new_segment(tmp_path: Path, shm_dir: Path) -> None:
+    import math
+    import time
+
+    from apache_beam.ml.inference.base import ModelMetadata
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+    from apache_beam.testing.util import assert_that, equal_to
+    from apache_beam.transforms import trigger, window
+    from apache_beam.transforms.window import TimestampedValue
+
+    v1 = _linear_model_file(tmp_path / "v1.pkl", 1.0)
+    v2 = _linear_model_file(tmp_path / "v2.pkl", 2.0)
+    start, interval = math.floor(time.time()) - 30, 7
+    main = [start - 2, start + 1, start + 8, start + 15, start + 22]
+    updates = [(start + 1, ModelMetadata(model_id=v1, model_name="v1")),
+               (start + 8, ModelMetadata(model_id=v2, model_name="v2"))]
+    handler = SharedModelHandler(SklearnModelHandlerNumpy(model_uri=v1))
+
+    with beam.Pipeline("FnApiRunner") as p:  # the runner Beam's own side-input tests pin
+        side = (p | "Updates" >> beam.Create(updates) | "StampU" >> beam.Map(lambda x: TimestampedValue(x[1], x[0]))
+                | "WindowU" >> beam.WindowInto(window.FixedWindows(interval),
+                                               accumulation_mode=trigger.AccumulationMode.DISCARDING)
+                | "KeyU" >> beam.Map(lambda x: ("k", x)) | "GroupU" >> beam.GroupByKey()
+                | "FlatU" >> beam.FlatMap(lambda kv: kv[1]))
+        predictions = (p | "Main" >> beam.Create(main) | "StampM" >> beam.Map(lambda x: TimestampedValue(x, x))
+                       | "WindowM" >> beam.WindowInto(window.FixedWindows(interval))
+                       | "KeyM" >> beam.Map(lambda x: ("k", x)) | "GroupM" >> beam.GroupByKey()
+                       | "FlatM" >> beam.FlatMap(lambda kv: kv[1])
+                       | "Array" >> beam.Map(lambda x: np.array([float(x - start)]))
+                       | RunInference(handler, model_metadata_pcoll=side)
+                       | beam.Map(lambda r: (float(r.example[0]), round(float(r.inference), 6))))
+        assert_that(predictions, equal_to([(-2.0, -2.0), (1.0, 1.0), (8.0, 16.0), (15.0, 30.0), (22.0, 44.0)]))
+
+    (segment,) = list_segments(shm_dir)  # the v1 segment was unlinked when v2 took over
+    assert segment.version.endswith(f":{v2}")
