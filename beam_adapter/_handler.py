@@ -28,6 +28,7 @@ let go of it unlinks its segment.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -39,6 +40,7 @@ from modelshare import EncodeError, HoldInfo, ModelShareError, SharedModel, memo
 from modelshare._fingerprint import loader_fingerprint
 
 from ._batches import BatchRunner, Ragged
+from ._threads import Threads, ThreadShare
 
 __all__ = ["SharedModelHandler", "release_all"]
 
@@ -82,11 +84,13 @@ class SharedModelHandler(ModelHandler):
         ragged: ``None`` (batches as they come), ``"bucket"`` (one call per shape), ``"pad"`` or
             ``Pad(value, mask_arg, crop)`` (pad to the batch's largest shape, with a mask).
         split_on_oom: retry a batch that runs out of memory in halves, and cap batch sizes after.
+        threads: intra-op threads per worker: ``"auto"`` (cores ÷ processes sharing the model),
+            a number, or None (the frameworks' defaults).
     """
 
     def __init__(self, handler: ModelHandler, share: str = "processes", *, key: Optional[str] = None,
                  version: Optional[str] = None, directory: Optional[str] = None, ragged: Ragged = None,
-                 split_on_oom: bool = True) -> None:
+                 split_on_oom: bool = True, threads: Threads = "auto") -> None:
         if not isinstance(handler, ModelHandler):
             raise TypeError(f"SharedModelHandler wraps a Beam ModelHandler, not {type(handler).__qualname__}")
         if share not in ("processes", "threads"):
@@ -100,6 +104,8 @@ class SharedModelHandler(ModelHandler):
         self._directory = directory
         self._batches = BatchRunner(ragged) if (ragged is not None or split_on_oom) else None
         self._pending_metrics: Optional[tuple[HoldInfo, int]] = None
+        self._threads = ThreadShare(threads)
+        self._shared: Optional[SharedModel[Any]] = None
 
     # -- loading: the one thing this wrapper changes -----------------------------------------
 
@@ -110,6 +116,7 @@ class SharedModelHandler(ModelHandler):
         with _holds_lock:
             previous = _holds.get(slot)
             if previous is not None and previous[0].version_hash == shared.version_hash:
+                self._shared = previous[0]
                 return previous[1]  # another DoFn instance or pipeline in this process holds it already
             before = memory.process().uss
             try:
@@ -121,6 +128,7 @@ class SharedModelHandler(ModelHandler):
                     "process today"
                 ) from exc
             _holds[slot] = (shared, model)
+            self._shared = shared
             info = shared.hold_info()
             if info is not None:  # reported from run_inference: Beam drops metrics outside a bundle
                 self._pending_metrics = (info, max(0, memory.process().uss - before))
@@ -135,8 +143,20 @@ class SharedModelHandler(ModelHandler):
             providers = list(handler._providers)
             if handler._provider_options:
                 providers = list(zip(providers, handler._provider_options))
-            return SharedModel.from_onnx(handler._model_uri, key=self._key, version=version, directory=self._directory,
-                                         providers=providers, session_options=handler._session_options)
+            from modelshare.codecs.onnx import session_options_dict
+
+            options = session_options_dict(handler._session_options)
+            shared = SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
+                                           directory=self._directory, providers=providers, session_options=options)
+            if "intra_op_num_threads" in options or self._threads.threads is None:
+                return shared
+            # ORT fixes its pool at session creation: take the share of the processes holding the
+            # model now, this one included
+            holders = len(shared.holders()) + 1
+            options["intra_op_num_threads"] = (self._threads.threads if isinstance(self._threads.threads, int)
+                                               else max(1, (os.cpu_count() or 1) // holders))
+            return SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
+                                         directory=self._directory, providers=providers, session_options=options)
         return SharedModel(self._handler.load_model, key=self._key, share=self._share, version=version,
                            directory=self._directory)
 
@@ -160,6 +180,8 @@ class SharedModelHandler(ModelHandler):
         if self._pending_metrics is not None:
             self._report_load(*self._pending_metrics)
             self._pending_metrics = None
+        if self._shared is not None:
+            self._threads.apply_to_torch(self._shared)
         if self._batches is None:
             return self._handler.run_inference(batch, model, inference_args)
         return self._batches.run(self._handler.run_inference, batch, model, inference_args)

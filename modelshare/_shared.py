@@ -358,6 +358,13 @@ class SharedModel(Generic[M]):
             return self._codec
         return get_codec(codec_name)
 
+    def holders(self) -> list[int]:
+        """Pids of the processes on this machine that hold this model's segment now (from the
+        kernel's lock table; empty for ``share="threads"``)."""
+        if self.share == "threads":
+            return []
+        return _segment.lock_holders(self.segment_name.lock_path)
+
     def hold_info(self) -> Optional[HoldInfo]:
         """How this process got the model it holds now, or None if it holds none."""
         entry = _table.entry(self._ident())

@@ -173,3 +173,41 @@ def test_batch_that_runs_out_of_memory_is_split(shm_dir: Path) -> None:
     results = dict(json.loads(line)[1:] for line in run.stdout.splitlines() if line.startswith('["result"'))
     assert results == {i: float(i) + 6.0 for i in range(16)}, "every element survives, with its own result"
     assert "a batch of 8 ran out of memory; splitting it, and capping batches at 4" in run.stderr
+
+
+def test_threads_are_shared_out_among_holders(shm_dir: Path, spawn) -> None:
+    import functools
+
+    from beam_adapter._threads import ThreadShare
+    from modelshare import SharedModel
+
+    from . import _workers
+
+    cores = os.cpu_count() or 1
+    shared = SharedModel(functools.partial(_workers.make_mlp, 4, width=256), key="threads")
+    model = shared.acquire()
+    assert ThreadShare("auto").count(shared) == cores and ThreadShare(3).count(shared) == 3
+    assert ThreadShare(None).count(shared) is None
+    results, done = spawn.Queue(), spawn.Event()
+    other = spawn.Process(target=_workers.use_worker, args=(shared, _workers.sample_input(256), results, done),
+                          daemon=True)
+    other.start()
+    try:
+        results.get(timeout=120)  # the other process holds the model now
+        assert len(shared.holders()) == 2
+        assert ThreadShare("auto").count(shared) == max(1, cores // 2)
+    finally:
+        done.set()
+        other.join(60)
+        shared.release(model)
+    with pytest.raises(ValueError, match="threads must be a positive int, 'auto' or None"):
+        ThreadShare(0)
+
+
+def test_threads_applied_to_torch_in_a_pipeline(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        _run(SharedModelHandler(_handler(tmp_path, PerPosition), ragged="bucket", threads=1), _sequences(), tmp_path)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,50 @@
+"""Intra-op threads for a model that N worker processes on one machine compute with.
+
+Every framework sizes its thread pool to the machine's cores, per process: four SDK workers on
+two cores run eight PyTorch threads (or eight ONNX Runtime threads) that preempt each other. Once
+the weights are shared, the processes that hold them are known -- they are the holders of the
+segment's lock -- so each one can take its share: cores ÷ holders, at least one.
+
+PyTorch's pool is resized in place (``torch.set_num_threads``), re-checked at most every
+``recheck_seconds`` as workers come and go. ONNX Runtime fixes its pool when a session is created,
+so an ONNX session takes the share that holds at its creation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Optional, Union
+
+Threads = Union[int, str, None]
+
+
+class ThreadShare:
+    """``threads``: a fixed count, ``"auto"`` (cores ÷ processes holding the model), or None
+    (leave the frameworks' defaults)."""
+
+    def __init__(self, threads: Threads = "auto", recheck_seconds: float = 10.0) -> None:
+        if not (threads is None or threads == "auto" or (isinstance(threads, int) and threads > 0)):
+            raise ValueError(f"threads must be a positive int, 'auto' or None, not {threads!r}")
+        self.threads = threads
+        self.recheck_seconds = recheck_seconds
+        self._next_check = 0.0
+
+    def count(self, shared: Any) -> Optional[int]:
+        """The threads this process should use for ``shared``'s model now."""
+        if self.threads is None or isinstance(self.threads, int):
+            return self.threads
+        holders = len(shared.holders()) or 1
+        return max(1, (os.cpu_count() or 1) // holders)
+
+    def apply_to_torch(self, shared: Any) -> None:
+        """Resize PyTorch's intra-op pool if torch is in use here (rate-limited)."""
+        torch = sys.modules.get("torch")
+        now = time.monotonic()
+        if torch is None or self.threads is None or now < self._next_check:
+            return
+        self._next_check = now + self.recheck_seconds
+        wanted = self.count(shared)
+        if wanted is not None and torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
