@@ -24,6 +24,12 @@ Model updates (``model_metadata_pcoll``): Beam calls ``update_model_path`` and t
 ``load_model``; the new path is part of the segment's version, so the new model is loaded once per
 machine, and the old one is released as soon as the new one is in place -- the last process to
 let go of it unlinks its segment.
+
+What the wrapper adds around ``run_inference``: ragged batches (``ragged=``) and out-of-memory
+splitting (``_batches``), intra-op threads shared out among the processes that hold the model
+(``_threads``), and Beam metrics -- ``modelshare_loads`` / ``modelshare_attaches``, their latency
+distributions, and gauges of bytes shared (the segment) and private (what loading added to this
+process's USS) -- reported from the first batch, since Beam drops metrics set outside a bundle.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from modelshare import EncodeError, HoldInfo, ModelShareError, SharedModel, memo
 from modelshare._fingerprint import loader_fingerprint
 
 from ._batches import BatchRunner, Ragged
+from ._lean_loaders import lean_loader
 from ._threads import Threads, ThreadShare
 
 __all__ = ["SharedModelHandler", "release_all"]
@@ -157,8 +164,8 @@ class SharedModelHandler(ModelHandler):
                                                else max(1, (os.cpu_count() or 1) // holders))
             return SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
                                          directory=self._directory, providers=providers, session_options=options)
-        return SharedModel(self._handler.load_model, key=self._key, share=self._share, version=version,
-                           directory=self._directory)
+        loader = (lean_loader(self._handler) if self._share == "processes" else None) or self._handler.load_model
+        return SharedModel(loader, key=self._key, share=self._share, version=version, directory=self._directory)
 
     def update_model_path(self, model_path: Optional[str] = None) -> None:
         self._handler.update_model_path(model_path)

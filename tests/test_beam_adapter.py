@@ -241,3 +241,34 @@ def test_model_update_mid_stream_leaves_only_the_new_segment(tmp_path: Path, shm
 
     (segment,) = list_segments(shm_dir)  # the v1 segment was unlinked when v2 took over
     assert segment.version.endswith(f":{v2}")
+
+
+def test_lean_torch_loader_builds_the_same_model_without_a_copy(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+
+    from beam_adapter._lean_loaders import LeanTorchLoader, lean_loader
+
+    path = tmp_path / "state.pt"
+    torch.save(_TorchMLP(width=128).state_dict(), path)
+    handler = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=_TorchMLP, model_params={"width": 128})
+    loader = lean_loader(handler)
+    assert isinstance(loader, LeanTorchLoader)
+    lean, beams = loader(), handler.load_model()
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        assert torch.equal(lean(x), beams(x))
+    scratch = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=_MLPWithScratch,
+                                        model_params={"width": 128})
+    model = lean_loader(scratch)()  # a non-persistent buffer is not in the state dict: built Beam's way
+    assert not any(t.is_meta for t in model.buffers()) and model.scratch.sum() == 128
+    assert lean_loader(PytorchModelHandlerTensor(state_dict_path="gs://bucket/x.pt", model_class=_TorchMLP)) is None
+
+
+class _MLPWithScratch:
+    def __new__(cls, width: int) -> Any:
+        import torch
+
+        model = _TorchMLP(width=width)
+        model.register_buffer("scratch", torch.ones(width), persistent=False)
+        return model
