@@ -272,3 +272,22 @@ class _MLPWithScratch:
         model = _TorchMLP(width=width)
         model.register_buffer("scratch", torch.ones(width), persistent=False)
         return model
+
+
+def test_onnx_multi_processing_workers(tmp_path: Path, shm_dir: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
+
+    from benchmarks.models import onnx_mlp
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(onnx_mlp(4, width=128), path)
+    examples = [e.astype(np.float32) for e in _examples(16, width=128)]
+    handler = OnnxModelHandlerNumpy(model_uri=str(path), providers=["CPUExecutionProvider"],
+                                    max_batch_size=4, min_batch_size=4)
+    expected = run(handler, examples, tmp_path)
+    got = run(SharedModelHandler(handler), examples, tmp_path, workers=2)
+    assert set(got) == set(expected)
+    for i in got:
+        np.testing.assert_allclose(got[i], expected[i], rtol=1e-5, atol=1e-6)
+    assert list(shm_dir.iterdir()) == []
