@@ -89,16 +89,22 @@ def test_sigkill_attached_process_mid_use(shm_dir: Path, spawn) -> None:
     assert list(shm_dir.iterdir()) == [], "the last holder to release must unlink the segment"
 
 
-def test_sigkill_of_last_holder_is_collected(shm_dir: Path, spawn) -> None:
-    shared = SharedModel(functools.partial(make_mlp, 8, width=512), key="orphan")
+def _orphan(spawn, key: str) -> SharedModel:
+    """A model whose only holder was SIGKILLed mid-use: its segment is left behind."""
+    shared = SharedModel(functools.partial(make_mlp, 8, width=512), key=key)
     results = spawn.Queue()
     victim = spawn.Process(target=_workers.hold_forever, args=(shared, sample_input(512), results), daemon=True)
     victim.start()
     results.get(timeout=120)
-    assert [i.holders for i in list_segments(shm_dir)] == [[victim.pid]]
+    assert shared.holders() == [victim.pid]
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(30)
+    assert shared.segment_name.seg_path.exists()
+    return shared
 
+
+def test_sigkill_of_last_holder_is_collected(shm_dir: Path, spawn) -> None:
+    _orphan(spawn, "orphan")
     (orphan,) = list_segments(shm_dir)
     assert orphan.holders == [] and orphan.key == "orphan"
     out = subprocess.run([sys.executable, "-m", "modelshare", "gc"], capture_output=True, text=True,
@@ -109,14 +115,7 @@ def test_sigkill_of_last_holder_is_collected(shm_dir: Path, spawn) -> None:
 
 
 def test_next_process_collects_orphans_of_other_models(shm_dir: Path, spawn) -> None:
-    orphaned = SharedModel(functools.partial(make_mlp, 8, width=512), key="orphan-a")
-    results = spawn.Queue()
-    victim = spawn.Process(target=_workers.hold_forever, args=(orphaned, sample_input(512), results), daemon=True)
-    victim.start()
-    results.get(timeout=120)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(30)
-    assert orphaned.segment_name.seg_path.exists()
+    _orphan(spawn, "orphan-a")
 
     other = SharedModel(functools.partial(make_mlp, 4, width=256), key="other")
     code = ("import sys, pickle; m = pickle.loads(sys.stdin.buffer.read()); "
