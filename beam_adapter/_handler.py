@@ -61,9 +61,10 @@ def _is_onnx_handler(handler: ModelHandler) -> bool:
     return any(cls.__module__ == "apache_beam.ml.inference.onnx_inference" for cls in type(handler).__mro__)
 
 
-# The models this process holds through the adapter, one per (directory, key): Beam gives
-# handlers no teardown, so a hold lasts until a model update replaces it, release_all(), or exit.
-_holds: dict[tuple[str, str], tuple[SharedModel[Any], Any]] = {}
+# The models this process holds through the adapter, one per handler (directory, key, handler
+# fingerprint): Beam gives handlers no teardown, so a hold lasts until a model update replaces
+# it, release_all(), or exit.
+_holds: dict[tuple[str, str, str], tuple[SharedModel[Any], Any]] = {}
 _holds_lock = threading.Lock()
 
 
@@ -119,7 +120,7 @@ class SharedModelHandler(ModelHandler):
     def load_model(self) -> Any:
         """The wrapped handler's model, loaded once per machine; a previous one is let go."""
         shared = self._share_model()
-        slot = (str(shared.directory), self._key)
+        slot = (str(shared.directory), self._key, self._version)  # one per handler; updates replace it
         with _holds_lock:
             previous = _holds.get(slot)
             if previous is not None and previous[0].version_hash == shared.version_hash:

@@ -291,3 +291,18 @@ def test_onnx_multi_processing_workers(tmp_path: Path, shm_dir: Path) -> None:
     for i in got:
         np.testing.assert_allclose(got[i], expected[i], rtol=1e-5, atol=1e-6)
     assert list(shm_dir.iterdir()) == []
+
+
+def test_two_handlers_of_one_class_keep_their_own_models(tmp_path: Path, shm_dir: Path) -> None:
+    first = SharedModelHandler(_sklearn_handler_at(_linear_model_file(tmp_path / "a.pkl", 1.0)))
+    second = SharedModelHandler(_sklearn_handler_at(_linear_model_file(tmp_path / "b.pkl", 3.0)))
+    a, b = first.load_model(), second.load_model()
+    assert first.load_model() is a and second.load_model() is b
+    assert a.coef_[0] == pytest.approx(1.0) and b.coef_[0] == pytest.approx(3.0)
+    assert len(list_segments(shm_dir)) == 2
+
+
+def _sklearn_handler_at(path: str) -> ModelHandler:
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+
+    return SklearnModelHandlerNumpy(model_uri=path)
