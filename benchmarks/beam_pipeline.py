@@ -1,18 +1,20 @@
 """A real Beam pipeline, four ways: Beam's default, Beam's ``large_model=True``, and modelshare's
 ``SharedModelHandler`` with the frameworks' own thread pools or with threads shared out.
 
-Each configuration runs RunInference over a generated PyTorch MLP on the DirectRunner with
+Each configuration runs RunInference over a generated model (a PyTorch MLP, an ONNX MLP, or a
+scikit-learn linear classifier with a wide coefficient matrix) on the DirectRunner with
 ``direct_num_workers`` worker processes (``multi_processing``), in a fresh process; this process
 samples the total PSS of that process and all its descendants (the SDK workers, Beam's model
 server) every 100 ms and reports the peak, with the wall time of the whole pipeline.
 
-Run: ``python -m benchmarks.beam_pipeline [--size-mib 256] [--workers 4] [--examples 2000]``.
+Run: ``python -m benchmarks.beam_pipeline [--framework torch|sklearn|onnx] [--size-mib 256] [--workers 4]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -27,29 +29,92 @@ from .models import MiB
 CONFIGS = ["beam-default", "beam-large-model", "modelshare-framework-threads", "modelshare-auto-threads"]
 
 _PIPELINE = """
-import sys, time, json
-import numpy as np, torch
+import json, sys, time
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
 from apache_beam.options.pipeline_options import PipelineOptions
-from beam_adapter import SharedModelHandler
-from benchmarks.beam_pipeline import MLP
-config, state_dict, size_mib, width, workers, examples = sys.argv[1:7]
-size_mib, width, workers, examples = int(size_mib), int(width), int(workers), int(examples)
-handler = PytorchModelHandlerTensor(state_dict_path=state_dict, model_class=MLP,
-                                    model_params={'size_mib': size_mib, 'width': width}, max_batch_size=16,
-                                    large_model=config == 'beam-large-model')
-if config.startswith('modelshare'):
-    handler = SharedModelHandler(handler, threads=None if config.endswith('framework-threads') else 'auto')
-rng = np.random.default_rng(0)
-data = [torch.from_numpy(rng.standard_normal(width).astype(np.float32)) for _ in range(examples)]
+from benchmarks.beam_pipeline import handler_for, examples_for
+framework, config, path, size_mib, width, workers, examples = sys.argv[1:8]
+handler = handler_for(framework, config, path, int(size_mib), int(width))
+data = examples_for(framework, int(width), int(examples))
 start = time.perf_counter()
-with beam.Pipeline(options=PipelineOptions(direct_num_workers=workers,
+with beam.Pipeline(options=PipelineOptions(direct_num_workers=int(workers),
                                            direct_running_mode='multi_processing')) as p:
-    _ = p | beam.Create(data) | RunInference(handler) | beam.Map(lambda r: float(r.inference.sum()))
+    _ = p | beam.Create(data) | RunInference(handler) | beam.Map(lambda r: r.inference is not None)
 print(json.dumps({'wall_s': time.perf_counter() - start}))
 """
+
+
+def save_model(framework: str, size_mib: int, width: int, folder: Path) -> Path:
+    """The generated model, saved the way the framework's Beam handler reads it."""
+    if framework == "torch":
+        import torch
+
+        path = folder / "mlp.pt"
+        torch.save(MLP(size_mib, width).state_dict(), path)
+    elif framework == "onnx":
+        import onnx
+
+        from .models import onnx_mlp
+
+        path = folder / "mlp.onnx"
+        onnx.save(onnx_mlp(size_mib, width=width), path)
+    else:
+        path = folder / "linear.pkl"
+        path.write_bytes(pickle.dumps(wide_linear_classifier(size_mib, width)))
+    return path
+
+
+def wide_linear_classifier(size_mib: int, width: int) -> object:
+    """A scikit-learn LogisticRegression with ~``size_mib`` MiB of coefficients (set, not fitted)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    classes = max(2, size_mib * MiB // (8 * width))
+    rng = np.random.default_rng(0)
+    model = LogisticRegression()
+    model.coef_ = rng.standard_normal((classes, width)) / width**0.5
+    model.intercept_ = np.zeros(classes)
+    model.classes_ = np.arange(classes)
+    return model
+
+
+def handler_for(framework: str, config: str, path: str, size_mib: int, width: int) -> object:
+    """Beam's handler for ``framework``, as ``config`` asks: plain, large_model, or wrapped."""
+    large = config == "beam-large-model"
+    if framework == "torch":
+        from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+
+        handler = PytorchModelHandlerTensor(state_dict_path=path, model_class=MLP, max_batch_size=16,
+                                            model_params={"size_mib": size_mib, "width": width}, large_model=large)
+    elif framework == "onnx":
+        from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
+
+        handler = OnnxModelHandlerNumpy(model_uri=path, providers=["CPUExecutionProvider"], max_batch_size=16,
+                                        large_model=large)
+    else:
+        from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+
+        handler = SklearnModelHandlerNumpy(model_uri=path, max_batch_size=16, large_model=large)
+    if config.startswith("modelshare"):
+        from beam_adapter import SharedModelHandler
+
+        handler = SharedModelHandler(handler, threads=None if config.endswith("framework-threads") else "auto")
+    return handler
+
+
+def examples_for(framework: str, width: int, count: int) -> list:
+    """``count`` examples of ``width`` features, as the framework's handler takes them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(width).astype(np.float32 if framework != "sklearn" else np.float64)
+            for _ in range(count)]
+    if framework == "torch":
+        import torch
+
+        return [torch.from_numpy(row) for row in rows]
+    return rows
 
 
 class MLP:
@@ -71,9 +136,10 @@ def _tree_pss(root: psutil.Process) -> int:
     return total
 
 
-def run_config(config: str, state_dict: Path, size_mib: int, width: int, workers: int, examples: int) -> dict:
+def run_config(framework: str, config: str, path: Path, size_mib: int, width: int, workers: int,
+               examples: int) -> dict:
     """Run one configuration in a fresh process; its wall time and peak total PSS."""
-    proc = subprocess.Popen([sys.executable, "-c", _PIPELINE, config, str(state_dict), str(size_mib), str(width),
+    proc = subprocess.Popen([sys.executable, "-c", _PIPELINE, framework, config, str(path), str(size_mib), str(width),
                              str(workers), str(examples)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=Path(__file__).parent.parent)
     peak = 0
@@ -98,21 +164,19 @@ def run_config(config: str, state_dict: Path, size_mib: int, width: int, workers
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", default="torch", choices=["torch", "sklearn", "onnx"])
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     args = parser.parse_args()
-    import torch
-
     with tempfile.TemporaryDirectory() as folder:
-        state_dict = Path(folder) / "mlp.pt"
-        torch.save(MLP(args.size_mib, args.width).state_dict(), state_dict)
-        rows = [run_config(c, state_dict, args.size_mib, args.width, args.workers, args.examples)
+        path = save_model(args.framework, args.size_mib, args.width, Path(folder))
+        rows = [run_config(args.framework, c, path, args.size_mib, args.width, args.workers, args.examples)
                 for c in args.configs]
-    print(f"PyTorch MLP of {args.size_mib} MiB, {args.examples} examples, DirectRunner multi_processing with "
-          f"{args.workers} workers\n")
+    print(f"{args.framework} model of {args.size_mib} MiB, {args.examples} examples, DirectRunner "
+          f"multi_processing with {args.workers} workers\n")
     print("| configuration | wall time | peak total PSS |")
     print("|---|---|---|")
     for row in rows:
