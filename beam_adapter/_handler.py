@@ -189,7 +189,7 @@ class SharedModelHandler(ModelHandler):
             self._report_load(*self._pending_metrics)
             self._pending_metrics = None
         if self._shared is not None:
-            self._threads.apply_to_torch(self._shared)
+            self._threads.apply(self._shared)
         if self._batches is None:
             return self._handler.run_inference(batch, model, inference_args)
         return self._batches.run(self._handler.run_inference, batch, model, inference_args)

@@ -5,7 +5,8 @@ two cores run eight PyTorch threads (or eight ONNX Runtime threads) that preempt
 the weights are shared, the processes that hold them are known -- they are the holders of the
 segment's lock -- so each one can take its share: cores ÷ holders, at least one.
 
-PyTorch's pool is resized in place (``torch.set_num_threads``), re-checked at most every
+PyTorch's pool (``torch.set_num_threads``) and the BLAS pools of numpy and scikit-learn
+(``threadpoolctl``, which scikit-learn installs) are resized in place, re-checked at most every
 ``recheck_seconds`` as workers come and go. ONNX Runtime fixes its pool when a session is created,
 so an ONNX session takes the share that holds at its creation.
 """
@@ -30,6 +31,7 @@ class ThreadShare:
         self.threads = threads
         self.recheck_seconds = recheck_seconds
         self._next_check = 0.0
+        self._applied: Optional[int] = None
 
     def count(self, shared: Any) -> Optional[int]:
         """The threads this process should use for ``shared``'s model now."""
@@ -38,13 +40,23 @@ class ThreadShare:
         holders = len(shared.holders()) or 1
         return max(1, (os.cpu_count() or 1) // holders)
 
-    def apply_to_torch(self, shared: Any) -> None:
-        """Resize PyTorch's intra-op pool if torch is in use here (rate-limited)."""
-        torch = sys.modules.get("torch")
+    def apply(self, shared: Any) -> None:
+        """Resize the pools in use here (rate-limited): PyTorch's intra-op pool, and the BLAS
+        pools numpy and scikit-learn compute with (through threadpoolctl, where installed)."""
         now = time.monotonic()
-        if torch is None or self.threads is None or now < self._next_check:
+        if self.threads is None or now < self._next_check:
             return
         self._next_check = now + self.recheck_seconds
         wanted = self.count(shared)
-        if wanted is not None and torch.get_num_threads() != wanted:
+        if wanted is None or wanted == self._applied:
+            return
+        torch = sys.modules.get("torch")
+        if torch is not None:
             torch.set_num_threads(wanted)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            threadpool_limits(limits=wanted)  # stays in force: never restored
+        self._applied = wanted
