@@ -35,7 +35,6 @@ process's USS) -- reported from the first batch, since Beam drops metrics set ou
 from __future__ import annotations
 
 import os
-import re
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -44,6 +43,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from modelshare import EncodeError, HoldInfo, ModelShareError, SharedModel, memory
 from modelshare._fingerprint import loader_fingerprint
+from modelshare._segment import key_from
 
 from ._batches import BatchRunner, Ragged
 from ._lean_loaders import lean_loader
@@ -53,8 +53,7 @@ __all__ = ["SharedModelHandler", "release_all"]
 
 
 def _default_key(handler: ModelHandler) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.=+-]", "_", type(handler).__name__).strip("_.-") or "model"
-    return f"beam-{name}"[:100]
+    return key_from(f"beam-{type(handler).__name__}", "beam-model")
 
 
 def _is_onnx_handler(handler: ModelHandler) -> bool:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Union
 
-from . import memory
+from . import _segment, memory
 from ._segment import SegmentInfo, default_directory
 from ._shared import HoldInfo, SharedModel
 from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
@@ -62,8 +62,6 @@ __all__ = [
 
 def list_segments(directory: Union[str, os.PathLike[str], None] = None) -> list[SegmentInfo]:
     """Every segment in ``directory`` (default: the default directory) with its holders' pids."""
-    from . import _segment
-
     return _segment.list_segments(Path(directory) if directory is not None else default_directory())
 
 
@@ -74,8 +72,6 @@ def gc_segments(
 
     Segments published with ``keep_warm=True`` stay unless ``include_warm``.
     """
-    from . import _segment
-
     return _segment.sweep(
         Path(directory) if directory is not None else default_directory(), include_warm=include_warm, dry_run=dry_run
     )

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Union
+
+from ._segment import key_from
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 _LARGE_BYTES = 64 << 20
@@ -40,7 +41,7 @@ class FileOrBytes:
     def default_key(self, prefix: str) -> str:
         """The file's stem made key-safe, or ``<prefix>-<hash of the bytes>``."""
         if self.path is not None:
-            return re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.path.stem)[:100].lstrip(".-").replace("--", "-") or prefix
+            return key_from(self.path.stem, prefix)
         return f"{prefix}-{hashlib.blake2b(self.data, digest_size=6).hexdigest()}"
 
     def version(self) -> str:

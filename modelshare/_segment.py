@@ -104,6 +104,12 @@ def ensure_directory(directory: Path) -> Path:
     return directory
 
 
+def key_from(text: str, fallback: str) -> str:
+    """``text`` made into a valid key (other characters become ``_``), or ``fallback``."""
+    key = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)[:100]).lstrip(".-=+")
+    return key if key and _KEY_RE.fullmatch(key) else fallback
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it can name a segment file, else raise :class:`InvalidKeyError`."""
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or "--" in key:

@@ -224,3 +224,11 @@ def test_files_are_private_to_the_user(shm_dir: Path) -> None:
         assert shm_dir.stat().st_mode & 0o777 == 0o700
         modes = {p.name.rsplit(".", 1)[-1]: p.stat().st_mode & 0o777 for p in shm_dir.iterdir()}
         assert modes == {"seg": 0o600, "lock": 0o600}
+
+
+def test_key_from_any_text_is_a_valid_key() -> None:
+    from modelshare._segment import key_from, validate_key
+
+    for text in ["my model.v2", "a---b", "--x", ".hidden", "=+", "ü" * 300, ""]:
+        assert validate_key(key_from(text, "fallback"))
+    assert key_from("my model.v2", "f") == "my_model.v2" and key_from("", "f") == "f"

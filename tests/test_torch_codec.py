@@ -19,7 +19,7 @@ from modelshare.codecs import codec_for  # noqa: E402
 
 from . import _workers  # noqa: E402
 from ._pss import MiB, run_shared  # noqa: E402
-from .test_generic_codec import roundtrip  # noqa: E402
+from .test_generic_codec import _address_range, roundtrip  # noqa: E402
 
 
 class Holder(torch.nn.Module):
@@ -117,10 +117,8 @@ def test_any_module_roundtrips_bit_identical(module: Any, tmp_path: Path) -> Non
 
 
 def _in_mapping(tensor: Any, mapping: Any) -> bool:
-    import numpy as np
-
-    start = np.frombuffer(mapping._whole, dtype=np.uint8).ctypes.data
-    return start <= tensor.untyped_storage().data_ptr() < start + mapping.nbytes
+    low, high = _address_range(mapping)
+    return low <= tensor.untyped_storage().data_ptr() < high
 
 
 def _conv_net() -> Any:
