@@ -27,7 +27,7 @@ let go of it unlinks its segment.
 
 What the wrapper adds around ``run_inference``: ragged batches (``ragged=``) and out-of-memory
 splitting (``_batches``), intra-op threads shared out among the processes that hold the model
-(``_threads``), and Beam metrics -- ``modelshare_loads`` / ``modelshare_attaches``, their latency
+(``modelshare.threads``), and Beam metrics -- ``modelshare_loads`` / ``modelshare_attaches``, their latency
 distributions, and gauges of bytes shared (the segment) and private (what loading added to this
 process's USS) -- reported from the first batch, since Beam drops metrics set outside a bundle.
 """
@@ -44,10 +44,10 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from modelshare import EncodeError, HoldInfo, ModelShareError, SharedModel, memory
 from modelshare._fingerprint import loader_fingerprint
 from modelshare._segment import key_from
+from modelshare.threads import Threads, ThreadShare
 
 from ._batches import BatchRunner, Ragged
 from ._lean_loaders import lean_loader
-from ._threads import Threads, ThreadShare
 
 __all__ = ["SharedModelHandler", "release_all"]
 

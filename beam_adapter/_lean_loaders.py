@@ -10,6 +10,10 @@ assigns its tensors (``load_state_dict(assign=True)``): the same weights, no cop
 It applies to local state-dict files on the CPU; anything else (TorchScript, remote paths, a GPU
 device, a module whose buffers are not all in the state dict) goes through the handler's own
 ``load_model``, so the result is always the model Beam would have built.
+
+scikit-learn models saved with joblib (``model_file_type=ModelFileType.JOBLIB``, a local file) are
+loaded with ``joblib.load(mmap_mode="r")``: their arrays are views of the file's pages until they
+are copied into the segment. Pickled models cannot be mapped and load Beam's way.
 """
 
 from __future__ import annotations
@@ -44,13 +48,35 @@ class LeanTorchLoader:
         return model.eval()
 
 
+class LeanJoblibLoader:
+    """``joblib.load(path, mmap_mode="r")`` of a scikit-learn handler's local joblib file."""
+
+    def __init__(self, handler: Any) -> None:
+        self.path = handler._model_uri
+
+    def __call__(self) -> Any:
+        import joblib
+
+        return joblib.load(self.path, mmap_mode="r")
+
+
+def _is_local_file(path: Any) -> bool:
+    return bool(path) and "://" not in str(path) and os.path.isfile(path)
+
+
 def lean_loader(handler: Any) -> Optional[Callable[[], Any]]:
     """A lean loader for ``handler`` if one applies, else None (use ``handler.load_model``)."""
-    if type(handler).__module__ != "apache_beam.ml.inference.pytorch_inference":
+    module = type(handler).__module__
+    if module == "apache_beam.ml.inference.sklearn_inference":
+        from apache_beam.ml.inference.sklearn_inference import ModelFileType
+
+        joblib_file = getattr(handler, "_model_file_type", None) == ModelFileType.JOBLIB
+        return LeanJoblibLoader(handler) if joblib_file and _is_local_file(handler._model_uri) else None
+    if module != "apache_beam.ml.inference.pytorch_inference":
         return None
     if getattr(handler, "_torch_script_model_path", None) or not getattr(handler, "_model_class", None):
         return None
     path, device = getattr(handler, "_state_dict_path", None), str(getattr(handler, "_device", "cpu"))
-    if not path or "://" in str(path) or not os.path.isfile(path) or device != "cpu":
+    if not _is_local_file(path) or device != "cpu":
         return None
     return LeanTorchLoader(handler)

@@ -1,50 +1,106 @@
-"""``python -m benchmarks``: run a benchmark, print a Markdown table, write JSON to ``--out``.
+"""``python -m benchmarks``: the memory scenarios under a real memory limit, side by side with Beam.
 
-Benchmarks:
-  attach   N fresh processes get one generated model (numpy, torch, onnx or sklearn) privately
-           (the framework's own load from a file) or through modelshare (attach to one shared
-           segment): time to first inference, per-call latency, total PSS. The default,
-           laptop-sized run: a 256 MiB numpy model, 4 processes.
+Scenarios:
+  1  a small model, one per process, shared by its threads (private per thread vs. Beam's
+     ``Shared`` vs. modelshare ``share="threads"``)
+  3  one large model shared by all processes (Beam's default vs. Beam's ``large_model=True``
+     ``MultiProcessShared`` vs. modelshare) -- the default: a 512 MiB PyTorch model, 4 processes
+
+Each approach runs in its own memory cgroup, limited so that private copies cannot fit; prints a
+Markdown table and writes JSON per run, ``results.md`` and PNG plots to ``--out``. Other
+benchmarks: ``python -m benchmarks.attach`` (attach vs. private load), ``benchmarks.beam_pipeline``
+(real Beam pipelines), ``benchmarks.alignment_probe``, ``benchmarks.onnx_prepack``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import attach
+from . import report, scenarios
+from ._cgroup import unavailable_reason
+from .approaches import APPROACHES
+from .models import MiB
+from .suite import RunResult, bare_worker_bytes, prepare_model, run_one
+
+
+class _Progress:
+    """One line per run on stderr, updated in place on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
+        self.label = ""
+
+    def start(self, label: str) -> None:
+        self.done += 1
+        self.label = f"[{self.done}/{self.total}] {label}"
+        print(self.label + " ...", end="\r" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def update(self, text: str) -> None:
+        if self.tty:
+            print(f"{self.label} ... {text}\033[K", end="\r", file=sys.stderr, flush=True)
+
+    def finish(self, r: RunResult) -> None:
+        speed = f", {r.calls_per_s:.1f} calls/s" if r.calls_per_s else ""
+        print(f"{self.label}: {r.status}, peak {r.peak_mib:.0f} MiB of {r.limit_mib:.0f}{speed} "
+              f"({r.wall_s:.0f} s)\033[K" if self.tty else
+              f"{self.label}: {r.status}, peak {r.peak_mib:.0f} MiB of {r.limit_mib:.0f}{speed} ({r.wall_s:.0f} s)",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", nargs="?", default="attach", choices=["attach"])
-    parser.add_argument("--framework", default="numpy", choices=sorted(attach.FRAMEWORKS),
-                        help="which framework's generated model (default %(default)s)")
-    parser.add_argument("--size-mib", type=int, default=256, help="model size (default %(default)s)")
-    parser.add_argument("--processes", type=int, default=4, help="worker processes (default %(default)s)")
-    parser.add_argument("--calls", type=int, default=30, help="timed calls per process (default %(default)s)")
+    parser.add_argument("--scenario", type=int, default=3, choices=scenarios.numbers())
+    parser.add_argument("--framework", default="torch", choices=["torch", "onnx", "sklearn", "numpy"])
+    parser.add_argument("--size-mib", type=int, default=512, help="model size (default %(default)s)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[4],
+                        help="worker processes; several values plot peak memory against them (default 4)")
+    parser.add_argument("--threads", type=int, help="threads per process (default: the scenario's)")
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per thread (default %(default)s)")
+    parser.add_argument("--limit-mib", type=int,
+                        help="memory limit per run (default: the scenario's, from the model and a bare worker)")
+    parser.add_argument("--approaches", nargs="+", choices=sorted(APPROACHES), help="default: the scenario's")
+    parser.add_argument("--no-cgroup", action="store_true", help="do not enforce the limit; compare peaks to it")
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default %(default)s)")
     args = parser.parse_args(argv)
 
-    print(f"[benchmarks] {args.benchmark}: {args.size_mib} MiB {args.framework} model, {args.processes} processes ...",
-          file=sys.stderr, flush=True)
-    results = attach.run(args.size_mib, args.processes, args.calls, args.framework)
-    table = attach.as_markdown(results, args.size_mib)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"benchmark": args.benchmark, "args": {k: str(v) for k, v in vars(args).items()},
-              "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-              "results": attach.to_json(results)}
-    (args.out / f"{args.benchmark}-{args.framework}-{stamp}.json").write_text(json.dumps(record, indent=2))
-    (args.out / f"{args.benchmark}-{args.framework}-{stamp}.md").write_text(table + "\n")
-    return 0 if all(r.outputs_equal for r in results) else 1
+    scenario = scenarios.get(args.scenario)
+    threads = args.threads or scenario.threads
+    approaches = args.approaches or list(scenario.approaches)
+    use_cgroup = not args.no_cgroup
+    if use_cgroup and (reason := unavailable_reason()) is not None:
+        print(f"[benchmarks] no memory limit can be enforced here: {reason}. Peaks are measured and compared "
+              "to the limit instead.", file=sys.stderr)
+        use_cgroup = False
+    out = args.out / f"scenario{scenario.number}-{args.framework}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"[benchmarks] scenario {scenario.number} ({scenario.title}): generating a {args.size_mib} MiB "
+          f"{args.framework} model ...", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="modelshare-bench-model-") as folder:
+        model = prepare_model(args.framework, args.size_mib, Path(folder))
+        bare = bare_worker_bytes(args.framework, use_cgroup)
+        print(f"[benchmarks] model file {model.nbytes / MiB:.0f} MiB; a bare worker process costs "
+              f"{bare / MiB:.0f} MiB", file=sys.stderr, flush=True)
+        progress = _Progress(len(approaches) * len(args.processes))
+        results = []
+        for processes in args.processes:
+            limit = (args.limit_mib * MiB if args.limit_mib
+                     else scenario.default_limit(model.nbytes, processes, threads, bare))
+            for approach in approaches:
+                progress.start(f"{approach}, {processes} processes x {threads} threads, limit {limit / MiB:.0f} MiB")
+                result = run_one(scenario, approach, model, processes, threads, args.calls, limit, use_cgroup,
+                                 progress.update)
+                progress.finish(result)
+                results.append(result)
+    print(report.markdown(results))
+    written = report.write(results, out)
+    print(f"\n[benchmarks] wrote {len(written)} files to {out}", file=sys.stderr)
+    survivors_ok = all(r.status == "completed" and r.outputs_equal for r in results if r.approach in scenario.must_survive)
+    return 0 if survivors_ok else 1
 
 
 if __name__ == "__main__":

@@ -17,19 +17,26 @@ whether every output equals the private one. Because per-call times drift betwee
 a small machine, the per-call ratio is also measured in one fresh process that holds both a
 private copy and shared views and alternates calls between them. Speed is compared as ratios
 within one run.
+
+Run: ``python -m benchmarks.attach [--framework numpy|torch|onnx|onnx-prepack|sklearn] [--size-mib 256]
+[--processes 4]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import multiprocessing
 import os
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from modelshare import SharedModel, memory
 
@@ -194,3 +201,33 @@ def as_markdown(results: list[ApproachResult], size_mib: int) -> str:
 
 def to_json(results: list[ApproachResult]) -> list[dict[str, Any]]:
     return [asdict(r) for r in results]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attach", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--framework", default="numpy", choices=sorted(FRAMEWORKS),
+                        help="which framework's generated model (default %(default)s)")
+    parser.add_argument("--size-mib", type=int, default=256, help="model size (default %(default)s)")
+    parser.add_argument("--processes", type=int, default=4, help="worker processes (default %(default)s)")
+    parser.add_argument("--calls", type=int, default=30, help="timed calls per process (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    print(f"[benchmarks] attach: {args.size_mib} MiB {args.framework} model, {args.processes} processes ...",
+          file=sys.stderr, flush=True)
+    results = run(args.size_mib, args.processes, args.calls, args.framework)
+    table = as_markdown(results, args.size_mib)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    record = {"benchmark": "attach", "args": {k: str(v) for k, v in vars(args).items()},
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+              "results": to_json(results)}
+    (args.out / f"attach-{args.framework}-{stamp}.json").write_text(json.dumps(record, indent=2))
+    (args.out / f"attach-{args.framework}-{stamp}.md").write_text(table + "\n")
+    return 0 if all(r.outputs_equal for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -34,8 +34,8 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 from benchmarks.beam_pipeline import handler_for, examples_for
-framework, config, path, size_mib, width, workers, examples = sys.argv[1:8]
-handler = handler_for(framework, config, path, int(size_mib), int(width))
+framework, config, path, size_mib, width, workers, examples, batch = sys.argv[1:9]
+handler = handler_for(framework, config, path, int(size_mib), int(width), int(batch))
 data = examples_for(framework, int(width), int(examples))
 start = time.perf_counter()
 with beam.Pipeline(options=PipelineOptions(direct_num_workers=int(workers),
@@ -79,23 +79,28 @@ def wide_linear_classifier(size_mib: int, width: int) -> object:
     return model
 
 
-def handler_for(framework: str, config: str, path: str, size_mib: int, width: int) -> object:
-    """Beam's handler for ``framework``, as ``config`` asks: plain, large_model, or wrapped."""
+def handler_for(framework: str, config: str, path: str, size_mib: int, width: int, batch_size: int = 0) -> object:
+    """Beam's handler for ``framework``, as ``config`` asks: plain, large_model, or wrapped.
+
+    Batches grow adaptively up to 16 elements (Beam's ``BatchElements``), or, with ``batch_size``,
+    are exactly that size for every configuration.
+    """
     large = config == "beam-large-model"
+    batching = {"min_batch_size": batch_size, "max_batch_size": batch_size} if batch_size else {"max_batch_size": 16}
     if framework == "torch":
         from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
 
-        handler = PytorchModelHandlerTensor(state_dict_path=path, model_class=MLP, max_batch_size=16,
-                                            model_params={"size_mib": size_mib, "width": width}, large_model=large)
+        handler = PytorchModelHandlerTensor(state_dict_path=path, model_class=MLP, large_model=large, **batching,
+                                            model_params={"size_mib": size_mib, "width": width})
     elif framework == "onnx":
         from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
 
-        handler = OnnxModelHandlerNumpy(model_uri=path, providers=["CPUExecutionProvider"], max_batch_size=16,
-                                        large_model=large)
+        handler = OnnxModelHandlerNumpy(model_uri=path, providers=["CPUExecutionProvider"], large_model=large,
+                                        **batching)
     else:
         from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
 
-        handler = SklearnModelHandlerNumpy(model_uri=path, max_batch_size=16, large_model=large)
+        handler = SklearnModelHandlerNumpy(model_uri=path, large_model=large, **batching)
     if config.startswith("modelshare"):
         from beam_adapter import SharedModelHandler
 
@@ -137,10 +142,10 @@ def _tree_pss(root: psutil.Process) -> int:
 
 
 def run_config(framework: str, config: str, path: Path, size_mib: int, width: int, workers: int,
-               examples: int) -> dict:
+               examples: int, batch_size: int = 0) -> dict:
     """Run one configuration in a fresh process; its wall time and peak total PSS."""
     proc = subprocess.Popen([sys.executable, "-c", _PIPELINE, framework, config, str(path), str(size_mib), str(width),
-                             str(workers), str(examples)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             str(workers), str(examples), str(batch_size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=Path(__file__).parent.parent)
     peak = 0
     root = psutil.Process(proc.pid)
@@ -169,14 +174,17 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="fixed batches of this size for every configuration (default: Beam's adaptive, up to 16)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         path = save_model(args.framework, args.size_mib, args.width, Path(folder))
-        rows = [run_config(args.framework, c, path, args.size_mib, args.width, args.workers, args.examples)
-                for c in args.configs]
+        rows = [run_config(args.framework, c, path, args.size_mib, args.width, args.workers, args.examples,
+                           args.batch_size) for c in args.configs]
     print(f"{args.framework} model of {args.size_mib} MiB, {args.examples} examples, DirectRunner "
-          f"multi_processing with {args.workers} workers\n")
+          f"multi_processing with {args.workers} workers, "
+          f"{f'batches of {args.batch_size}' if args.batch_size else 'adaptive batches'}\n")
     print("| configuration | wall time | peak total PSS |")
     print("|---|---|---|")
     for row in rows:

@@ -2,7 +2,9 @@
 
 A framework is looked up by name in ``FRAMEWORKS`` (spawned workers get the name, not functions).
 "Private" is the framework's own way of loading a saved model -- what each Beam worker does by
-default; "shared" is modelshare loading that same file once per machine.
+default; "shared" is modelshare loading that same file once per machine, with the framework's
+lean load where it has one (memory-mapping the file, so the one loading process never holds a
+private copy beside the segment it publishes).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -31,10 +33,12 @@ class Framework:
     call: Callable[[Any, Any], Any]
     sample: Callable[[], Any]
     module: str  # what a bare process imports, for the PSS baseline
+    lean_load: Optional[Callable[[Path], Any]] = None  # a load that maps the file instead of copying it
 
-    def shared(self, path: Path, key: str, directory: Path) -> SharedModel[Any]:
-        """modelshare loading the same file, once per machine."""
-        return SharedModel(functools.partial(self.load, path), key=key, directory=directory, version=str(path))
+    def shared(self, path: Path, key: str, directory: Path, share: str = "processes") -> SharedModel[Any]:
+        """modelshare loading the same file, once per machine (or per process, ``share="threads"``)."""
+        return SharedModel(functools.partial(self.lean_load or self.load, path), key=key, directory=directory,
+                           version=str(path), share=share)
 
     def equal(self, a: Any, b: Any) -> bool:
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))
@@ -60,6 +64,30 @@ def _torch_load(path: Path) -> Any:
     import torch
 
     return torch.load(path, weights_only=False)
+
+
+def _torch_lean_load(path: Path) -> Any:
+    import torch
+
+    return torch.load(path, weights_only=False, mmap=True)
+
+
+def _joblib_save(model: Any, path: Path) -> None:
+    import joblib
+
+    joblib.dump(model, path)
+
+
+def _joblib_load(path: Path) -> Any:
+    import joblib
+
+    return joblib.load(path)
+
+
+def _joblib_lean_load(path: Path) -> Any:
+    import joblib
+
+    return joblib.load(path, mmap_mode="r")
 
 
 def _torch_call(model: Any, x: Any) -> Any:
@@ -93,8 +121,8 @@ class _OnnxFramework(Framework):
 
     prepack: bool = False
 
-    def shared(self, path: Path, key: str, directory: Path) -> SharedModel[Any]:
-        return SharedModel.from_onnx(path, key=key, directory=directory, prepack=self.prepack)
+    def shared(self, path: Path, key: str, directory: Path, share: str = "processes") -> SharedModel[Any]:
+        return SharedModel.from_onnx(path, key=key, directory=directory, prepack=self.prepack, share=share)
 
     def equal(self, a: Any, b: Any) -> bool:
         return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
@@ -104,11 +132,11 @@ FRAMEWORKS: dict[str, Framework] = {
     "numpy": Framework("numpy", models.numpy_mlp, _pickle_save, _pickle_load, lambda m, x: m(x),
                        models.sample_input, "numpy"),
     "torch": Framework("torch", models.torch_mlp, _torch_save, _torch_load, _torch_call, models.torch_input,
-                       "torch"),
+                       "torch", _torch_lean_load),
     "onnx": _OnnxFramework("onnx", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call, models.onnx_input,
                            "onnxruntime"),
     "onnx-prepack": _OnnxFramework("onnx-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,
                                    models.onnx_input, "onnxruntime", prepack=True),
-    "sklearn": Framework("sklearn", models.sklearn_knn, _pickle_save, _pickle_load, lambda m, x: m.predict_proba(x),
-                         models.sklearn_input, "sklearn.neighbors"),
+    "sklearn": Framework("sklearn", models.sklearn_knn, _joblib_save, _joblib_load, lambda m, x: m.predict_proba(x),
+                         models.sklearn_input, "sklearn.neighbors", _joblib_lean_load),
 }

@@ -52,7 +52,7 @@ def torch_mlp(total_mib: int, width: int = 2048, seed: int = 0) -> Any:
             linear.weight.copy_(torch.randn(width, width, generator=generator) / width**0.5)
             linear.bias.copy_(torch.randn(width, generator=generator) * 0.1)
         layers += [linear, torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers).eval()
+    return torch.nn.Sequential(*layers).eval().requires_grad_(False)  # an inference model: outputs pickle
 
 
 def torch_input(width: int = 2048, batch: int = 4) -> Any:

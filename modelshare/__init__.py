@@ -9,7 +9,8 @@ Public API (everything else is private)::
         model.predict(batch)
 
 See ``SharedModel`` for the lifetime rules, ``modelshare.codecs`` to teach it a new framework,
-``modelshare.memory`` for USS/PSS accounting, and ``modelshare ls`` / ``modelshare gc`` to
+``modelshare.memory`` for USS/PSS accounting, ``modelshare.threads`` to share the cores out among the
+processes computing on one model, and ``modelshare ls`` / ``modelshare gc`` to
 inspect and clean the segment directory.
 """
 

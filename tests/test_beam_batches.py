@@ -178,8 +178,8 @@ def test_batch_that_runs_out_of_memory_is_split(shm_dir: Path) -> None:
 def test_threads_are_shared_out_among_holders(shm_dir: Path, spawn) -> None:
     import functools
 
-    from beam_adapter._threads import ThreadShare
     from modelshare import SharedModel
+    from modelshare.threads import ThreadShare
 
     from . import _workers
 

@@ -13,6 +13,8 @@ Details that matter:
   inside a function travel by value (as they must to reach a spawned process).
 * A non-contiguous array (a slice with steps, a transpose that is neither C- nor F-ordered) is
   made contiguous first, so that it too goes out of band; it comes back equal, with C strides.
+* A ``numpy.memmap`` (joblib's ``mmap_mode``) would pickle in band, as a copy inside the skeleton;
+  it goes out of band as the plain array it views, and comes back as a plain (shared) array.
 * Buffers smaller than ``min_shared_bytes`` stay inside the pickle: 64-byte alignment and a
   manifest entry are not worth it for a bias vector of eight floats.
 * Arrays come back read-only: a write raises numpy's "assignment destination is read-only"
@@ -80,6 +82,10 @@ class _Pickler(cloudpickle.CloudPickler):
         kind = type(obj)
         if kind.__module__.startswith("sklearn.") and f"{kind.__module__}.{kind.__qualname__}" in _COPIED_ON_LOAD:
             self.copied_on_load.add(f"{kind.__module__}.{kind.__qualname__}")
+        if isinstance(obj, np.memmap):  # a view of a file (joblib's mmap_mode): share it as a plain array
+            obj = obj.view(np.ndarray)
+            if obj.flags.c_contiguous or obj.flags.f_contiguous:
+                return obj.__reduce_ex__(5)
         if (
             type(obj) is np.ndarray
             and not (obj.flags.c_contiguous or obj.flags.f_contiguous)

@@ -1,7 +1,7 @@
 """Intra-op threads for a model that N worker processes on one machine compute with.
 
-Every framework sizes its thread pool to the machine's cores, per process: four SDK workers on
-two cores run eight PyTorch threads (or eight ONNX Runtime threads) that preempt each other. Once
+Every framework sizes its thread pool to the machine's cores, per process: four worker processes
+(Beam SDK workers, a process pool) on two cores run eight PyTorch threads (or eight ONNX Runtime threads) that preempt each other. Once
 the weights are shared, the processes that hold them are known -- they are the holders of the
 segment's lock -- so each one can take its share: cores ÷ holders, at least one.
 
@@ -9,6 +9,10 @@ PyTorch's pool (``torch.set_num_threads``) and the BLAS pools of numpy and sciki
 (``threadpoolctl``, which scikit-learn installs) are resized in place, re-checked at most every
 ``recheck_seconds`` as workers come and go. ONNX Runtime fixes its pool when a session is created,
 so an ONNX session takes the share that holds at its creation.
+
+    share = ThreadShare("auto")
+    model = shared.acquire()
+    share.apply(shared)  # before each call, or now and then: it re-checks the holders itself
 """
 
 from __future__ import annotations

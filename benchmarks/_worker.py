@@ -1,0 +1,70 @@
+"""One worker process of a benchmark run: ``python -m benchmarks._worker SPEC_JSON INDEX``.
+
+Its threads each get the model through the run's approach, run one inference (time to first
+inference counts from the moment the suite launched the workers: interpreter start, imports and
+the model's load or attach included), then time ``calls`` more. The worker writes its results
+(``worker-INDEX.json``, and its first output as ``output-INDEX.npy``) and then stays alive until
+the suite writes ``release``: every process of the run is measured while all of them hold the
+model, and Beam's model server, which lives under the first worker, outlives every caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .approaches import APPROACHES, RunSpec
+from .frameworks import FRAMEWORKS
+
+RELEASE = "release"
+
+
+def _thread(spec: RunSpec, results: list[dict[str, Any]], outputs: list[Any], errors: list[BaseException]) -> None:
+    try:
+        framework = FRAMEWORKS[spec.framework]
+        x = framework.sample()
+        infer = APPROACHES[spec.approach](spec)
+        outputs.append(np.asarray(infer(0, x)))
+        first = time.time() - spec.launched_at
+        latencies, start = [], time.time()
+        for i in range(1, spec.calls + 1):
+            t = time.perf_counter()
+            infer(i, x)
+            latencies.append((time.perf_counter() - t) * 1000)
+        results.append({"first_inference_s": first, "calls_start": start, "calls_end": time.time(),
+                        "latencies_ms": latencies})
+    except BaseException as exc:  # reported by the suite as this run's failure
+        errors.append(exc)
+
+
+def main(spec_path: str, index: int) -> int:
+    spec = RunSpec(**json.loads(Path(spec_path).read_text()))
+    run_dir = Path(spec.run_dir)
+    results: list[dict[str, Any]] = []
+    outputs: list[Any] = []
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_thread, args=(spec, results, outputs, errors)) for _ in range(spec.threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    np.save(run_dir / f"output-{index}.npy", outputs[0])
+    record = {"pid": os.getpid(), "threads": results}
+    (run_dir / f"worker-{index}.json.tmp").write_text(json.dumps(record))
+    os.replace(run_dir / f"worker-{index}.json.tmp", run_dir / f"worker-{index}.json")
+    while not (run_dir / RELEASE).exists():
+        time.sleep(0.05)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

@@ -1,0 +1,125 @@
+"""The ways a worker process can get its model: the usual ones, Beam's own, and modelshare's.
+
+Each approach is a function that a worker *thread* calls once: it returns ``infer(call_index, x)``
+and the thread runs every call through it. Beam's mechanisms are Beam's real classes, used the
+way RunInference uses them:
+
+* ``private-per-thread``: every thread loads the file itself (a thread pool with no sharing);
+* ``beam-shared``: ``apache_beam.utils.shared.Shared`` -- Beam's default: one model per process,
+  shared by its threads; across processes, a private copy each;
+* ``beam-multi-process-shared``: ``MultiProcessShared(..., always_proxy=True)`` as
+  ``large_model=True`` uses it: one model in a server process, every call pickled to it and back
+  over a local socket;
+* ``modelshare``: ``SharedModel(share="processes")`` -- one copy of the weights per machine, every
+  process computing locally on zero-copy views, with the cores shared out among the processes
+  (``modelshare.threads.ThreadShare``, as the Beam adapter does by default);
+* ``modelshare-threads``: ``SharedModel(share="threads")`` -- one copy per process.
+
+A scenario module names which of these it runs; scenario 2 (keyed models under a budget) and 4
+(exact copies) add theirs here, behind the same signature.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from modelshare.threads import ThreadShare
+
+from .frameworks import FRAMEWORKS
+
+Infer = Callable[[int, Any], Any]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every worker of one run is told (it travels as JSON)."""
+
+    framework: str
+    model_path: str
+    approach: str
+    threads: int
+    calls: int
+    key: str  # the model's name: modelshare's segment key, Beam's shared tag
+    run_dir: str  # per-run scratch: Beam's lock and address files, the workers' results
+    segment_dir: str  # modelshare's segment directory for this run
+    launched_at: float  # wall-clock time the suite started the workers
+
+
+_process_models: dict[str, Any] = {}  # what one process holds for its threads, per approach
+_process_lock = threading.Lock()
+
+
+def _once_per_process(name: str, make: Callable[[], Any]) -> Any:
+    with _process_lock:
+        if name not in _process_models:
+            _process_models[name] = make()
+        return _process_models[name]
+
+
+class _Held:
+    """Beam's ``Shared`` keeps weak references: the model goes in an object that can have one."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+
+def private_per_thread(spec: RunSpec) -> Infer:
+    framework = FRAMEWORKS[spec.framework]
+    model = framework.load(Path(spec.model_path))
+    return lambda _, x: framework.call(model, x)
+
+
+def beam_shared(spec: RunSpec) -> Infer:
+    from apache_beam.utils.shared import Shared
+
+    framework = FRAMEWORKS[spec.framework]
+    handle = _once_per_process("beam-shared-handle", Shared)
+    held = handle.acquire(lambda: _Held(framework.load(Path(spec.model_path))), tag=spec.key)
+    return lambda _, x: framework.call(held.model, x)
+
+
+def beam_multi_process_shared(spec: RunSpec) -> Infer:
+    from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+    framework = FRAMEWORKS[spec.framework]
+    proxy = MultiProcessShared(functools.partial(framework.load, Path(spec.model_path)), tag=spec.key,
+                               path=spec.run_dir, always_proxy=True).acquire()
+    return lambda _, x: framework.call(proxy, x)
+
+
+def _modelshare(share: str, spec: RunSpec) -> Infer:
+    framework = FRAMEWORKS[spec.framework]
+
+    shared = _once_per_process(f"modelshare-{share}", lambda: framework.shared(
+        Path(spec.model_path), key=spec.key, directory=Path(spec.segment_dir), share=share))
+    model = shared.acquire()  # every thread acquires: the first loads or attaches, the others wait for it
+    if share == "threads":
+        return lambda _, x: framework.call(model, x)
+    threads = _once_per_process("modelshare-thread-share", lambda: ThreadShare("auto", recheck_seconds=1.0))
+
+    def infer(_: int, x: Any) -> Any:
+        threads.apply(shared)
+        return framework.call(model, x)
+
+    return infer
+
+
+APPROACHES: dict[str, Callable[[RunSpec], Infer]] = {
+    "private-per-thread": private_per_thread,
+    "beam-shared": beam_shared,
+    "beam-multi-process-shared": beam_multi_process_shared,
+    "modelshare": functools.partial(_modelshare, "processes"),
+    "modelshare-threads": functools.partial(_modelshare, "threads"),
+}
+
+LABELS: dict[str, str] = {
+    "private-per-thread": "a private load per thread",
+    "beam-shared": "Beam's default (`Shared`: one per process)",
+    "beam-multi-process-shared": "Beam's `large_model=True` (`MultiProcessShared`)",
+    "modelshare": "modelshare (`share=\"processes\"`)",
+    "modelshare-threads": "modelshare (`share=\"threads\"`)",
+}

@@ -1,0 +1,51 @@
+"""The memory scenarios of the suite, one module each, registered by number.
+
+A scenario says which approaches run side by side, how many threads each worker process runs,
+and the default memory limit: one that the private approach cannot fit and a shared copy can.
+Scenario 2 (several keyed models under a byte budget) and 4 (exact copies) plug in as new
+modules here that add their approaches to ``benchmarks.approaches``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+MiB = 1 << 20
+
+
+def headroom(model_bytes: int) -> int:
+    """Slack on top of what the shared approaches need: a quarter of the model, at least 128 MiB
+    (a bare worker's size varies by some MiB between runs, and loads have transients)."""
+    return max(model_bytes // 4, 128 * MiB)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One memory scenario: what runs, with how many threads, under what limit."""
+
+    number: int
+    title: str
+    approaches: tuple[str, ...]
+    threads: int  # threads per worker process, by default
+    # the default limit in bytes: f(model bytes, processes, threads, a bare worker's bytes)
+    default_limit: Callable[[int, int, int, int], int]
+    must_survive: tuple[str, ...]  # the approaches the limit is sized for
+
+
+def _scenarios() -> dict[int, Scenario]:
+    from . import one_large_model, one_model_per_process
+
+    return {s.number: s for s in (one_model_per_process.SCENARIO, one_large_model.SCENARIO)}
+
+
+def get(number: int) -> Scenario:
+    """Scenario ``number``; a clear error names the ones there are."""
+    scenarios = _scenarios()
+    if number not in scenarios:
+        raise ValueError(f"no scenario {number}: the suite has scenarios {sorted(scenarios)}")
+    return scenarios[number]
+
+
+def numbers() -> list[int]:
+    return sorted(_scenarios())

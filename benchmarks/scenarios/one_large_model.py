@@ -1,0 +1,24 @@
+"""Scenario 3: one large model, loaded once, used by every process on the machine.
+
+Beam's default loads a private copy in every SDK worker process; ``large_model=True`` keeps one
+copy in a server process and pickles every call over a socket; modelshare keeps one copy of the
+weights in shared memory and every process computes on zero-copy views. The default limit fits
+one copy of the model beside the bare worker processes (plus ``headroom``) -- about 1.8x the model
+for a 1 GiB PyTorch model and 4 workers -- far below a private copy per process.
+"""
+
+from . import Scenario, headroom
+
+
+def _limit(model: int, processes: int, threads: int, bare: int) -> int:
+    return processes * bare + model + headroom(model)
+
+
+SCENARIO = Scenario(
+    number=3,
+    title="one large model shared by all processes",
+    approaches=("beam-shared", "beam-multi-process-shared", "modelshare"),
+    threads=1,
+    default_limit=_limit,
+    must_survive=("modelshare",),
+)

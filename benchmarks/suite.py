@@ -1,0 +1,245 @@
+"""The OOM benchmark suite: each approach of a scenario, run under a real memory limit.
+
+For every (approach, number of processes) the suite starts that many worker processes
+(``benchmarks._worker``) inside a fresh memory cgroup whose limit the private approach cannot
+fit, samples the cgroup's usage and the workers' total PSS every 200 ms, and records who
+survived: an OOM kill is a result (``oom-killed``), not a crash of the suite. Where no cgroup can
+be made (not root, no delegated subtree) the limit is not enforced: the suite says so, and a run
+whose measured peak exceeds the limit is reported ``over-limit``.
+
+Before the runs the suite generates the model, computes its reference output with a private
+load (every completed run's outputs are compared to it) and measures what a bare worker process
+costs, from which the scenario's default limit follows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import psutil
+
+from ._cgroup import CgroupUnavailable, MemoryCgroup
+from ._worker import RELEASE
+from .approaches import RunSpec
+from .frameworks import FRAMEWORKS
+from .models import MiB
+from .scenarios import Scenario
+
+SAMPLE_EVERY_S = 0.2
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunResult:
+    """What one approach did with N processes under the limit."""
+
+    scenario: int
+    approach: str
+    framework: str
+    model_mib: float
+    processes: int
+    threads: int
+    limit_mib: float
+    limit_enforced: bool
+    status: str  # completed | oom-killed | failed | over-limit | timed-out
+    oom_kills: int = 0
+    peak_mib: float = 0.0  # the cgroup's peak charge (or, without a cgroup, the peak total PSS)
+    peak_pss_mib: float = 0.0
+    first_inference_s: Optional[float] = None  # median over the worker threads
+    calls_per_s: Optional[float] = None  # all threads together
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99
+    outputs_equal: Optional[bool] = None
+    wall_s: float = 0.0
+    error: str = ""
+    timeline: list[tuple[float, float, float]] = field(default_factory=list)  # (s, charged MiB, PSS MiB)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The generated model on disk, its size and the reference output of a private load."""
+
+    framework: str
+    path: Path
+    nbytes: int
+    reference: Any
+
+
+def prepare_model(framework_name: str, size_mib: int, folder: Path) -> PreparedModel:
+    """Generate a ``size_mib`` model, save it in its framework's format, and compute its reference output."""
+    framework = FRAMEWORKS[framework_name]
+    path = folder / f"model-{framework_name}-{size_mib}mib"
+    framework.save(framework.build(size_mib), path)
+    model = framework.load(path)
+    reference = np.asarray(framework.call(model, framework.sample()))
+    del model
+    return PreparedModel(framework_name, path, path.stat().st_size, reference)
+
+
+def _drop_page_cache(path: Path) -> None:
+    """Evict the model file from the page cache, so that every run reads it (and is charged for it) anew."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bare_worker_bytes(framework_name: str, use_cgroup: bool) -> int:
+    """What one idle worker process costs: the interpreter, the framework, modelshare and Beam's
+    sharing modules imported. Two are measured together so that shared pages count once."""
+    module = FRAMEWORKS[framework_name].module
+    code = (f"import {module}, modelshare, apache_beam.utils.shared, apache_beam.utils.multi_process_shared, "
+            "sys, time; print('ready', flush=True); time.sleep(1.5)")
+    command = [sys.executable, "-c", code]
+    cgroup = _try_cgroup(f"bare-{framework_name}", 16 << 30) if use_cgroup else None
+    procs = [subprocess.Popen(cgroup.wrap(command) if cgroup else command, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, cwd=ROOT) for _ in range(2)]
+    try:
+        for proc in procs:
+            proc.stdout.readline()
+        if cgroup is not None:
+            return cgroup.peak() // 2
+        return sum(psutil.Process(p.pid).memory_full_info().pss for p in procs) // 2
+    finally:
+        for proc in procs:
+            proc.wait()
+            proc.stdout.close()
+        if cgroup is not None:
+            cgroup.remove()
+
+
+def _try_cgroup(label: str, limit: int) -> Optional[MemoryCgroup]:
+    try:
+        return MemoryCgroup.create(f"modelshare-bench-{os.getpid()}-{label}", limit)
+    except CgroupUnavailable:
+        return None
+
+
+def _tree(pids: list[int]) -> list[psutil.Process]:
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
+def _total_pss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in {p.pid: p for p in procs}.values():
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: int, threads: int, calls: int,
+            limit: int, use_cgroup: bool, progress: Callable[[str], None] = lambda _: None,
+            timeout: float = 900.0) -> RunResult:
+    """Run ``approach`` with ``processes`` workers under ``limit`` bytes; never raises for what the run did."""
+    result = RunResult(scenario.number, approach, model.framework, model.nbytes / MiB, processes, threads,
+                       limit / MiB, False, "failed")
+    run_dir = Path(tempfile.mkdtemp(prefix=f"modelshare-bench-{approach}-"))
+    segment_dir = Path(tempfile.mkdtemp(prefix="modelshare-bench-", dir="/dev/shm"))
+    cgroup = _try_cgroup(f"{approach}-{processes}", limit) if use_cgroup else None
+    result.limit_enforced = cgroup is not None
+    _drop_page_cache(model.path)
+    spec = RunSpec(model.framework, str(model.path), approach, threads, calls, f"bench-{approach}",
+                   str(run_dir), str(segment_dir), time.time())
+    (run_dir / "spec.json").write_text(json.dumps(asdict(spec)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    started = time.monotonic()
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        for index in range(processes):
+            command = [sys.executable, "-m", "benchmarks._worker", str(run_dir / "spec.json"), str(index)]
+            with open(run_dir / f"worker-{index}.err", "wb") as err:
+                workers.append(subprocess.Popen(cgroup.wrap(command) if cgroup else command, cwd=ROOT, env=env,
+                                                stdout=subprocess.DEVNULL, stderr=err))
+        _watch(result, workers, run_dir, cgroup, started, progress, timeout)
+    finally:
+        (run_dir / RELEASE).touch()
+        for worker in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        shutil.rmtree(segment_dir, ignore_errors=True)  # before the cgroup goes: its tmpfs pages are charged there
+        if cgroup is not None:
+            result.peak_mib = cgroup.peak() / MiB
+            result.oom_kills = cgroup.oom_kills()
+            cgroup.remove()
+        _collect(result, model, run_dir, processes)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def _watch(result: RunResult, workers: list[subprocess.Popen[bytes]], run_dir: Path,
+           cgroup: Optional[MemoryCgroup], started: float, progress: Callable[[str], None], timeout: float) -> None:
+    """Sample memory until every worker has either written its results or exited."""
+    while True:
+        procs = _tree([w.pid for w in workers] + (cgroup.pids() if cgroup else []))
+        pss = _total_pss(procs)
+        charged = cgroup.usage() if cgroup else pss
+        elapsed = time.monotonic() - started
+        result.timeline.append((round(elapsed, 2), round(charged / MiB, 1), round(pss / MiB, 1)))
+        result.peak_pss_mib = max(result.peak_pss_mib, pss / MiB)
+        if cgroup is None:
+            result.peak_mib = result.peak_pss_mib
+        progress(f"{elapsed:5.1f} s, {charged / MiB:6.0f} MiB")
+        settled = [(run_dir / f"worker-{i}.json").exists() or w.poll() is not None for i, w in enumerate(workers)]
+        if all(settled):
+            break
+        if elapsed > timeout:
+            result.status, result.error = "timed-out", f"still running after {timeout:.0f} s"
+            break
+        time.sleep(SAMPLE_EVERY_S)
+    result.wall_s = time.monotonic() - started
+
+
+def _collect(result: RunResult, model: PreparedModel, run_dir: Path, processes: int) -> None:
+    """Read the workers' results and decide the run's status."""
+    records = [json.loads(p.read_text()) for p in sorted(run_dir.glob("worker-*.json"))]
+    if result.status == "timed-out":
+        return
+    if result.oom_kills:
+        result.status = "oom-killed"
+        return
+    if len(records) < processes:
+        errors = [p.read_text(errors="replace").strip() for p in sorted(run_dir.glob("worker-*.err"))]
+        result.error = next((e.splitlines()[-1] for e in errors if e), "a worker exited without results")[-500:]
+        result.status = "failed"
+        return
+    threads = [t for record in records for t in record["threads"]]
+    latencies = [ms for t in threads for ms in t["latencies_ms"]]
+    span = max(t["calls_end"] for t in threads) - min(t["calls_start"] for t in threads)
+    result.first_inference_s = statistics.median(t["first_inference_s"] for t in threads)
+    result.calls_per_s = len(latencies) / span if span > 0 else None
+    result.latency_ms = {f"p{q}": _percentile(latencies, q) for q in (50, 90, 99)}
+    framework = FRAMEWORKS[model.framework]
+    result.outputs_equal = all(framework.equal(np.load(p), model.reference) for p in run_dir.glob("output-*.npy"))
+    over = not result.limit_enforced and result.peak_mib > result.limit_mib
+    result.status = "over-limit" if over else "completed"
