@@ -99,8 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.markdown(results))
     written = report.write(results, out)
     print(f"\n[benchmarks] wrote {len(written)} files to {out}", file=sys.stderr)
-    survivors_ok = all(r.status == "completed" and r.outputs_equal for r in results if r.approach in scenario.must_survive)
-    return 0 if survivors_ok else 1
+    survivors = [r for r in results if r.approach in scenario.must_survive]
+    return 0 if all(r.status == "completed" and r.outputs_equal for r in survivors) else 1
 
 
 if __name__ == "__main__":

@@ -145,8 +145,8 @@ def run_config(framework: str, config: str, path: Path, size_mib: int, width: in
                examples: int, batch_size: int = 0) -> dict:
     """Run one configuration in a fresh process; its wall time and peak total PSS."""
     proc = subprocess.Popen([sys.executable, "-c", _PIPELINE, framework, config, str(path), str(size_mib), str(width),
-                             str(workers), str(examples), str(batch_size)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).parent.parent)
+                             str(workers), str(examples), str(batch_size)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     peak = 0
     root = psutil.Process(proc.pid)
     stop = threading.Event()

@@ -1,9 +1,10 @@
 """Intra-op threads for a model that N worker processes on one machine compute with.
 
 Every framework sizes its thread pool to the machine's cores, per process: four worker processes
-(Beam SDK workers, a process pool) on two cores run eight PyTorch threads (or eight ONNX Runtime threads) that preempt each other. Once
-the weights are shared, the processes that hold them are known -- they are the holders of the
-segment's lock -- so each one can take its share: cores ÷ holders, at least one.
+(Beam SDK workers, a process pool) on two cores run eight PyTorch threads (or eight ONNX Runtime
+threads) that preempt each other. Once the weights are shared, the processes that hold them are
+known -- they are the holders of the segment's lock -- so each one can take its share: cores ÷
+holders, at least one.
 
 PyTorch's pool (``torch.set_num_threads``) and the BLAS pools of numpy and scikit-learn
 (``threadpoolctl``, which scikit-learn installs) are resized in place, re-checked at most every
