@@ -46,10 +46,8 @@ class _Progress:
 
     def finish(self, r: RunResult) -> None:
         speed = f", {r.calls_per_s:.1f} calls/s" if r.calls_per_s else ""
-        print(f"{self.label}: {r.status}, peak {r.peak_mib:.0f} MiB of {r.limit_mib:.0f}{speed} "
-              f"({r.wall_s:.0f} s)\033[K" if self.tty else
-              f"{self.label}: {r.status}, peak {r.peak_mib:.0f} MiB of {r.limit_mib:.0f}{speed} ({r.wall_s:.0f} s)",
-              file=sys.stderr, flush=True)
+        line = f"{self.label}: {r.status}, peak {r.peak_in_use_mib:.0f} MiB in use{speed} ({r.wall_s:.0f} s)"
+        print(line + ("\033[K" if self.tty else ""), file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -93,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for approach in approaches:
                 progress.start(f"{approach}, {processes} processes x {threads} threads, limit {limit / MiB:.0f} MiB")
                 result = run_one(scenario, approach, model, processes, threads, args.calls, limit, use_cgroup,
-                                 progress.update)
+                                 progress.update, bare=bare)
                 progress.finish(result)
                 results.append(result)
     print(report.markdown(results))

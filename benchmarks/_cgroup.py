@@ -90,6 +90,13 @@ class MemoryCgroup:
         """Bytes charged now (anonymous memory, page cache and tmpfs pages of the run)."""
         return int(_read(self.path / ("memory.usage_in_bytes" if self.version == 1 else "memory.current"), "0"))
 
+    def in_use(self) -> int:
+        """Bytes that cannot be reclaimed without killing: anonymous memory and tmpfs/shared memory
+        (the charge also holds page cache, which the kernel drops under the limit before it OOM-kills)."""
+        stats = dict(line.split(" ", 1) for line in _read(self.path / "memory.stat", "").splitlines() if " " in line)
+        names = ("total_rss", "total_shmem") if self.version == 1 else ("anon", "shmem")
+        return sum(int(stats.get(name, 0)) for name in names)
+
     def peak(self) -> int:
         """The most bytes charged at once since the cgroup was made."""
         name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"

@@ -1,9 +1,9 @@
 """The suite's output: a JSON file per run, a Markdown table, and PNG plots in a results folder.
 
 Plots (matplotlib, the ``bench`` extra; skipped with a note where it is missing):
-``memory-over-time-<N>p.png`` -- the memory charged over time per approach, with the limit;
-``peak-vs-processes.png`` -- peak memory against the number of processes, per approach, when a
-run covered more than one process count.
+``memory-over-time-<N>p.png`` -- memory in use over time per approach, with the limit;
+``peak-vs-processes.png`` -- peak memory in use against the number of processes, per approach,
+beside the floor of that many bare workers, when a run covered more than one process count.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def markdown(results: Sequence[RunResult]) -> str:
     first = results[0]
     enforced = "enforced by a memory cgroup" if first.limit_enforced else "NOT enforced (no cgroup): peaks compared"
     lines = [f"Scenario {first.scenario}: {first.framework} model of {first.model_mib:.0f} MiB, "
-             f"{first.threads} thread(s) per process; limit {first.limit_mib:.0f} MiB, {enforced}.", "",
-             "| approach | processes | result | peak (limit) | peak PSS | first inference | calls/s | "
+             f"{first.threads} thread(s) per process; limit {first.limit_mib:.0f} MiB, {enforced}; a bare worker "
+             f"process costs {first.bare_mib:.0f} MiB. In use = anonymous + shared memory (what the kernel cannot "
+             "reclaim); PSS = the workers' total.", "",
+             "| approach | processes | result | peak in use (limit) | peak PSS | first inference | calls/s | "
              "latency p50 / p99 | outputs |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -34,7 +36,7 @@ def markdown(results: Sequence[RunResult]) -> str:
         result = r.status + (f" ({r.error})" if r.status == "failed" and r.error else "")
         latency = (f"{r.latency_ms['p50']:.1f} / {r.latency_ms['p99']:.1f} ms" if r.latency_ms else "--")
         lines.append(f"| {LABELS.get(r.approach, r.approach)} | {r.processes} | {result} | "
-                     f"{r.peak_mib:.0f} ({r.limit_mib:.0f}) MiB | {r.peak_pss_mib:.0f} MiB | "
+                     f"{r.peak_in_use_mib:.0f} ({r.limit_mib:.0f}) MiB | {r.peak_pss_mib:.0f} MiB | "
                      f"{_fmt(r.first_inference_s, '{:.2f} s')} | {_fmt(r.calls_per_s, '{:.1f}')} | {latency} | "
                      f"{outputs} |")
     return "\n".join(lines)
@@ -74,7 +76,7 @@ def plot(results: Sequence[RunResult], out: Path) -> list[Path]:
             t = [point[0] for point in r.timeline]
             ax.plot(t, [point[1] for point in r.timeline], label=f"{LABELS.get(r.approach, r.approach)}: {r.status}")
         ax.axhline(runs[0].limit_mib, color="red", linestyle="--", label="limit")
-        ax.set(xlabel="seconds", ylabel="memory charged (MiB)",
+        ax.set(xlabel="seconds", ylabel="memory in use: anonymous + shared (MiB)",
                title=f"Scenario {runs[0].scenario}, {runs[0].framework} {runs[0].model_mib:.0f} MiB, "
                      f"{processes} processes")
         ax.legend(fontsize=8)
@@ -87,13 +89,15 @@ def plot(results: Sequence[RunResult], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for approach in dict.fromkeys(r.approach for r in results):
             runs = sorted((r for r in results if r.approach == approach), key=lambda r: r.processes)
-            ax.plot([r.processes for r in runs], [r.peak_mib for r in runs], marker="o",
+            ax.plot([r.processes for r in runs], [r.peak_in_use_mib for r in runs], marker="o",
                     label=LABELS.get(approach, approach))
             for r in runs:
                 if r.status == "oom-killed":
-                    ax.annotate("OOM", (r.processes, r.peak_mib), textcoords="offset points", xytext=(4, 4),
+                    ax.annotate("OOM", (r.processes, r.peak_in_use_mib), textcoords="offset points", xytext=(4, 4),
                                 fontsize=8, color="red")
-        ax.set(xlabel="worker processes", ylabel="peak memory (MiB)", xticks=counts,
+        ax.plot(counts, [n * results[0].bare_mib for n in counts], color="grey", linestyle=":",
+                label="bare workers only")
+        ax.set(xlabel="worker processes", ylabel="peak memory in use (MiB)", xticks=counts,
                title=f"Scenario {results[0].scenario}: peak memory vs. processes "
                      f"({results[0].framework} {results[0].model_mib:.0f} MiB)")
         ax.legend(fontsize=8)

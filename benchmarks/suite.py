@@ -2,10 +2,11 @@
 
 For every (approach, number of processes) the suite starts that many worker processes
 (``benchmarks._worker``) inside a fresh memory cgroup whose limit the private approach cannot
-fit, samples the cgroup's usage and the workers' total PSS every 200 ms, and records who
-survived: an OOM kill is a result (``oom-killed``), not a crash of the suite. Where no cgroup can
-be made (not root, no delegated subtree) the limit is not enforced: the suite says so, and a run
-whose measured peak exceeds the limit is reported ``over-limit``.
+fit, samples what the run has in use (the cgroup's anonymous and shared memory: what cannot be
+reclaimed) and the workers' total PSS every 200 ms, and records who survived: an OOM kill is a
+result (``oom-killed``), not a crash of the suite. Where no cgroup can be made (not root, no
+delegated subtree) the limit is not enforced: the suite says so, and a run whose measured peak
+exceeds the limit is reported ``over-limit``.
 
 Before the runs the suite generates the model, computes its reference output with a private
 load (every completed run's outputs are compared to it) and measures what a bare worker process
@@ -53,8 +54,10 @@ class RunResult:
     limit_mib: float
     limit_enforced: bool
     status: str  # completed | oom-killed | failed | over-limit | timed-out
+    bare_mib: float = 0.0  # what one idle worker process costs (the floor per process)
     oom_kills: int = 0
-    peak_mib: float = 0.0  # the cgroup's peak charge (or, without a cgroup, the peak total PSS)
+    peak_in_use_mib: float = 0.0  # sampled anonymous + shared memory (without a cgroup: total PSS)
+    peak_charged_mib: float = 0.0  # the cgroup's own peak, page cache included (without one: total PSS)
     peak_pss_mib: float = 0.0
     first_inference_s: Optional[float] = None  # median over the worker threads
     calls_per_s: Optional[float] = None  # all threads together
@@ -62,7 +65,7 @@ class RunResult:
     outputs_equal: Optional[bool] = None
     wall_s: float = 0.0
     error: str = ""
-    timeline: list[tuple[float, float, float]] = field(default_factory=list)  # (s, charged MiB, PSS MiB)
+    timeline: list[tuple[float, float, float]] = field(default_factory=list)  # (s, in use MiB, PSS MiB)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,10 +160,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: int, threads: int, calls: int,
             limit: int, use_cgroup: bool, progress: Callable[[str], None] = lambda _: None,
-            timeout: float = 900.0) -> RunResult:
+            timeout: float = 900.0, bare: int = 0) -> RunResult:
     """Run ``approach`` with ``processes`` workers under ``limit`` bytes; never raises for what the run did."""
     result = RunResult(scenario.number, approach, model.framework, model.nbytes / MiB, processes, threads,
-                       limit / MiB, False, "failed")
+                       limit / MiB, False, "failed", bare_mib=bare / MiB)
     run_dir = Path(tempfile.mkdtemp(prefix=f"modelshare-bench-{approach}-"))
     segment_dir = Path(tempfile.mkdtemp(prefix="modelshare-bench-", dir="/dev/shm"))
     cgroup = _try_cgroup(f"{approach}-{processes}", limit) if use_cgroup else None
@@ -189,7 +192,7 @@ def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: 
                 worker.wait()
         shutil.rmtree(segment_dir, ignore_errors=True)  # before the cgroup goes: its tmpfs pages are charged there
         if cgroup is not None:
-            result.peak_mib = cgroup.peak() / MiB
+            result.peak_charged_mib = cgroup.peak() / MiB
             result.oom_kills = cgroup.oom_kills()
             cgroup.remove()
         _collect(result, model, run_dir, processes)
@@ -203,13 +206,14 @@ def _watch(result: RunResult, workers: list[subprocess.Popen[bytes]], run_dir: P
     while True:
         procs = _tree([w.pid for w in workers] + (cgroup.pids() if cgroup else []))
         pss = _total_pss(procs)
-        charged = cgroup.usage() if cgroup else pss
+        in_use = cgroup.in_use() if cgroup else pss
         elapsed = time.monotonic() - started
-        result.timeline.append((round(elapsed, 2), round(charged / MiB, 1), round(pss / MiB, 1)))
+        result.timeline.append((round(elapsed, 2), round(in_use / MiB, 1), round(pss / MiB, 1)))
         result.peak_pss_mib = max(result.peak_pss_mib, pss / MiB)
+        result.peak_in_use_mib = max(result.peak_in_use_mib, in_use / MiB)
         if cgroup is None:
-            result.peak_mib = result.peak_pss_mib
-        progress(f"{elapsed:5.1f} s, {charged / MiB:6.0f} MiB")
+            result.peak_charged_mib = result.peak_pss_mib
+        progress(f"{elapsed:5.1f} s, {in_use / MiB:6.0f} MiB in use")
         settled = [(run_dir / f"worker-{i}.json").exists() or w.poll() is not None for i, w in enumerate(workers)]
         if all(settled):
             break
@@ -241,5 +245,5 @@ def _collect(result: RunResult, model: PreparedModel, run_dir: Path, processes: 
     result.latency_ms = {f"p{q}": _percentile(latencies, q) for q in (50, 90, 99)}
     framework = FRAMEWORKS[model.framework]
     result.outputs_equal = all(framework.equal(np.load(p), model.reference) for p in run_dir.glob("output-*.npy"))
-    over = not result.limit_enforced and result.peak_mib > result.limit_mib
+    over = not result.limit_enforced and result.peak_in_use_mib > result.limit_mib
     result.status = "over-limit" if over else "completed"

@@ -49,15 +49,19 @@ def run(handler: ModelHandler, examples: list[Any], tmp_path: Path, *, workers: 
     return dict(json.loads(line) for f in tmp_path.glob(out.name + "*") for line in f.read_text().splitlines())
 
 
-def _sklearn_handler(tmp_path: Path) -> ModelHandler:
-    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+def _sklearn_model() -> Any:
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 64))
-    model = LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))
+    return LogisticRegression().fit(x, (x[:, 0] > 0).astype(int))
+
+
+def _sklearn_handler(tmp_path: Path) -> ModelHandler:
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+
     path = tmp_path / "model.pkl"
-    path.write_bytes(pickle.dumps(model))
+    path.write_bytes(pickle.dumps(_sklearn_model()))
     return SklearnModelHandlerNumpy(model_uri=str(path), max_batch_size=4, min_batch_size=4)
 
 
@@ -263,6 +267,24 @@ def test_lean_torch_loader_builds_the_same_model_without_a_copy(tmp_path: Path) 
     model = lean_loader(scratch)()  # a non-persistent buffer is not in the state dict: built Beam's way
     assert not any(t.is_meta for t in model.buffers()) and model.scratch.sum() == 128
     assert lean_loader(PytorchModelHandlerTensor(state_dict_path="gs://bucket/x.pt", model_class=_TorchMLP)) is None
+
+
+def test_lean_joblib_loader_maps_the_file_and_predicts_the_same(tmp_path: Path, shm_dir: Path) -> None:
+    import joblib
+    from apache_beam.ml.inference.sklearn_inference import ModelFileType, SklearnModelHandlerNumpy
+
+    from beam_adapter._lean_loaders import LeanJoblibLoader, lean_loader
+
+    path = tmp_path / "model.joblib"
+    joblib.dump(_sklearn_model(), path)
+    handler = SklearnModelHandlerNumpy(model_uri=str(path), model_file_type=ModelFileType.JOBLIB,
+                                       max_batch_size=4, min_batch_size=4)
+    loader = lean_loader(handler)
+    assert isinstance(loader, LeanJoblibLoader) and isinstance(loader().coef_, np.memmap)
+    assert lean_loader(_sklearn_handler(tmp_path)) is None  # a pickle cannot be mapped: Beam's own load
+    examples = _examples()
+    assert run(SharedModelHandler(handler), examples, tmp_path) == run(handler, examples, tmp_path)
+    assert [s.key for s in list_segments(shm_dir)] == ["beam-SklearnModelHandlerNumpy"]
 
 
 class _MLPWithScratch:

@@ -136,6 +136,18 @@ def test_non_contiguous_array_goes_out_of_band(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back["strided"], base[::2, ::3])
 
 
+def test_memory_mapped_array_is_shared_as_a_plain_array(tmp_path: Path) -> None:
+    original = np.random.default_rng(0).random((256, 256))
+    np.save(tmp_path / "w.npy", original)
+    model = {"w": np.load(tmp_path / "w.npy", mmap_mode="r")}  # what joblib.load(mmap_mode="r") hands back
+    assert isinstance(model["w"], np.memmap)
+    back, mapping = roundtrip(model, tmp_path / "seg", GenericCodec())
+    low, high = _address_range(mapping)
+    assert type(back["w"]) is np.ndarray and low <= back["w"].ctypes.data < high
+    assert len(mapping.skeleton) < 4096, "the array went into the skeleton"
+    np.testing.assert_array_equal(back["w"], original)
+
+
 def test_estimate_matches_encoding() -> None:
     codec = GenericCodec()
     model = Box({"a": np.ones((300, 300)), "b": [np.zeros(5000, np.int16)]})
