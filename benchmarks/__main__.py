@@ -15,6 +15,7 @@ benchmarks: ``python -m benchmarks.attach`` (attach vs. private load), ``benchma
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from . import report, scenarios
 from ._cgroup import unavailable_reason
 from .approaches import APPROACHES
 from .models import MiB
-from .suite import RunResult, bare_worker_bytes, prepare_model, run_one
+from .suite import RunResult, bare_worker_bytes, prepare_model, run_one, sweep_leftovers
 
 
 class _Progress:
@@ -67,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default %(default)s)")
     args = parser.parse_args(argv)
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (cgroups, segments) when terminated
+    sweep_leftovers()
     scenario = scenarios.get(args.scenario)
     threads = args.threads or scenario.threads
     approaches = args.approaches or list(scenario.approaches)

@@ -43,20 +43,32 @@ class MemoryCgroup:
         self.path = path
         self.version = version
 
-    @classmethod
-    def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup":
-        """A new cgroup ``name`` limited to ``limit_bytes``; ``CgroupUnavailable`` says why not."""
+    @staticmethod
+    def _parent() -> tuple[Path, int]:
+        """Where this process may make memory cgroups, and the cgroup version."""
         if (V1_ROOT / "memory.limit_in_bytes").exists():
-            parent, version = _own_v1_path(), 1
-            if not os.access(parent, os.W_OK):
-                parent = V1_ROOT
-        elif "memory" in _read(V2_ROOT / "cgroup.controllers", "").split():
-            parent, version = V2_ROOT, 2
+            parent = _own_v1_path()
+            return (parent if os.access(parent, os.W_OK) else V1_ROOT), 1
+        if "memory" in _read(V2_ROOT / "cgroup.controllers", "").split():
             if "memory" not in _read(V2_ROOT / "cgroup.subtree_control", "").split():
                 raise CgroupUnavailable(f"cgroup v2 at {V2_ROOT} does not delegate the memory controller "
                                         "(memory missing from cgroup.subtree_control)")
-        else:
-            raise CgroupUnavailable("no memory cgroup hierarchy is mounted (neither cgroup v1 memory nor v2)")
+            return V2_ROOT, 2
+        raise CgroupUnavailable("no memory cgroup hierarchy is mounted (neither cgroup v1 memory nor v2)")
+
+    @classmethod
+    def existing(cls, prefix: str) -> list["MemoryCgroup"]:
+        """The cgroups whose names start with ``prefix`` (e.g. left by a killed run)."""
+        try:
+            parent, version = cls._parent()
+        except CgroupUnavailable:
+            return []
+        return [cls(path, version) for path in parent.glob(prefix + "*") if path.is_dir()]
+
+    @classmethod
+    def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup":
+        """A new cgroup ``name`` limited to ``limit_bytes``; ``CgroupUnavailable`` says why not."""
+        parent, version = cls._parent()
         path = parent / name
         try:
             path.mkdir()

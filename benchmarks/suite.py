@@ -38,6 +38,7 @@ from .models import MiB
 from .scenarios import Scenario
 
 SAMPLE_EVERY_S = 0.2
+SCRATCH_PREFIX = "modelshare-bench-"  # + the suite's pid: cgroups, scratch and segment folders
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -128,9 +129,24 @@ def bare_worker_bytes(framework_name: str, use_cgroup: bool) -> int:
 
 def _try_cgroup(label: str, limit: int) -> Optional[MemoryCgroup]:
     try:
-        return MemoryCgroup.create(f"modelshare-bench-{os.getpid()}-{label}", limit)
+        return MemoryCgroup.create(f"{SCRATCH_PREFIX}{os.getpid()}-{label}", limit)
     except CgroupUnavailable:
         return None
+
+
+def sweep_leftovers() -> None:
+    """Remove what a killed suite left: its cgroups (and their processes), scratch and segment folders."""
+    def orphaned(name: str) -> bool:
+        pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        return pid.isdigit() and not psutil.pid_exists(int(pid))
+
+    for cgroup in MemoryCgroup.existing(SCRATCH_PREFIX):
+        if orphaned(cgroup.path.name):
+            cgroup.remove()
+    for root in (Path(tempfile.gettempdir()), Path("/dev/shm")):
+        for folder in root.glob(SCRATCH_PREFIX + "*"):
+            if orphaned(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _tree(pids: list[int]) -> list[psutil.Process]:
@@ -164,8 +180,8 @@ def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: 
     """Run ``approach`` with ``processes`` workers under ``limit`` bytes; never raises for what the run did."""
     result = RunResult(scenario.number, approach, model.framework, model.nbytes / MiB, processes, threads,
                        limit / MiB, False, "failed", bare_mib=bare / MiB)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"modelshare-bench-{approach}-"))
-    segment_dir = Path(tempfile.mkdtemp(prefix="modelshare-bench-", dir="/dev/shm"))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+    segment_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir="/dev/shm"))
     cgroup = _try_cgroup(f"{approach}-{processes}", limit) if use_cgroup else None
     result.limit_enforced = cgroup is not None
     _drop_page_cache(model.path)
