@@ -15,6 +15,7 @@ benchmarks: ``python -m benchmarks.attach`` (attach vs. private load), ``benchma
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from . import report, scenarios
 from ._cgroup import unavailable_reason
 from .approaches import APPROACHES
 from .models import MiB
-from .suite import RunResult, bare_worker_bytes, prepare_model, run_one, sweep_leftovers
+from .suite import SCRATCH_PREFIX, RunResult, bare_worker_bytes, prepare_model, run_one, sweep_leftovers
 
 
 class _Progress:
@@ -81,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out / f"scenario{scenario.number}-{args.framework}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[benchmarks] scenario {scenario.number} ({scenario.title}): generating a {args.size_mib} MiB "
           f"{args.framework} model ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="modelshare-bench-model-") as folder:
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-model-") as folder:
         model = prepare_model(args.framework, args.size_mib, Path(folder))
         bare = bare_worker_bytes(args.framework, use_cgroup)
         print(f"[benchmarks] model file {model.nbytes / MiB:.0f} MiB; a bare worker process costs "

@@ -45,6 +45,7 @@ def _thread(spec: RunSpec, results: list[dict[str, Any]], outputs: list[Any], er
 
 
 def main(spec_path: str, index: int) -> int:
+    suite = os.getppid()
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
     run_dir = Path(spec.run_dir)
     results: list[dict[str, Any]] = []
@@ -62,6 +63,8 @@ def main(spec_path: str, index: int) -> int:
     (run_dir / f"worker-{index}.json.tmp").write_text(json.dumps(record))
     os.replace(run_dir / f"worker-{index}.json.tmp", run_dir / f"worker-{index}.json")
     while not (run_dir / RELEASE).exists():
+        if os.getppid() != suite:  # the suite is gone: nobody will release us
+            return 1
         time.sleep(0.05)
     return 0
 
