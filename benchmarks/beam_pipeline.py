@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -60,8 +59,10 @@ def save_model(framework: str, size_mib: int, width: int, folder: Path) -> Path:
         path = folder / "mlp.onnx"
         onnx.save(onnx_mlp(size_mib, width=width), path)
     else:
-        path = folder / "linear.pkl"
-        path.write_bytes(pickle.dumps(wide_linear_classifier(size_mib, width)))
+        import joblib
+
+        path = folder / "linear.joblib"  # joblib, so that a loader can map it (pickles cannot be)
+        joblib.dump(wide_linear_classifier(size_mib, width), path)
     return path
 
 
@@ -98,9 +99,10 @@ def handler_for(framework: str, config: str, path: str, size_mib: int, width: in
         handler = OnnxModelHandlerNumpy(model_uri=path, providers=["CPUExecutionProvider"], large_model=large,
                                         **batching)
     else:
-        from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+        from apache_beam.ml.inference.sklearn_inference import ModelFileType, SklearnModelHandlerNumpy
 
-        handler = SklearnModelHandlerNumpy(model_uri=path, large_model=large, **batching)
+        handler = SklearnModelHandlerNumpy(model_uri=path, model_file_type=ModelFileType.JOBLIB, large_model=large,
+                                           **batching)
     if config.startswith("modelshare"):
         from beam_adapter import SharedModelHandler
 
