@@ -232,10 +232,9 @@ def open_or_publish(
             mapping = try_map(name.seg_path)
             if mapping is not None:
                 return SegmentHandle(name, fd, mapping), False
-            _flock(fd, fcntl.LOCK_EX, timeout, f"the model at {name.directory / name.stem}")
-            if not _same_file(fd, name.lock_path):
+            if not _lock_to_publish(fd, name, timeout) or not _same_file(fd, name.lock_path):
                 os.close(fd)
-                continue
+                continue  # published by another process meanwhile (or the lock file was replaced)
             published = False
             mapping = try_map(name.seg_path)
             if mapping is None:
@@ -258,6 +257,33 @@ def open_or_publish(
         except BaseException:
             os.close(fd)
             raise
+
+
+def _lock_to_publish(fd: int, name: SegmentName, timeout: Optional[float]) -> bool:
+    """Trade our shared lock for the exclusive one, to publish; False if the segment appeared first.
+
+    Never blocks on the exclusive lock: a process that published and attached holds its shared
+    lock for as long as it uses the model, so a blocking wait could last forever. A failed
+    non-blocking conversion leaves no lock at all (flock converts by unlocking first); the caller
+    then starts over and attaches.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if name.seg_path.exists():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                raise AcquireTimeoutError(
+                    f"waited {timeout:g} s for the model at {name.directory / name.stem}; the process loading "
+                    "it is still at work (see `modelshare ls`). Raise timeout=, or kill a stuck loader: its "
+                    "lock is released when it dies"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 def _publish(name: SegmentName, produce: Produce) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,30 @@ def test_changed_loader_does_not_attach_to_stale_segment(shm_dir: Path) -> None:
     assert a.sum() == 0 and b.sum() == 2048
     old.release(a)
     new.release(b)
+
+
+def test_a_waiter_that_locked_before_the_publish_attaches_instead_of_waiting_forever(shm_dir: Path, spawn) -> None:
+    # The race a benchmark hit: B takes its shared lock and finds no segment; A and B both ask
+    # for the exclusive lock (flock drops the shared one to convert); A wins, publishes and keeps
+    # its shared lock for as long as it uses the model. An exclusive lock that B waited for
+    # blockingly would never come: B must notice the segment and attach.
+    from modelshare import _segment
+
+    shared = SharedModel(functools.partial(make_mlp, 4, width=512), key="race")
+    name = shared.segment_name
+    results = spawn.Queue()
+    (holder,) = _start(spawn, _workers.hold_forever, (shared, sample_input(512), results), 1)
+    try:
+        results.get(timeout=120)  # A published and holds it
+        fd = os.open(name.lock_path, os.O_RDWR)  # B, its shared lock given up to convert
+        try:
+            assert not _segment._lock_to_publish(fd, name, timeout=None)  # returns: the segment is there
+        finally:
+            os.close(fd)
+        with shared.use() as model:  # and B attaches to A's segment
+            assert shared.hold_info() is not None and not shared.hold_info().loaded_here
+            np.testing.assert_array_equal(model(sample_input(512)), make_mlp(4, width=512)(sample_input(512)))
+    finally:
+        holder.kill()
+        holder.join(60)
+    shared.release(shared.acquire())  # A is gone: this hold is the last, and collects the segment
