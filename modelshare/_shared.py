@@ -29,6 +29,10 @@ Lifetime rules:
   the loader's code and bound values, so a changed loader never attaches to a stale segment.
 
 ``share="threads"`` skips segments: one instance per process, loaded once even when threads race.
+``share="server"`` is for models that cannot be split into weights, or for an exact number of
+instances: ``copies`` server processes per machine own the model, and ``acquire()`` returns a
+client that looks like the model and sends each call to the least busy one (``_server``,
+``_client``; arrays travel through shared memory).
 SharedModel objects pickle (loaders that are lambdas or closures too, via cloudpickle) so they can
 be handed to spawned processes and Beam DoFns; an attaching process never unpickles the loader.
 """
@@ -47,7 +51,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Literal, Optional, TypeVar, Union
+from typing import Any, Callable, Generic, Iterator, Literal, Optional, Sequence, TypeVar, Union
 
 from . import _segment
 from ._fingerprint import loader_fingerprint
@@ -57,8 +61,8 @@ from .errors import LoaderError
 __all__ = ["SharedModel", "HoldInfo"]
 
 M = TypeVar("M")
-Share = Literal["threads", "processes"]
-_SHARES = ("threads", "processes")
+Share = Literal["threads", "processes", "server"]
+_SHARES = ("threads", "processes", "server")
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,12 @@ class SharedModel(Generic[M]):
         codec: a codec name or instance to force; by default chosen by the loaded model's type.
         keep_warm: keep the model loaded after its last holder releases it.
         timeout: seconds to wait for another process's load before :class:`AcquireTimeoutError`.
+        copies: ``share="server"``: how many server processes (model instances) on the machine;
+            default one per entry of ``devices``, else 1.
+        devices: ``share="server"``: the devices the copies go to, round robin (e.g.
+            ``["cuda:0", "cuda:0", "cuda:1"]``); a loader with a ``device`` parameter gets its copy's.
+        retries: ``share="server"``: how often a call whose server died runs again on a restarted one.
+        idle_exit: ``share="server"``: seconds a server waits after its last client left before exiting.
     """
 
     def __init__(
@@ -183,11 +193,24 @@ class SharedModel(Generic[M]):
         codec: Union[str, Codec, None] = None,
         keep_warm: bool = False,
         timeout: Optional[float] = None,
+        copies: Optional[int] = None,
+        devices: Optional[Sequence[str]] = None,
+        retries: int = 0,
+        idle_exit: float = 5.0,
     ) -> None:
         if not callable(loader):
             raise TypeError(f"loader must be a zero-argument callable returning the model, not {loader!r}")
         if share not in _SHARES:
-            raise ValueError(f"share must be 'threads' or 'processes', not {share!r}")
+            raise ValueError(f"share must be 'threads', 'processes' or 'server', not {share!r}")
+        if share != "server" and (copies not in (None, 1) or devices or retries):
+            raise ValueError(f"copies, devices and retries are for share='server' (got share={share!r}); "
+                             "use share='server', copies=N for N instances on the machine")
+        if copies is not None and (not isinstance(copies, int) or copies < 1):
+            raise ValueError(f"copies must be a positive int, not {copies!r}")
+        self.devices = [str(d) for d in devices or []]
+        self.copies = copies or max(1, len(self.devices))
+        self.retries = int(retries)
+        self.idle_exit = float(idle_exit)
         self.key = _segment.validate_key(key)
         self.share: Share = share
         self.version = None if version is None else str(version)
@@ -267,7 +290,7 @@ class SharedModel(Generic[M]):
     def _ident(self) -> tuple[str, ...]:
         if self.share == "threads":
             return ("threads", self.key, self.version_hash)
-        return ("processes", str(self.directory), self.segment_name.stem)
+        return (self.share, str(self.directory), self.segment_name.stem)
 
     def __repr__(self) -> str:
         return f"SharedModel(key={self.key!r}, share={self.share!r}, version={self.version_hash})"
@@ -283,6 +306,9 @@ class SharedModel(Generic[M]):
                 if self.share == "threads":
                     entry.model = self._run_loader()
                     entry.info = HoldInfo(True, time.perf_counter() - start, 0)
+                elif self.share == "server":
+                    entry.model = self._client()
+                    entry.info = HoldInfo(False, time.perf_counter() - start, 0)
                 else:
                     entry.model, entry.handle, published = self._attach()
                     entry.info = HoldInfo(published, time.perf_counter() - start, entry.handle.mapping.nbytes)
@@ -302,7 +328,9 @@ class SharedModel(Generic[M]):
             if entry.refcount:
                 return
             handle, entry.handle = entry.handle, None
-            if self.share == "processes" or not self.keep_warm:
+            if self.share == "server":
+                entry.model.close()
+            if self.share != "threads" or not self.keep_warm:
                 entry.model = None
             if handle is not None:
                 _segment.release(handle)
@@ -317,6 +345,14 @@ class SharedModel(Generic[M]):
             self.release(model)
 
     # -- loading ----------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        """A client of this model's server copies (started on first call; see ``_client``)."""
+        from ._client import ServerClient
+
+        directory = _segment.ensure_directory(self.directory)
+        _table.prepare_directory(directory)
+        return ServerClient(self, self.copies, self.devices, self.retries, self.idle_exit, self.timeout)
 
     def _get_loader(self) -> Callable[[], M]:
         if self._loader is None:
@@ -360,8 +396,8 @@ class SharedModel(Generic[M]):
 
     def holders(self) -> list[int]:
         """Pids of the processes on this machine that hold this model's segment now (from the
-        kernel's lock table; empty for ``share="threads"``)."""
-        if self.share == "threads":
+        kernel's lock table; empty for ``share="threads"`` and ``"server"``)."""
+        if self.share != "processes":
             return []
         return _segment.lock_holders(self.segment_name.lock_path)
 
@@ -408,6 +444,10 @@ class SharedModel(Generic[M]):
             "_codec": self._codec,
             "keep_warm": self.keep_warm,
             "timeout": self.timeout,
+            "copies": self.copies,
+            "devices": self.devices,
+            "retries": self.retries,
+            "idle_exit": self.idle_exit,
         }
         return (_restore, (state,))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -147,3 +148,39 @@ def tensorrt_plan_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
     results.put((os.getpid(), dict(engine, in_segment=inside, segment_pss=memory.process().segment_pss), True))
     done.wait()
     shared.release(engine)
+
+
+class Unsplittable:
+    """A model no codec can split into weights: it holds a lock and an open file (a native handle)."""
+
+    def __init__(self, width: int = 64, counter: Optional[str] = None, delay: float = 0.0) -> None:
+        if counter:
+            with open(counter, "a") as f:
+                f.write(f"{os.getpid()}\n")
+        self.lock = threading.Lock()
+        self.handle = open(os.devnull, "rb")
+        self.weights = np.arange(width * width, dtype=np.float32).reshape(width, width) / (width * width)
+        self.delay = delay
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self.lock:
+            time.sleep(self.delay)
+            return x @ self.weights
+
+    def whoami(self) -> int:
+        time.sleep(self.delay)
+        return os.getpid()
+
+    def boom(self) -> None:
+        raise ValueError("raised inside the model")
+
+
+def server_calls_worker(shared: Any, x: np.ndarray, calls: int, results: Any) -> None:
+    """Call a server-shared model ``calls`` times; report outputs and which servers answered."""
+    model = shared.acquire()
+    outputs, servers = [], []
+    for _ in range(calls):
+        outputs.append(model(x))
+        servers.append(model.whoami())
+    shared.release(model)
+    results.put((os.getpid(), outputs[0], sorted(set(servers)), all(np.array_equal(o, outputs[0]) for o in outputs)))

@@ -1,0 +1,331 @@
+"""The model server: one process that owns one copy of a model and runs the calls clients send it.
+
+For models that cannot be split into weights (a GPU engine, native state, an object holding a
+handle) and for an exact number of instances per machine. ``SharedModel(share="server",
+copies=N)`` runs N of these per model version, each started on first use by whichever client
+needs it (``python -m modelshare._server``, handed the pickled SharedModel on stdin):
+
+* Files, beside the model's segments, per copy ``i``: ``<key>--<version>.copy<i>.sock`` (the
+  socket; the directory is the user's own, mode 0700, and every connection's peer uid is
+  checked), ``.copy<i>.srv`` (a tiny status table clients read to pick the least busy copy; the
+  server holds an exclusive ``flock`` on it for its life, so "alive" is a lock test) and
+  ``.copy<i>.start`` (a lock that serialises starting and stopping the copy).
+* Calls on one copy run one at a time (a model is not assumed thread-safe); copies run in
+  parallel. With torch loaded, calls run under ``torch.no_grad()``.
+* An exception in the model goes back to the caller with its traceback. A client that dies
+  mid-call costs nothing: its connection closes and its arena is freed with it.
+* When its last client disconnects the server waits ``idle_exit`` seconds and, if none came,
+  removes its files and exits. A SIGKILLed server leaves its files; the next start (or
+  ``modelshare gc``) removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import inspect
+import mmap
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from ._segment import SegmentName, lock_file
+from ._wire import Channel
+
+_STATS = struct.Struct("=qiiiqd32s")  # pid, copy, clients, in flight, calls served, started, device
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """Where copy ``copy`` of one model version keeps its socket, status table and start lock."""
+
+    name: SegmentName
+    copy: int
+
+    def _path(self, suffix: str) -> Path:
+        return self.name.directory / f"{self.name.stem}.copy{self.copy}{suffix}"
+
+    @property
+    def sock(self) -> Path:
+        return self._path(".sock")
+
+    @property
+    def srv(self) -> Path:
+        return self._path(".srv")
+
+    @property
+    def start(self) -> Path:
+        return self._path(".start")
+
+    def alive(self) -> bool:
+        """Whether a server holds this copy now (its exclusive lock on the status file)."""
+        try:
+            fd = os.open(self.srv, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """Hold the copy's start lock: nobody else starts or stops it meanwhile. (``lock_file``
+        re-checks the inode after locking, so the holder may unlink the file: see ``remove``.)"""
+        fd = lock_file(self.start, fcntl.LOCK_EX)
+        assert fd is not None
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Remove all of this copy's files (call with the start lock held, as the copy goes)."""
+        self.remove_stale()
+        self.start.unlink(missing_ok=True)
+
+    def remove_stale(self) -> None:
+        """Remove what a dead server left (call with the start lock held, after ``alive()`` said no)."""
+        self.sock.unlink(missing_ok=True)
+        self.srv.unlink(missing_ok=True)
+
+
+@dataclass
+class ServerStats:
+    """One row of a server's status table."""
+
+    pid: int
+    copy: int
+    clients: int
+    in_flight: int
+    calls: int
+    started: float
+    device: str
+
+
+class StatsView:
+    """A live, read-only view of one server's status table (for picking the least busy copy)."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), _STATS.size, prot=mmap.PROT_READ)
+
+    def in_flight(self) -> int:
+        return _STATS.unpack_from(self._map)[3]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def read_stats(path: Path) -> Optional[ServerStats]:
+    """The status table at ``path``, or None if there is none (yet, or any more)."""
+    try:
+        data = path.read_bytes()[: _STATS.size]
+    except OSError:
+        return None
+    if len(data) < _STATS.size:
+        return None
+    pid, copy, clients, in_flight, calls, started, device = _STATS.unpack(data)
+    return ServerStats(pid, copy, clients, in_flight, calls, started, device.rstrip(b"\0").decode())
+
+
+def server_files(directory: Path) -> list[ServerFiles]:
+    """Every server copy with files in ``directory``."""
+    found = []
+    for path in sorted(directory.glob("*.srv")):
+        stem, _, copy = path.name[: -len(".srv")].rpartition(".copy")
+        if copy.isdigit():
+            found.append(ServerFiles(SegmentName(directory, stem), int(copy)))
+    return found
+
+
+class _Server:
+    """The running server: accept connections, run calls one at a time, exit when idle."""
+
+    def __init__(self, model: Any, files: ServerFiles, device: str, idle_exit: float, stats_fd: int) -> None:
+        self.model = model
+        self.files = files
+        self.idle_exit = idle_exit
+        self.call_lock = threading.Lock()
+        self.state_lock = threading.Lock()
+        self.closing = False
+        self.clients = 0
+        self.in_flight = 0
+        self.calls = 0
+        self.started = time.time()
+        self.idle_since = time.monotonic()
+        self.device = device
+        os.ftruncate(stats_fd, _STATS.size)
+        self.stats = mmap.mmap(stats_fd, _STATS.size)
+        self._write_stats()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        temporary = files.sock.with_name(files.sock.name + f".{os.getpid()}")
+        self.listener.bind(str(temporary))
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, files.sock)  # the address appears complete, or not at all
+        self.listener.listen(128)
+
+    def _write_stats(self) -> None:
+        self.stats[:] = _STATS.pack(os.getpid(), self.files.copy, self.clients, self.in_flight, self.calls,
+                                    self.started, self.device.encode()[:32])
+
+    def serve_forever(self) -> None:
+        uid = os.getuid()
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # the listener was closed: exiting
+            peer_uid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[1]
+            with self.state_lock:
+                if self.closing or peer_uid != uid:
+                    conn.close()
+                    continue
+                self.clients += 1
+                self._write_stats()
+            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        channel = Channel(conn)
+        try:
+            channel.send(("hello", os.getpid(), self.files.copy))
+            while True:
+                try:
+                    request, end = channel.receive(copy=False)
+                except (EOFError, OSError):
+                    return
+                with self.state_lock:
+                    self.in_flight += 1
+                    self._write_stats()
+                try:
+                    reply = self._run(request)
+                finally:
+                    with self.state_lock:
+                        self.in_flight -= 1
+                        self.calls += 1
+                        self._write_stats()
+                try:
+                    channel.send(reply, reserved=end)
+                except Exception as exc:  # an unpicklable result: say so instead of hanging the caller
+                    if isinstance(exc, OSError):
+                        return  # the client is gone
+                    channel.send(_error_reply(TypeError(f"the model's result cannot be sent back: {exc}")))
+        finally:
+            channel.close()
+            with self.state_lock:
+                self.clients -= 1
+                self._write_stats()
+                idle = self.clients == 0
+                self.idle_since = time.monotonic()
+            if idle:
+                threading.Timer(self.idle_exit, self._exit_if_idle).start()
+
+    def _run(self, request: Any) -> Any:
+        kind, method, args, kwargs = request
+        try:
+            target = self.model if method == "__call__" else getattr(self.model, method)
+            if kind == "attr":
+                return ("callable", None) if callable(target) else ("ok", target)
+            with self.call_lock, _no_grad():
+                return ("ok", target(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 -- every failure goes back to the caller
+            return _error_reply(exc)
+
+    def _exit_if_idle(self) -> None:
+        with self.files.starting():
+            with self.state_lock:
+                if self.clients or self.closing or time.monotonic() - self.idle_since < self.idle_exit * 0.99:
+                    return  # a client came (and maybe went: its own timer decides)
+                self.closing = True
+            self.shutdown()
+            self.files.remove()
+        os._exit(0)
+
+    def shutdown(self) -> None:
+        """Stop accepting and remove this copy's files (the start lock held by the caller, or exiting)."""
+        self.listener.close()
+        self.files.sock.unlink(missing_ok=True)
+        self.files.srv.unlink(missing_ok=True)
+
+
+def _error_reply(exc: BaseException) -> tuple[str, Optional[bytes], str, str]:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        exc.__traceback__ = None
+        pickled: Optional[bytes] = pickle.dumps(exc)
+        pickle.loads(pickled)
+    except Exception:
+        pickled = None
+    return ("error", pickled, f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", text)
+
+
+@contextlib.contextmanager
+def _no_grad() -> Iterator[None]:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+    else:
+        with torch.no_grad():
+            yield
+
+
+def _load(shared: Any, device: str) -> Any:
+    loader = shared._get_loader()
+    try:
+        takes_device = "device" in inspect.signature(loader).parameters
+    except (TypeError, ValueError):
+        takes_device = False
+    return loader(device=device) if takes_device else loader()
+
+
+def main() -> int:
+    """Entry point: read (SharedModel, copy, device, idle_exit) from stdin, load, serve."""
+    shared, copy, device, idle_exit = pickle.loads(sys.stdin.buffer.read())
+    if os.fork():  # the starter reaps this parent at once; the server lives on, re-parented
+        os._exit(0)
+    os.setsid()
+    files = ServerFiles(shared.segment_name, copy)
+    stats_fd = os.open(files.srv, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(stats_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("another server holds this copy already", file=sys.stderr)
+        return 1
+    if device:
+        os.environ["MODELSHARE_DEVICE"] = device
+    try:
+        model = _load(shared, device)
+    except BaseException:
+        files.srv.unlink(missing_ok=True)
+        traceback.print_exc()
+        return 1
+    server = _Server(model, files, device, idle_exit, stats_fd)
+
+    def terminate(*_: Any) -> None:
+        server.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
+    print("ready", flush=True)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # the starter stops reading: nothing may block on these pipes
+        os.dup2(devnull, fd)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
