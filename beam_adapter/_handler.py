@@ -83,7 +83,12 @@ class SharedModelHandler(ModelHandler):
     Args:
         handler: the handler to wrap (PyTorch, scikit-learn, ONNX, keyed, or your own).
         share: ``"processes"`` (one copy of the weights per machine, local compute in every SDK
-            worker process) or ``"threads"`` (one copy per process, like Beam's default).
+            worker process), ``"threads"`` (one copy per process, like Beam's default) or
+            ``"server"`` (``copies`` server processes own the model; for models that cannot be split
+            into weights). Default: the wrapped handler's own meaning -- ``model_copies=N`` gives
+            ``"server"`` with N copies, anything else ``"processes"`` (``large_model=True`` on a
+            model that cannot be split falls back to one server).
+        copies: ``share="server"``: exactly this many model instances on the machine.
         key: the segment's name; defaults to ``beam-<handler class>``.
         version: what identifies the model; defaults to a fingerprint of the handler (its class,
             code and settings, model path included), extended by each model update's path.
@@ -95,16 +100,23 @@ class SharedModelHandler(ModelHandler):
             a number, or None (the frameworks' defaults).
     """
 
-    def __init__(self, handler: ModelHandler, share: str = "processes", *, key: Optional[str] = None,
-                 version: Optional[str] = None, directory: Optional[str] = None, ragged: Ragged = None,
-                 split_on_oom: bool = True, threads: Threads = "auto") -> None:
+    def __init__(self, handler: ModelHandler, share: Optional[str] = None, *, copies: Optional[int] = None,
+                 key: Optional[str] = None, version: Optional[str] = None, directory: Optional[str] = None,
+                 ragged: Ragged = None, split_on_oom: bool = True, threads: Threads = "auto") -> None:
         if not isinstance(handler, ModelHandler):
             raise TypeError(f"SharedModelHandler wraps a Beam ModelHandler, not {type(handler).__qualname__}")
-        if share not in ("processes", "threads"):
-            raise ValueError(f"share must be 'processes' or 'threads', not {share!r}")
+        if share not in (None, "processes", "threads", "server"):
+            raise ValueError(f"share must be 'processes', 'threads' or 'server', not {share!r}")
+        if copies is not None and share not in (None, "server"):
+            raise ValueError("copies=N is for share='server' (exactly N model instances on the machine)")
         super().__init__()
         self._handler = handler
-        self._share = share
+        beams_copies = handler.model_copies() if handler.share_model_across_processes() else 1
+        # Beam's own sharing keeps its meaning: model_copies=N -> N server copies; large_model -> one copy
+        # per machine (weights shared, compute local; a server if the model cannot be split)
+        self._share = share or ("server" if (copies or beams_copies) > 1 else "processes")
+        self._copies = copies or (beams_copies if self._share == "server" else 1)
+        self._server_fallback = share is None and handler.share_model_across_processes()
         self._key = key or _default_key(handler)
         self._version = version or loader_fingerprint(handler.load_model)
         self._model_path = ""
@@ -129,11 +141,15 @@ class SharedModelHandler(ModelHandler):
             try:
                 model = shared.acquire()
             except EncodeError as exc:
-                raise ModelShareError(
-                    f"the model that {type(self._handler).__name__}.load_model() returns cannot be split into "
-                    f"shared weights ({exc}). Use SharedModelHandler(handler, share='threads') for one copy per "
-                    "process today"
-                ) from exc
+                if not self._server_fallback:
+                    raise ModelShareError(
+                        f"the model that {type(self._handler).__name__}.load_model() returns cannot be split into "
+                        f"shared weights ({exc}). Use SharedModelHandler(handler, share='server') for one copy per "
+                        "machine in a server process, or share='threads' for one copy per process"
+                    ) from exc
+                self._share = "server"  # large_model=True on a model that cannot be split: Beam's meaning
+                shared = self._share_model()
+                model = shared.acquire()
             _holds[slot] = (shared, model)
             self._shared = shared
             info = shared.hold_info()
@@ -164,6 +180,9 @@ class SharedModelHandler(ModelHandler):
                                                else max(1, (os.cpu_count() or 1) // holders))
             return SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
                                          directory=self._directory, providers=providers, session_options=options)
+        if self._share == "server":
+            return SharedModel(self._handler.load_model, key=self._key, share="server", copies=self._copies,
+                               version=version, directory=self._directory)
         loader = (lean_loader(self._handler) if self._share == "processes" else None) or self._handler.load_model
         return SharedModel(loader, key=self._key, share=self._share, version=version, directory=self._directory)
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import pickle
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -150,9 +151,54 @@ class _LockModelHandler(ModelHandler[Any, PredictionResult, Any]):
         return [PredictionResult(x, x * model.scale) for x in batch]
 
 
+class _LargeLockModelHandler(_LockModelHandler):
+    """The same, asking for Beam's own sharing: ``large_model=True`` or ``model_copies=N``."""
+
+    def __init__(self, copies: int = 1) -> None:
+        super().__init__()
+        self.copies = copies
+
+    def share_model_across_processes(self) -> bool:
+        return True
+
+    def model_copies(self) -> int:
+        return self.copies
+
+
+def _servers_gone(directory: Path, timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while directory.exists() and list(directory.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_server_share_runs_an_unsplittable_model_in_a_multi_processing_pipeline(tmp_path: Path,
+                                                                                shm_dir: Path) -> None:
+    examples = [float(i) for i in range(12)]
+    expected = run(_LockModelHandler(), examples, tmp_path, workers=4)
+    assert run(SharedModelHandler(_LockModelHandler(), share="server"), examples, tmp_path, workers=4) == expected
+    assert _servers_gone(shm_dir) == [], "the server exits once the workers are gone, and removes its files"
+
+
+def test_beams_own_sharing_keeps_its_meaning(tmp_path: Path, shm_dir: Path) -> None:
+    from modelshare._client import ServerClient
+
+    one = SharedModelHandler(_LargeLockModelHandler())  # large_model=True: one copy; unsplittable -> a server
+    model = one.load_model()
+    assert isinstance(model, ServerClient) and len(model.servers()) == 1
+    assert [r.inference for r in one.run_inference([1.0, 3.0], model)] == [2.0, 6.0]
+    release_all()
+    two = SharedModelHandler(_LargeLockModelHandler(copies=2))  # model_copies=2: exactly two instances
+    assert two._share == "server" and two._copies == 2
+    assert SharedModelHandler(_sklearn_handler(tmp_path))._share == "processes"
+    with pytest.raises(ValueError, match="copies=N is for share='server'"):
+        SharedModelHandler(_LockModelHandler(), share="threads", copies=2)
+    assert _servers_gone(shm_dir) == []
+
+
 def test_unsplittable_model_says_which_share_works(tmp_path: Path, shm_dir: Path) -> None:
     with pytest.raises(ModelShareError,
-                       match=r"_LockModelHandler.load_model\(\) returns cannot be split.*share='threads'"):
+                       match=r"_LockModelHandler.load_model\(\) returns cannot be split.*share='server'"):
         SharedModelHandler(_LockModelHandler()).load_model()
     got = run(SharedModelHandler(_LockModelHandler(), share="threads"), [1.0, 2.0, 3.0], tmp_path)
     assert got == {0: [2.0], 1: [4.0], 2: [6.0]}
