@@ -36,9 +36,10 @@ class Framework:
     lean_load: Optional[Callable[[Path], Any]] = None  # a load that maps the file instead of copying it
 
     def shared(self, path: Path, key: str, directory: Path, share: str = "processes") -> SharedModel[Any]:
-        """modelshare loading the same file, once per machine (or per process, ``share="threads"``)."""
-        return SharedModel(functools.partial(self.lean_load or self.load, path), key=key, directory=directory,
-                           version=str(path), share=share)
+        """modelshare loading the same file, once per machine (or per process, ``share="threads"``, with
+        the framework's own load: a memory-mapped model would share the file's pages by itself)."""
+        load = self.lean_load if share == "processes" and self.lean_load else self.load
+        return SharedModel(functools.partial(load, path), key=key, directory=directory, version=str(path), share=share)
 
     def equal(self, a: Any, b: Any) -> bool:
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))

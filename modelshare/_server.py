@@ -168,6 +168,8 @@ class _Server:
         self.started = time.time()
         self.idle_since = time.monotonic()
         self.device = device
+        self.device_bytes = device.encode()[:32]
+        self.pid = os.getpid()
         os.ftruncate(stats_fd, _STATS.size)
         self.stats = mmap.mmap(stats_fd, _STATS.size)
         self._write_stats()
@@ -179,8 +181,8 @@ class _Server:
         self.listener.listen(128)
 
     def _write_stats(self) -> None:
-        self.stats[:] = _STATS.pack(os.getpid(), self.files.copy, self.clients, self.in_flight, self.calls,
-                                    self.started, self.device.encode()[:32])
+        _STATS.pack_into(self.stats, 0, self.pid, self.files.copy, self.clients, self.in_flight, self.calls,
+                         self.started, self.device_bytes)
 
     def serve_forever(self) -> None:
         uid = os.getuid()

@@ -16,6 +16,7 @@ copies results out of the arena, so they outlive the next call.
 
 from __future__ import annotations
 
+import array
 import io
 import mmap
 import os
@@ -28,6 +29,12 @@ from typing import Any, Optional
 
 INLINE_MAX = 64 * 1024
 _HEADER = struct.Struct("!IIi")  # pickle length, buffer-table length, 1 if an arena fd follows
+_FIRST_READ = 256 * 1024
+_FDS_SPACE = socket.CMSG_SPACE(4)  # room for one file descriptor
+_NOW = int(socket.MSG_DONTWAIT)
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+# how long a receiver polls before sleeping: long enough for a small call's round trip
+SPIN_S = float(os.environ.get("MODELSHARE_SPIN_US", "100")) / 1e6
 _ALIGN = 64
 
 
@@ -82,16 +89,36 @@ class _Pickler(pickle.Pickler):
 class Channel:
     """One end of a connection: send and receive messages, sharing an arena with the other end."""
 
-    def __init__(self, sock: socket.socket, spin_s: float = 0.0) -> None:
+    def __init__(self, sock: socket.socket, spin_s: float = SPIN_S) -> None:
         self.sock = sock
         self.spin_s = spin_s
+        self._pending = b""
         self.arena: Optional[Arena] = None  # made by whichever end first sends a large buffer
+        self._stream = io.BytesIO()
+        self._large: list[pickle.PickleBuffer] = []
+        self._pickler = _Pickler(self._stream, protocol=5, buffer_callback=self._keep_inline)
+
+    def _keep_inline(self, buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < INLINE_MAX:
+            return True
+        self._large.append(buffer)
+        return False
 
     def send(self, obj: Any, reserved: int = 0) -> None:
         """Send ``obj``; its large buffers go into the arena after the first ``reserved`` bytes."""
-        large: list[pickle.PickleBuffer] = []
-        stream = io.BytesIO()
-        _Pickler(stream, protocol=5, buffer_callback=lambda b: _keep_inline(b, large)).dump(obj)
+        self._stream.seek(0)
+        self._stream.truncate()
+        self._pickler.clear_memo()
+        large = self._large
+        large.clear()
+        try:
+            self._pickler.dump(obj)
+            self._send(self._stream.getvalue(), large, reserved)
+        finally:
+            large.clear()
+            self._pickler.clear_memo()  # let go of what was sent
+
+    def _send(self, body: bytes, large: list[pickle.PickleBuffer], reserved: int) -> None:
         table, offset = [], _aligned(reserved)
         for buffer in large:
             raw = buffer.raw()
@@ -104,8 +131,7 @@ class Channel:
         for buffer, (start, nbytes) in zip(large, table):
             self.arena.map[start : start + nbytes] = buffer.raw()
         table_bytes = pickle.dumps(table, protocol=5) if table else b""
-        body = stream.getbuffer()
-        header = _HEADER.pack(body.nbytes, len(table_bytes), 1 if new_fd >= 0 else 0)
+        header = _HEADER.pack(len(body), len(table_bytes), 1 if new_fd >= 0 else 0)
         parts = [header, table_bytes, body]
         sent = socket.send_fds(self.sock, parts, [new_fd]) if new_fd >= 0 else self.sock.sendmsg(parts)
         if sent < sum(len(p) for p in parts):  # a short write: the rest goes the plain way
@@ -114,49 +140,58 @@ class Channel:
     def receive(self, copy: bool) -> tuple[Any, int]:
         """The next message (raises ``EOFError`` when the other end is gone), and where its arena
         buffers end. ``copy``: copy arrays out of the arena (else they are views of it)."""
-        header, fds = self._receive_header()
-        body_len, table_len, has_fd = _HEADER.unpack(header)
+        data = self._pending
+        fds: list[int] = []
+        if len(data) < _HEADER.size:  # one system call brings a small message whole
+            chunk, ancillary = self._first_read()
+            if not chunk:
+                raise EOFError("the other end closed the connection")
+            data += chunk
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += array.array("i", payload[: len(payload) - len(payload) % 4]).tolist()
+        while len(data) < _HEADER.size:
+            data += self._receive_some()
+        body_len, table_len, has_fd = _HEADER.unpack_from(data)
+        total = _HEADER.size + table_len + body_len
+        while len(data) < total:
+            data += self._receive_some()
+        self._pending = data[total:]
         if has_fd:
             if not fds:
                 raise EOFError("an arena was announced but no file descriptor came with it")
-            arena = Arena(fds[0], os.fstat(fds[0]).st_size)
-            self._replace_arena(arena)
-        table = pickle.loads(self._receive_exactly(table_len)) if table_len else []
-        body = self._receive_exactly(body_len)
+            self._replace_arena(Arena(fds[0], os.fstat(fds[0]).st_size))
+        message = memoryview(data)
+        table = pickle.loads(message[_HEADER.size : _HEADER.size + table_len]) if table_len else []
+        body = message[_HEADER.size + table_len : total]
         buffers = [(bytearray(self.arena.view(o, n)) if copy else self.arena.view(o, n)) for o, n in table]
         end = _aligned(table[-1][0] + table[-1][1]) if table else 0
         return pickle.loads(body, buffers=buffers), end
 
-    def _receive_header(self) -> tuple[bytes, list[int]]:
+    def _first_read(self) -> tuple[bytes, list[Any]]:
+        """The first bytes of the next message; polls for up to ``spin_s`` before sleeping: on a
+        virtual machine waking a sleeping vCPU costs ~30 us each way, more than a small call's work."""
         deadline = time.perf_counter() + self.spin_s
-        while True:  # poll briefly before sleeping: waking a sleeping process costs ~50-100 us on a VM
+        while self.spin_s:
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, _HEADER.size, 1, socket.MSG_DONTWAIT)
-                break
+                chunk, ancillary, _, _ = self.sock.recvmsg(_FIRST_READ, _FDS_SPACE, _NOW)
+                return chunk, ancillary
             except BlockingIOError:
                 if time.perf_counter() > deadline:
-                    data, fds, _, _ = socket.recv_fds(self.sock, _HEADER.size, 1)
                     break
-        if not data:
-            raise EOFError("the other end closed the connection")
-        if len(data) < _HEADER.size:
-            data += self._receive_exactly(_HEADER.size - len(data))
-        return data, fds
+        chunk, ancillary, _, _ = self.sock.recvmsg(_FIRST_READ, _FDS_SPACE)
+        return chunk, ancillary
 
-    def _receive_exactly(self, n: int) -> bytes:
-        chunks, got = [], 0
-        while got < n:
-            chunk = self.sock.recv(min(n - got, 1 << 20))
-            if not chunk:
-                raise EOFError("the other end closed the connection mid-message")
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+    def _receive_some(self) -> bytes:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError("the other end closed the connection mid-message")
+        return chunk
 
     def peer_closed(self) -> bool:
         """Whether the other end has gone (its socket shows end-of-file), without waiting."""
         try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return self.sock.recv(1, _PEEK_NOW) == b""
         except BlockingIOError:
             return False
         except OSError:
@@ -170,13 +205,6 @@ class Channel:
     def close(self) -> None:
         self._replace_arena(None)
         self.sock.close()
-
-
-def _keep_inline(buffer: pickle.PickleBuffer, large: list[pickle.PickleBuffer]) -> bool:
-    if buffer.raw().nbytes < INLINE_MAX:
-        return True
-    large.append(buffer)
-    return False
 
 
 def _aligned(offset: int) -> int:
