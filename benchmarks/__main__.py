@@ -5,6 +5,8 @@ Scenarios:
      ``Shared`` vs. modelshare ``share="threads"``)
   3  one large model shared by all processes (Beam's default vs. Beam's ``large_model=True``
      ``MultiProcessShared`` vs. modelshare) -- the default: a 512 MiB PyTorch model, 4 processes
+  4  exactly 2 model instances for all the processes (Beam's default vs. Beam's
+     ``model_copies=2`` vs. modelshare ``share="server", copies=2``)
 
 Each approach runs in its own memory cgroup, limited so that private copies cannot fit; prints a
 Markdown table and writes JSON per run, ``results.md`` and PNG plots to ``--out``. Other

@@ -13,7 +13,11 @@ way RunInference uses them:
 * ``modelshare``: ``SharedModel(share="processes")`` -- one copy of the weights per machine, every
   process computing locally on zero-copy views, with the cores shared out among the processes
   (``modelshare.threads.ThreadShare``, as the Beam adapter does by default);
-* ``modelshare-threads``: ``SharedModel(share="threads")`` -- one copy per process.
+* ``modelshare-threads``: ``SharedModel(share="threads")`` -- one copy per process;
+* ``beam-model-copies``: ``model_copies=N`` -- N ``MultiProcessShared`` servers (tags
+  ``<key>_<i>``, each a thread of the worker that first asked for it), calls round robin;
+* ``modelshare-server``: ``SharedModel(share="server", copies=N)`` -- N server processes, each
+  call to the least busy.
 
 A scenario module names which of these it runs; scenario 2 (keyed models under a budget) and 4
 (exact copies) add theirs here, behind the same signature.
@@ -22,11 +26,13 @@ A scenario module names which of these it runs; scenario 2 (keyed models under a
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from modelshare import SharedModel
 from modelshare.threads import ThreadShare
 
 from .frameworks import FRAMEWORKS
@@ -47,6 +53,7 @@ class RunSpec:
     run_dir: str  # per-run scratch: Beam's lock and address files, the workers' results
     segment_dir: str  # modelshare's segment directory for this run
     launched_at: float  # wall-clock time the suite started the workers
+    copies: int = 1  # model instances on the machine, for the approaches with exact copies
 
 
 _process_models: dict[str, Any] = {}  # what one process holds for its threads, per approach
@@ -108,12 +115,34 @@ def _modelshare(share: str, spec: RunSpec) -> Infer:
     return infer
 
 
+def beam_model_copies(spec: RunSpec) -> Infer:
+    from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+    framework = FRAMEWORKS[spec.framework]
+    load = functools.partial(framework.load, Path(spec.model_path))
+    proxies = [MultiProcessShared(load, tag=f"{spec.key}_{i}", path=spec.run_dir, always_proxy=True).acquire()
+               for i in range(spec.copies)]
+    turn = itertools.count()
+    return lambda _, x: framework.call(proxies[next(turn) % len(proxies)], x)
+
+
+def modelshare_server(spec: RunSpec) -> Infer:
+    framework = FRAMEWORKS[spec.framework]
+    shared = _once_per_process("modelshare-server", lambda: SharedModel(
+        functools.partial(framework.load, Path(spec.model_path)), key=spec.key, share="server", copies=spec.copies,
+        directory=spec.segment_dir, version=spec.model_path))
+    model = shared.acquire()
+    return lambda _, x: framework.call(model, x)
+
+
 APPROACHES: dict[str, Callable[[RunSpec], Infer]] = {
     "private-per-thread": private_per_thread,
     "beam-shared": beam_shared,
     "beam-multi-process-shared": beam_multi_process_shared,
     "modelshare": functools.partial(_modelshare, "processes"),
     "modelshare-threads": functools.partial(_modelshare, "threads"),
+    "beam-model-copies": beam_model_copies,
+    "modelshare-server": modelshare_server,
 }
 
 LABELS: dict[str, str] = {
@@ -122,4 +151,6 @@ LABELS: dict[str, str] = {
     "beam-multi-process-shared": "Beam's `large_model=True` (`MultiProcessShared`)",
     "modelshare": "modelshare (`share=\"processes\"`)",
     "modelshare-threads": "modelshare (`share=\"threads\"`)",
+    "beam-model-copies": "Beam's `model_copies=N` (N `MultiProcessShared`)",
+    "modelshare-server": "modelshare (`share=\"server\", copies=N`)",
 }

@@ -186,7 +186,7 @@ def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: 
     result.limit_enforced = cgroup is not None
     _drop_page_cache(model.path)
     spec = RunSpec(model.framework, str(model.path), approach, threads, calls, f"bench-{approach}",
-                   str(run_dir), str(segment_dir), time.time())
+                   str(run_dir), str(segment_dir), time.time(), scenario.copies)
     (run_dir / "spec.json").write_text(json.dumps(asdict(spec)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.monotonic()

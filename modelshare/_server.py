@@ -152,6 +152,54 @@ def server_files(directory: Path) -> list[ServerFiles]:
     return found
 
 
+@dataclass
+class ServerInfo:
+    """What ``modelshare ls`` shows about one server copy."""
+
+    key: str
+    version: str
+    copy: int
+    pid: int
+    alive: bool
+    device: str
+    clients: int
+    in_flight: int
+    calls: int
+    started: float
+
+
+def list_servers(directory: Path) -> list[ServerInfo]:
+    """Every server copy with files in ``directory``, alive or left by a crash."""
+    infos = []
+    for files in server_files(directory):
+        stats = read_stats(files.srv)
+        if stats is None:
+            continue
+        key, _, version = files.name.stem.rpartition("--")
+        infos.append(ServerInfo(key, version, files.copy, stats.pid, files.alive(), stats.device, stats.clients,
+                                stats.in_flight, stats.calls, stats.started))
+    return infos
+
+
+def sweep_servers(directory: Path, *, orphaned_after: float = 60.0, dry_run: bool = False) -> list[Path]:
+    """Remove the files of dead servers, and stop live ones that have had no client for a while
+    (a server exits by itself when idle; this reaps one that could not). Returns what was removed."""
+    removed: list[Path] = []
+    for files in server_files(directory):
+        with files.starting():
+            stats = read_stats(files.srv)
+            if files.alive():
+                if stats is None or stats.clients or time.time() - stats.started < orphaned_after:
+                    continue
+                if not dry_run:
+                    os.kill(stats.pid, signal.SIGTERM)  # its handler removes its socket and table
+            doomed = [p for p in (files.sock, files.srv, files.start) if p.exists()]
+            if not dry_run:
+                files.remove()
+            removed += doomed
+    return removed
+
+
 class _Server:
     """The running server: accept connections, run calls one at a time, exit when idle."""
 

@@ -43,6 +43,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import functools
 import gc
 import hashlib
 import multiprocessing.util
@@ -54,8 +55,9 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Literal, Optional, Sequence, TypeVar, Union
 
 from . import _segment
+from ._copies import InstancePool
 from ._fingerprint import loader_fingerprint
-from .codecs import Codec, Encoded, codec_for, get_codec
+from .codecs import Codec, Encoded, SegmentBuffers, codec_for, get_codec
 from .errors import LoaderError
 
 __all__ = ["SharedModel", "HoldInfo"]
@@ -175,7 +177,8 @@ class SharedModel(Generic[M]):
         keep_warm: keep the model loaded after its last holder releases it.
         timeout: seconds to wait for another process's load before :class:`AcquireTimeoutError`.
         copies: ``share="server"``: how many server processes (model instances) on the machine;
-            default one per entry of ``devices``, else 1.
+            default one per entry of ``devices``, else 1. With ``"threads"`` / ``"processes"``: N
+            instances per process over one copy of the weights, as an ``InstancePool``.
         devices: ``share="server"``: the devices the copies go to, round robin (e.g.
             ``["cuda:0", "cuda:0", "cuda:1"]``); a loader with a ``device`` parameter gets its copy's.
         retries: ``share="server"``: how often a call whose server died runs again on a restarted one.
@@ -202,9 +205,9 @@ class SharedModel(Generic[M]):
             raise TypeError(f"loader must be a zero-argument callable returning the model, not {loader!r}")
         if share not in _SHARES:
             raise ValueError(f"share must be 'threads', 'processes' or 'server', not {share!r}")
-        if share != "server" and (copies not in (None, 1) or devices or retries):
-            raise ValueError(f"copies, devices and retries are for share='server' (got share={share!r}); "
-                             "use share='server', copies=N for N instances on the machine")
+        if share != "server" and (devices or retries):
+            raise ValueError(f"devices and retries are for share='server' (got share={share!r}); "
+                             "use share='server', copies=N, devices=[...] for N instances on the machine")
         if copies is not None and (not isinstance(copies, int) or copies < 1):
             raise ValueError(f"copies must be a positive int, not {copies!r}")
         self.devices = [str(d) for d in devices or []]
@@ -304,7 +307,7 @@ class SharedModel(Generic[M]):
             if entry.refcount == 0 and entry.model is None:
                 start = time.perf_counter()
                 if self.share == "threads":
-                    entry.model = self._run_loader()
+                    entry.model = self._pooled_from_loaded(self._run_loader())
                     entry.info = HoldInfo(True, time.perf_counter() - start, 0)
                 elif self.share == "server":
                     entry.model = self._client()
@@ -414,12 +417,29 @@ class SharedModel(Generic[M]):
         if published:
             _reclaim_heap()
         try:
-            model = self._decoder(handle.mapping.header["codec"]).decode(handle.mapping.skeleton,
-                                                                         handle.mapping.buffers)
+            codec = self._decoder(handle.mapping.header["codec"])
+            instances = [codec.decode(handle.mapping.skeleton, handle.mapping.buffers) for _ in range(self.copies)]
         except BaseException:
             _segment.release(handle)
             raise
-        return model, handle, published
+        return (instances[0] if self.copies == 1 else InstancePool(instances)), handle, published
+
+    def _pooled_from_loaded(self, model: M) -> Any:
+        """``copies`` instances over ``model``'s buffers where its codec can rebuild it from them,
+        else loaded again; the model itself when one copy is asked for."""
+        if self.copies == 1:
+            return model
+        instances = [model]
+        try:
+            codec = get_codec(self._codec) if isinstance(self._codec, str) else self._codec or codec_for(model)
+            encoded = codec.encode(model)
+            rebuild = functools.partial(codec.decode, memoryview(encoded.skeleton), SegmentBuffers(encoded.buffers))
+            instances.append(rebuild())
+        except Exception:
+            rebuild = self._run_loader  # this codec cannot: every instance is a load of its own
+            instances.append(rebuild())
+        instances += [rebuild() for _ in range(self.copies - 2)]
+        return InstancePool(instances)
 
     # -- pickling ---------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """``modelshare ls | gc``: inspect and clean a segment directory from the shell.
 
-``ls`` shows each segment's key, size, holders' pids and age; ``gc`` unlinks what no live process
-holds (what SIGKILLed processes left behind). Both read ``--dir``, else ``$MODELSHARE_DIR``, else
-the default ``/dev/shm/modelshare-<uid>``.
+``ls`` shows each segment's key, size, holders' pids and age, and each model server's copy, pid,
+device, clients, calls in flight and calls served; ``gc`` unlinks what no live process holds
+(what SIGKILLed processes left behind) and stops servers orphaned without clients. Both read
+``--dir``, else ``$MODELSHARE_DIR``, else the default ``/dev/shm/modelshare-<uid>``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import default_directory, gc_segments, list_segments
+from ._server import list_servers, sweep_servers
 
 
 def _size(n: int) -> str:
@@ -33,30 +35,45 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _ls(directory: Path, as_json: bool) -> int:
-    infos = list_segments(directory)
-    if as_json:
-        print(json.dumps([dict(asdict(i), path=str(i.path)) for i in infos], indent=2))
-        return 0
-    if not infos:
-        print(f"no segments in {directory}")
-        return 0
-    now = time.time()
-    rows = [("KEY", "VERSION", "CODEC", "SIZE", "HOLDERS", "AGE", "STATE")]
-    for i in infos:
-        holders = ",".join(map(str, i.holders)) or "-"
-        state = i.state + (" (keep warm)" if i.keep_warm else "")
-        rows.append((i.key, i.version or i.path.stem.rsplit("--", 1)[-1], i.codec, _size(i.nbytes),
-                     holders, _age(now - i.created), state))
+def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    print(f"{len(infos)} segment(s), {_size(sum(i.nbytes for i in infos))} in {directory}")
+
+
+def _ls(directory: Path, as_json: bool, servers: bool) -> int:
+    infos = list_segments(directory)
+    running = list_servers(directory)
+    if as_json:
+        rows = [dict(asdict(i), path=str(i.path)) for i in infos]
+        print(json.dumps([asdict(s) for s in running] if servers else rows, indent=2))
+        return 0
+    now = time.time()
+    if infos:
+        rows = [("KEY", "VERSION", "CODEC", "SIZE", "HOLDERS", "AGE", "STATE")]
+        for i in infos:
+            holders = ",".join(map(str, i.holders)) or "-"
+            state = i.state + (" (keep warm)" if i.keep_warm else "")
+            rows.append((i.key, i.version or i.path.stem.rsplit("--", 1)[-1], i.codec, _size(i.nbytes),
+                         holders, _age(now - i.created), state))
+        _table(rows)
+        print(f"{len(infos)} segment(s), {_size(sum(i.nbytes for i in infos))} in {directory}")
+    else:
+        print(f"no segments in {directory}")
+    if running:
+        rows = [("SERVER", "COPY", "PID", "DEVICE", "CLIENTS", "IN FLIGHT", "CALLS", "AGE", "STATE")]
+        for s in running:
+            rows.append((s.key, str(s.copy), str(s.pid), s.device or "-", str(s.clients), str(s.in_flight),
+                         str(s.calls), _age(now - s.started), "serving" if s.alive else "dead (modelshare gc)"))
+        print()
+        _table(rows)
+        print(f"{len(running)} server(s)")
     return 0
 
 
 def _gc(directory: Path, include_warm: bool, dry_run: bool) -> int:
     removed = gc_segments(directory, include_warm=include_warm, dry_run=dry_run)
+    removed += sweep_servers(directory, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for path in removed:
         print(f"{verb} {path}")
@@ -69,13 +86,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="modelshare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=None, help="segment directory (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", help="list segments: key, size, holders, age")
+    ls = sub.add_parser("ls", help="list segments (key, size, holders, age) and model servers")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.add_argument("--servers", action="store_true", help="with --json: the servers instead of the segments")
     gc = sub.add_parser("gc", help="remove segments that no live process holds")
     gc.add_argument("--all", action="store_true", help="also remove segments kept warm")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     args = parser.parse_args(argv)
     directory = args.dir if args.dir is not None else default_directory()
     if args.command == "ls":
-        return _ls(directory, args.json)
+        return _ls(directory, args.json, args.servers)
     return _gc(directory, args.all, args.dry_run)

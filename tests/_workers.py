@@ -184,3 +184,21 @@ def server_calls_worker(shared: Any, x: np.ndarray, calls: int, results: Any) ->
         servers.append(model.whoami())
     shared.release(model)
     results.put((os.getpid(), outputs[0], sorted(set(servers)), all(np.array_equal(o, outputs[0]) for o in outputs)))
+
+
+class NotThreadSafe:
+    """A model that fails if two threads call it at once (it keeps per-call state)."""
+
+    def __init__(self, width: int = 256) -> None:
+        self.weights = np.ones((width, width), dtype=np.float32)
+        self.busy = False
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.busy:
+            raise RuntimeError("called from two threads at once")
+        self.busy = True
+        try:
+            time.sleep(0.01)
+            return x @ self.weights
+        finally:
+            self.busy = False

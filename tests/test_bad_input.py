@@ -66,7 +66,7 @@ def test_key_with_path_characters(key) -> None:
 
 
 def test_share_and_loader_checked() -> None:
-    with pytest.raises(ValueError, match="share must be 'threads' or 'processes'"):
+    with pytest.raises(ValueError, match="share must be 'threads', 'processes' or 'server'"):
         SharedModel(lambda: 1, key="k", share="machine")
     with pytest.raises(TypeError, match="loader must be a zero-argument callable"):
         SharedModel(np.ones(3), key="k")

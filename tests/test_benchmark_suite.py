@@ -72,6 +72,15 @@ def test_scenario_1_a_copy_per_thread_is_oom_killed_one_per_process_completes(tm
         assert runs[approach]["status"] == "completed" and runs[approach]["outputs_equal"], runs[approach]
 
 
+@needs_cgroup
+def test_scenario_4_exact_copies_complete_where_a_copy_per_process_is_oom_killed(tmp_path: Path) -> None:
+    runs = _suite(tmp_path, "--scenario", "4", "--framework", "torch", "--size-mib", "384", "--processes", "4",
+                  "--calls", "4")
+    assert runs["beam-shared"]["status"] == "oom-killed"
+    for approach in ("modelshare-server", "beam-model-copies"):
+        assert runs[approach]["status"] == "completed" and runs[approach]["outputs_equal"], runs[approach]
+
+
 def test_without_a_cgroup_peaks_are_compared_to_the_limit(tmp_path: Path) -> None:
     model = prepare_model("numpy", 16, tmp_path)
     scenario = get(3)
@@ -97,5 +106,5 @@ def test_reference_output_is_a_private_load(tmp_path: Path) -> None:
 
 
 def test_unknown_scenario_names_the_ones_there_are() -> None:
-    with pytest.raises(ValueError, match=r"scenarios \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"scenarios \[1, 3, 4\]"):
         get(2)

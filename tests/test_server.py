@@ -213,8 +213,8 @@ def test_only_the_same_user_can_connect(shm_dir: Path) -> None:
 
 
 def test_server_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="share='server', copies=N"):
-        SharedModel(Unsplittable, key="x", share="processes", copies=2)
+    with pytest.raises(ValueError, match="devices and retries are for share='server'"):
+        SharedModel(Unsplittable, key="x", share="processes", devices=["cpu"])
     with pytest.raises(ValueError, match="copies must be a positive int"):
         SharedModel(Unsplittable, key="x", share="server", copies=0)
     assert SharedModel(Unsplittable, key="x", share="server", devices=["cpu", "cpu", "cpu"]).copies == 3
@@ -227,4 +227,27 @@ def test_a_released_client_says_so(shm_dir: Path) -> None:
     shared.release(model)
     with pytest.raises(ModelShareError, match="was released"):
         model.whoami()
+    assert _gone(shm_dir) == []
+
+
+def test_modelshare_ls_shows_servers_and_gc_cleans_after_a_crash(shm_dir: Path) -> None:
+    import json
+
+    def cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "modelshare", "--dir", str(shm_dir), *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    shared = SharedModel(Unsplittable, key="listed", share="server", copies=2, idle_exit=0.5)
+    with shared.use() as model:
+        model.whoami(), model.whoami()
+        table = cli("ls")
+        assert "SERVER" in table and "listed" in table and "serving" in table
+        servers = json.loads(cli("ls", "--json", "--servers"))
+        assert sorted(s["copy"] for s in servers) == [0, 1] and all(s["clients"] == 1 for s in servers)
+        assert sum(s["calls"] for s in servers) >= 2
+        for pid in model.servers():
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        assert "dead (modelshare gc)" in cli("ls")
+        assert "removed 6 file(s)" in cli("gc")  # each copy's socket, status table and start lock
     assert _gone(shm_dir) == []

@@ -2,8 +2,8 @@
 
 A scenario says which approaches run side by side, how many threads each worker process runs,
 and the default memory limit: one that the private approach cannot fit and a shared copy can.
-Scenario 2 (several keyed models under a byte budget) and 4 (exact copies) plug in as new
-modules here that add their approaches to ``benchmarks.approaches``.
+Scenario 2 (several keyed models under a byte budget) plugs in as a new module here that adds
+its approaches to ``benchmarks.approaches``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ class Scenario:
     # the default limit in bytes: f(model bytes, processes, threads, a bare worker's bytes)
     default_limit: Callable[[int, int, int, int], int]
     must_survive: tuple[str, ...]  # the approaches the limit is sized for
+    copies: int = 1  # model instances on the machine, for the approaches with exact copies
 
 
 def _scenarios() -> dict[int, Scenario]:
-    from . import one_large_model, one_model_per_process
+    from . import exact_copies, one_large_model, one_model_per_process
 
-    return {s.number: s for s in (one_model_per_process.SCENARIO, one_large_model.SCENARIO)}
+    modules = (one_model_per_process, one_large_model, exact_copies)
+    return {module.SCENARIO.number: module.SCENARIO for module in modules}
 
 
 def get(number: int) -> Scenario:
