@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import psutil
 
+from modelshare import memory
+
 from ._cgroup import CgroupUnavailable, MemoryCgroup
 from ._worker import RELEASE
 from .approaches import RunSpec
@@ -60,6 +62,7 @@ class RunResult:
     peak_in_use_mib: float = 0.0  # sampled anonymous + shared memory (without a cgroup: total PSS)
     peak_charged_mib: float = 0.0  # the cgroup's own peak, page cache included (without one: total PSS)
     peak_pss_mib: float = 0.0
+    peak_gpu_used_mib: Optional[float] = None  # all GPUs' used memory (NVML), where there are GPUs
     first_inference_s: Optional[float] = None  # median over the worker threads
     calls_per_s: Optional[float] = None  # all threads together
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99
@@ -227,6 +230,9 @@ def _watch(result: RunResult, workers: list[subprocess.Popen[bytes]], run_dir: P
         result.timeline.append((round(elapsed, 2), round(in_use / MiB, 1), round(pss / MiB, 1)))
         result.peak_pss_mib = max(result.peak_pss_mib, pss / MiB)
         result.peak_in_use_mib = max(result.peak_in_use_mib, in_use / MiB)
+        gpu_used = sum(g.used for g in gpus) if (gpus := memory.gpus()) else None
+        if gpu_used is not None:
+            result.peak_gpu_used_mib = max(result.peak_gpu_used_mib or 0.0, gpu_used / MiB)
         if cgroup is None:
             result.peak_charged_mib = result.peak_pss_mib
         progress(f"{elapsed:5.1f} s, {in_use / MiB:6.0f} MiB in use")

@@ -113,6 +113,29 @@ class ServerClient:
             return reply
         raise AssertionError("unreachable")
 
+    def start(self) -> None:
+        """Connect to every copy now, starting those not running, all at once: the model is ready
+        when ``acquire()`` returns, and no later call waits for a copy to load."""
+        errors: list[BaseException] = []
+        channels: dict[int, Channel] = {}
+
+        def connect(copy: int) -> None:
+            try:
+                channels[copy] = self._connect(copy)
+            except BaseException as exc:  # noqa: BLE001 -- raised below, in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=connect, args=(copy,)) for copy in range(len(self._files))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self._local.__dict__.setdefault("channels", {}).update(channels)  # this thread's connections
+        with self._all_lock:
+            self._all.extend(channels.values())
+        if errors:
+            raise errors[0]
+
     def _least_busy(self) -> int:
         if len(self._files) == 1:
             return 0

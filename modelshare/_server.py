@@ -332,6 +332,14 @@ def _no_grad() -> Iterator[None]:
             yield
 
 
+def _share_cores(copies: int) -> None:
+    """N copies computing at once on one machine: each takes cores ÷ N intra-op threads (the
+    frameworks' pools read these when they start; none has started yet)."""
+    threads = str(max(1, (os.cpu_count() or 1) // copies))
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, threads)
+
+
 def _load(shared: Any, device: str) -> Any:
     loader = shared._get_loader()
     try:
@@ -356,6 +364,7 @@ def main() -> int:
         return 1
     if device:
         os.environ["MODELSHARE_DEVICE"] = device
+    _share_cores(shared.copies)
     try:
         model = _load(shared, device)
     except BaseException:

@@ -355,7 +355,9 @@ class SharedModel(Generic[M]):
 
         directory = _segment.ensure_directory(self.directory)
         _table.prepare_directory(directory)
-        return ServerClient(self, self.copies, self.devices, self.retries, self.idle_exit, self.timeout)
+        client = ServerClient(self, self.copies, self.devices, self.retries, self.idle_exit, self.timeout)
+        client.start()
+        return client
 
     def _get_loader(self) -> Callable[[], M]:
         if self._loader is None:

@@ -7,6 +7,7 @@ it, so N processes on one segment look like N copies; the figures here avoid tha
 * **PSS** (proportional set size): private pages plus each shared page divided by the number of
   processes that map it. Summed over processes, a segment is counted once.
 * **segment bytes**: what the files in a segment directory occupy in tmpfs (memory, not disk).
+* **GPUs**: used and free per device through NVML, where ``nvidia-ml-py`` and a GPU are present.
 
 Example::
 
@@ -26,7 +27,7 @@ import psutil
 
 from . import _segment
 
-__all__ = ["HostMemory", "ProcessMemory", "host", "process", "total_pss", "segment_bytes"]
+__all__ = ["HostMemory", "ProcessMemory", "GpuMemory", "host", "process", "total_pss", "segment_bytes", "gpus"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,33 @@ def segment_bytes(directory: Union[str, os.PathLike[str], None] = None) -> int:
         except FileNotFoundError:
             continue
     return total
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One GPU's memory in bytes, from NVML."""
+
+    index: int
+    total: int
+    used: int
+    free: int
+
+
+def gpus() -> list[GpuMemory]:
+    """Every GPU's memory through NVML (``nvidia-ml-py``); empty where there is no NVML or no GPU."""
+    try:
+        import pynvml  # nvidia-ml-py: optional, never a dependency of the core
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        found = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+            found.append(GpuMemory(index, int(info.total), int(info.used), int(info.free)))
+        return found
+    finally:
+        pynvml.nvmlShutdown()

@@ -202,3 +202,13 @@ class NotThreadSafe:
             return x @ self.weights
         finally:
             self.busy = False
+
+
+class OnDevice:
+    """A model that remembers the device its server put it on."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def where(self) -> tuple[str, str, int]:
+        return self.device, os.environ.get("MODELSHARE_DEVICE", ""), os.getpid()

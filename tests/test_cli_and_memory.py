@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from modelshare import SharedModel, list_segments, memory
 
@@ -69,3 +70,11 @@ def test_memory_figures_count_a_segment_once(shm_dir: Path) -> None:
     assert memory.segment_bytes(shm_dir) == 0
     host = memory.host()
     assert 0 < host.available <= host.total and host.used == host.total - host.available
+
+
+def test_gpu_accounting_degrades_to_none_without_nvml() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pynvml") is not None:
+        pytest.skip("nvidia-ml-py is installed here: the GPU path is exercised on a GPU machine")
+    assert memory.gpus() == []

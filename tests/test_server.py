@@ -251,3 +251,16 @@ def test_modelshare_ls_shows_servers_and_gc_cleans_after_a_crash(shm_dir: Path) 
         assert "dead (modelshare gc)" in cli("ls")
         assert "removed 6 file(s)" in cli("gc")  # each copy's socket, status table and start lock
     assert _gone(shm_dir) == []
+
+
+def test_copies_spread_over_the_given_devices(shm_dir: Path) -> None:
+    shared = SharedModel(_workers.OnDevice, key="devices", share="server", devices=["cpu:0", "cpu:1", "cpu:0"],
+                         idle_exit=0.5)
+    with shared.use() as model:
+        seen = {}
+        for _ in range(12):
+            device, env, pid = model.where()
+            assert device == env
+            seen[pid] = device
+        assert sorted(seen.values()) == ["cpu:0", "cpu:0", "cpu:1"], "three copies, placed round robin"
+    assert _gone(shm_dir) == []
