@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Union
 
 from . import _segment, memory
+from ._budget import Budget, MemoryBudgetExceeded
+from ._router import KeyStats, ModelRouter
 from ._segment import SegmentInfo, default_directory
 from ._shared import HoldInfo, SharedModel
 from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
@@ -40,6 +42,10 @@ __version__ = "0.1.0"
 __all__ = [
     "SharedModel",
     "HoldInfo",
+    "ModelRouter",
+    "Budget",
+    "KeyStats",
+    "MemoryBudgetExceeded",
     "Codec",
     "Encoded",
     "register_codec",

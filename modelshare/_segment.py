@@ -424,11 +424,15 @@ def list_segments(directory: Path) -> list[SegmentInfo]:
         try:
             fd = os.open(seg, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            temps = list(directory.glob(stem + _TMP + "*"))
+            temps = []
+            for path in directory.glob(stem + _TMP + "*"):
+                try:
+                    temps.append((path, path.stat()))
+                except FileNotFoundError:
+                    pass  # renamed into place (or removed) since the listing: the next look sees it
             if temps:
-                size = sum(p.stat().st_size for p in temps if p.exists())
-                infos.append(SegmentInfo(temps[0], key, None, "?", size, temps[0].stat().st_mtime,
-                                         holders, False, "publishing"))
+                infos.append(SegmentInfo(temps[0][0], key, None, "?", sum(st.st_size for _, st in temps),
+                                         temps[0][1].st_mtime, holders, False, "publishing"))
             continue
         try:
             st = os.fstat(fd)

@@ -212,3 +212,45 @@ class OnDevice:
 
     def where(self) -> tuple[str, str, int]:
         return self.device, os.environ.get("MODELSHARE_DEVICE", ""), os.getpid()
+
+
+def blob(mib: int, seed: int = 0) -> dict:
+    """A model that is just ``mib`` MiB of weights (the router tests' unit of memory)."""
+    return {"w": np.full(mib * MiB, seed % 251, dtype=np.uint8), "seed": seed}
+
+
+def route_worker(directory: str, budget: int, keys: list[str], mib: int, rounds: int, seed: int, results: Any) -> None:
+    """Use the router's models in a random order; report (uses, errors)."""
+    import functools
+    import random
+
+    from modelshare import Budget, ModelRouter, SharedModel
+
+    router = ModelRouter({k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory)
+                          for i, k in enumerate(keys)}, budget=Budget(host=budget))
+    rng = random.Random(seed)
+    errors = []
+    for _ in range(rounds):
+        key = rng.choice(keys)
+        try:
+            with router.use(key) as model:
+                if model["seed"] != keys.index(key) or model["w"][0] != keys.index(key) % 251:
+                    errors.append(f"{key}: wrong model")
+                time.sleep(0.01)
+        except Exception as exc:  # noqa: BLE001 -- reported to the test
+            errors.append(f"{key}: {type(exc).__name__}: {exc}")
+    results.put((os.getpid(), rounds, errors))
+
+
+def hold_routed_and_wait(directory: str, budget: int, keys: list[str], mib: int, results: Any) -> None:
+    """Hold every key's model through the router until killed."""
+    import functools
+
+    from modelshare import Budget, ModelRouter, SharedModel
+
+    router = ModelRouter({k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory)
+                          for i, k in enumerate(keys)}, budget=Budget(host=budget))
+    held = [router.acquire(k) for k in keys]
+    results.put(os.getpid())
+    time.sleep(3600)
+    assert held

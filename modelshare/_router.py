@@ -1,0 +1,313 @@
+"""ModelRouter: many models by key, held under a byte budget per machine, evicting the least
+recently used model that no process is using.
+
+"Several models trained differently do the same task": each element goes to the model for its
+key. Counting models per process (Beam's ``max_models_per_worker_hint``) multiplies by the
+processes and ignores sizes; the router counts bytes, once per machine::
+
+    router = ModelRouter({"en": SharedModel(load_en, key="en"), "de": ...}, budget=Budget(host="4GiB"))
+    with router.use("de") as model:
+        model.predict(batch)
+
+How the budget holds across every process that routes through the same directory:
+
+* What is held is read from the directory itself: the sizes of the segments in it (and of those
+  being published), plus reservations of loads in progress by live processes. Segments are
+  shared and their holders are kernel locks, so a SIGKILLed process cannot leave the count wrong.
+* A small ledger beside the segments (``router.ledger``, ``flock``-ed for every decision) keeps
+  what the directory cannot: when each model was last used, its size from its last load (the
+  estimate before the next one), reservations, and counters (loads, hits, evictions).
+* Before a load: its size (from the ledger, else ``sizes=``, else the mean of known sizes) plus
+  what is held must fit the budget and the machine's available memory; otherwise the least
+  recently used segments that no process holds are unlinked, oldest first; otherwise
+  :class:`MemoryBudgetExceeded` names the model, its size, the budget and what holds it. A
+  model larger than the whole budget fails at once. A model in use is never evicted: using it
+  holds its segment's shared lock, and eviction needs the exclusive one.
+* Released models stay loaded (``keep_warm``) until evicted; loads stay single-flight per machine
+  (``SharedModel``'s own locks).
+
+Models share the router's directory and ``share="processes"``. GPU budgets need models that live
+on GPUs and are refused for now with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+import psutil
+
+from . import _segment
+from ._budget import Budget, MemoryBudgetExceeded, Size, format_size, parse_size
+from ._shared import SharedModel
+
+__all__ = ["ModelRouter", "KeyStats"]
+
+LEDGER = "router.ledger"
+
+
+@dataclass(frozen=True)
+class KeyStats:
+    """What the router has done for one key, machine-wide."""
+
+    key: str
+    loads: int
+    hits: int
+    evictions: int
+    nbytes: int
+    last_used: float
+    loaded: bool
+    holders: list[int]
+
+
+class _Ledger:
+    """The ledger file, read and written under its exclusive flock (one decision at a time)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LEDGER
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with os.fdopen(os.dup(fd), "r+") as f:
+                try:
+                    state = json.loads(f.read() or "{}")
+                except json.JSONDecodeError:
+                    state = {}  # torn by a SIGKILL mid-write: sizes and times are re-learned
+                state.setdefault("models", {})
+                state.setdefault("reservations", {})
+                yield state
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps(state))
+        finally:
+            os.close(fd)
+
+
+class ModelRouter:
+    """Models by key under a machine-wide byte budget (see the module docstring).
+
+    Args:
+        models: key -> ``SharedModel`` (``share="processes"``, all in one directory).
+        budget: the byte budget (``Budget(host="4GiB")``).
+        factory: for keys not in ``models``: ``factory(key)`` returns its ``SharedModel``.
+        sizes: expected bytes per key (a mapping, or a function of the key returning a size or
+            None), used before a key's first load has measured it; without one, the largest size
+            measured for another version of the key, else the mean of the sizes measured so far.
+        directory: the segment directory (default: the models', else the default directory).
+    """
+
+    def __init__(self, models: Optional[Mapping[str, SharedModel[Any]]] = None, *, budget: Budget,
+                 factory: Optional[Callable[[str], SharedModel[Any]]] = None,
+                 sizes: Union[Mapping[str, Size], Callable[[str], Optional[Size]], None] = None,
+                 directory: Optional[os.PathLike[str]] = None) -> None:
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a modelshare.Budget, e.g. Budget(host='4GiB'), not {budget!r}")
+        if budget.gpu:
+            raise ValueError("GPU budgets need models that live on GPUs, which SharedModel does not place yet; "
+                             "give a host budget: Budget(host=...)")
+        self.budget = budget
+        self._models: dict[str, SharedModel[Any]] = {}
+        self._factory = factory
+        self._sizes = sizes if callable(sizes) else {k: parse_size(v) for k, v in (sizes or {}).items()}
+        self._directory = Path(directory) if directory is not None else None
+        self._lock = threading.Lock()
+        for key, shared in (models or {}).items():
+            self._add(key, shared)
+
+    @property
+    def directory(self) -> Path:
+        if self._directory is None:
+            self._directory = _segment.default_directory()
+        return self._directory
+
+    def _add(self, key: str, shared: SharedModel[Any]) -> SharedModel[Any]:
+        if not isinstance(shared, SharedModel) or shared.share != "processes":
+            raise TypeError(f"the router's model for {key!r} must be a SharedModel(share='processes'), "
+                            f"not {shared!r}")
+        if self._directory is None:
+            self._directory = shared.directory
+        if shared.directory != self._directory:
+            raise ValueError(f"the model for {key!r} lives in {shared.directory}, the router in {self._directory}: "
+                             "a budget is kept per directory, give every model the same one")
+        shared.keep_warm = True  # a released model stays loaded until the budget needs its room
+        self._models[key] = shared
+        return shared
+
+    def model(self, key: str) -> SharedModel[Any]:
+        """The SharedModel for ``key`` (from ``models``, else made by ``factory``)."""
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            if self._factory is None:
+                raise KeyError(f"no model for key {key!r}: the router has {sorted(self._models)} and no factory")
+            return self._add(key, self._factory(key))
+
+    # -- use ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, key: str) -> Iterator[Any]:
+        """``with router.use(key) as model:`` -- the model for ``key``, loaded within the budget."""
+        shared, model = self.acquire(key)
+        try:
+            yield model
+        finally:
+            shared.release(model)
+
+    def __call__(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        """``router(key, x)``: call the model for ``key`` once."""
+        with self.use(key) as model:
+            return model(*args, **kwargs)
+
+    def acquire(self, key: str) -> tuple[SharedModel[Any], Any]:
+        """The model for ``key`` and its SharedModel (``shared.release(model)`` when done)."""
+        shared = self.model(key)
+        name = shared.segment_name
+        ledger = _Ledger(_segment.ensure_directory(self.directory))
+        with ledger.locked() as state:
+            entry = state["models"].setdefault(name.stem, {"key": key, "loads": 0, "hits": 0, "evictions": 0,
+                                                           "bytes": 0, "last_used": 0.0})
+            entry["last_used"] = time.time()
+            if name.seg_path.exists():  # a hit: attach under the ledger lock, so it cannot be evicted first
+                entry["hits"] += 1
+                return shared, shared.acquire()
+            reserved = self._admit(state, key, name, entry)
+        try:
+            model = shared.acquire()  # single-flight per machine; may take a while: the ledger is free meanwhile
+        except BaseException:
+            with ledger.locked() as state:
+                state["reservations"].pop(name.stem, None)
+            raise
+        with ledger.locked() as state:
+            state["reservations"].pop(name.stem, None)
+            entry = state["models"][name.stem]
+            entry["bytes"] = _file_size(name.seg_path) or reserved
+            entry["loads"] += 1
+            try:
+                self._make_room(state, 0, exclude=name.stem, key=key)
+            except MemoryBudgetExceeded:
+                shared.release(model)  # larger than its estimate, and nothing else can go: undo
+                _evict(name)
+                raise
+        return shared, model
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _estimate(self, state: dict[str, Any], key: str, stem: str) -> int:
+        models = state["models"]
+        if models.get(stem, {}).get("bytes"):
+            return models[stem]["bytes"]
+        hint = self._sizes(key) if callable(self._sizes) else self._sizes.get(key)
+        if hint is not None:
+            return parse_size(hint)
+        same_key = [m["bytes"] for m in models.values() if m.get("key") == key and m.get("bytes")]
+        if same_key:
+            return max(same_key)  # another version of this model
+        known = [m["bytes"] for m in models.values() if m.get("bytes")]
+        return int(sum(known) / len(known)) if known else 0
+
+    def _admit(self, state: dict[str, Any], key: str, name: _segment.SegmentName, entry: dict[str, Any]) -> int:
+        """Make room for ``key`` (evicting if needed) and reserve its estimated size."""
+        reservation = state["reservations"].get(name.stem)
+        if reservation and psutil.pid_exists(reservation["pid"]):
+            return int(reservation["bytes"])  # another process is loading it: this one will attach
+        size = self._estimate(state, key, name.stem)
+        if self.budget.host is not None and size > self.budget.host:
+            raise MemoryBudgetExceeded(
+                f"model {key!r} needs {format_size(size)}, more than the whole host budget of "
+                f"{format_size(self.budget.host)}: raise Budget(host=...) or make the model smaller")
+        self._make_room(state, size, exclude=name.stem, key=key)
+        state["reservations"][name.stem] = {"pid": os.getpid(), "bytes": size}
+        return size
+
+    def _held(self, state: dict[str, Any], exclude: str = "") -> tuple[int, dict[str, int]]:
+        """Bytes held in the directory: segments (and segments being published) plus live reservations."""
+        sizes: dict[str, int] = {}
+        for info in _segment.list_segments(self.directory):
+            file_name = info.path.name  # <key>--<hex version>.seg, or .seg.tmp-... while being published
+            stem = file_name[: file_name.index(".", file_name.rindex("--"))]
+            sizes[stem] = sizes.get(stem, 0) + info.nbytes
+        for stem, reservation in list(state["reservations"].items()):
+            if not psutil.pid_exists(reservation["pid"]):
+                del state["reservations"][stem]  # its loader died: its lock and temp file went with it
+            elif stem != exclude:
+                sizes[stem] = max(sizes.get(stem, 0), int(reservation["bytes"]))
+        return sum(s for stem, s in sizes.items() if stem != exclude), sizes
+
+    def _make_room(self, state: dict[str, Any], size: int, *, exclude: str, key: str) -> None:
+        """Evict unheld models, least recently used first, until ``size`` more bytes fit."""
+        held, sizes = self._held(state, exclude)
+        if exclude and exclude in sizes and size == 0:
+            held += sizes[exclude]  # after a load: the loaded model itself counts
+        last_used = {stem: m.get("last_used", 0.0) for stem, m in state["models"].items()}
+        victims = sorted((stem for stem in sizes if stem != exclude), key=lambda stem: last_used.get(stem, 0.0))
+        available = psutil.virtual_memory().available
+        for stem in victims:
+            if self._fits(held, size, available):
+                return
+            name = _segment.SegmentName(self.directory, stem)
+            if _evict(name):
+                held -= sizes[stem]
+                available += sizes[stem]
+                if stem in state["models"]:
+                    state["models"][stem]["evictions"] += 1
+        if not self._fits(held, size, available):
+            holders = {state["models"].get(stem, {}).get("key", stem): _segment.lock_holders(
+                _segment.SegmentName(self.directory, stem).lock_path) for stem in sizes if stem != exclude}
+            in_use = ", ".join(f"{k} (pids {p})" for k, p in holders.items() if p) or "nothing"
+            budget = format_size(self.budget.host) if self.budget.host is not None else "none"
+            raise MemoryBudgetExceeded(
+                f"model {key!r} needs {format_size(size)}; the host budget is {budget}, {format_size(held)} is held "
+                f"by models in use -- {in_use} -- and {format_size(available)} is available on the machine. "
+                "Release models, raise Budget(host=...), or route fewer keys at once")
+
+    def _fits(self, held: int, size: int, available: int) -> bool:
+        within_budget = self.budget.host is None or held + size <= self.budget.host
+        return within_budget and size <= available
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, KeyStats]:
+        """Per key, machine-wide: loads, hits, evictions, bytes, last use, loaded now, holders."""
+        ledger = _Ledger(_segment.ensure_directory(self.directory))
+        with ledger.locked() as state:
+            models = dict(state["models"])
+        result = {}
+        for stem, m in models.items():
+            name = _segment.SegmentName(self.directory, stem)
+            result[m["key"]] = KeyStats(m["key"], m["loads"], m["hits"], m["evictions"], m["bytes"], m["last_used"],
+                                        name.seg_path.exists(), _segment.lock_holders(name.lock_path))
+        return result
+
+    def held_bytes(self) -> int:
+        """Bytes of models held in the router's directory now."""
+        return sum(info.nbytes for info in _segment.list_segments(self.directory))
+
+
+def _evict(name: _segment.SegmentName) -> bool:
+    """Unlink ``name``'s segment if no process holds it; whether it did."""
+    fd = _segment.lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+    if fd is None:
+        return False  # in use (or being published): never evicted
+    try:
+        name.seg_path.unlink(missing_ok=True)
+        name.lock_path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,249 @@
+"""ModelRouter: many keyed models under a machine-wide byte budget; real processes, real SIGKILLs."""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from modelshare import Budget, MemoryBudgetExceeded, ModelRouter, SharedModel
+from modelshare._budget import parse_size
+
+from . import _workers
+from ._workers import MiB, blob
+
+
+def _router(directory: Path, budget_mib: int, keys: list[str], mib: int = 4) -> ModelRouter:
+    models = {k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory) for i, k in enumerate(keys)}
+    return ModelRouter(models, budget=Budget(host=budget_mib * MiB))
+
+
+def _bytes_in(directory: Path) -> int:
+    """Bytes of segments (and segments being written) in ``directory`` now."""
+    total = 0
+    for path in directory.glob("*.seg*"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass  # renamed or evicted meanwhile
+    return total
+
+
+def _segments(directory: Path) -> set[str]:
+    return {p.name.split("--")[0] for p in directory.glob("*.seg")}
+
+
+def test_sizes_parse_and_bad_sizes_say_how() -> None:
+    assert parse_size("512MiB") == 512 << 20 and parse_size("4 GiB") == 4 << 30 and parse_size("2GB") == 2 * 10**9
+    assert parse_size("1.5GiB") == 3 << 29 and parse_size(1024) == 1024
+    for bad in ("lots", "4 parsecs", -1, 1.5, True):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+    assert Budget(host="1GiB", gpu={0: "2GiB"}).gpu == {0: 2 << 30}
+
+
+def test_least_recently_used_unheld_model_is_evicted(shm_dir: Path) -> None:
+    router = _router(shm_dir, 13, ["a", "b", "c"])  # room for three 4 MiB models, not four
+    for key in ("a", "b", "c"):
+        with router.use(key) as model:
+            assert model["seed"] == "abc".index(key)
+    assert _segments(shm_dir) == {"a", "b", "c"}, "released models stay loaded within the budget"
+    with router.use("a"):
+        pass  # a is now the most recently used
+    router = ModelRouter({**{k: router.model(k) for k in "abc"},
+                          "d": SharedModel(functools.partial(blob, 4, 3), key="d", directory=shm_dir)},
+                         budget=router.budget)
+    with router.use("d"):
+        assert _segments(shm_dir) == {"a", "c", "d"}, "b was the least recently used"
+    stats = router.stats()
+    assert stats["b"].evictions == 1 and stats["a"].hits == 1 and stats["d"].loads == 1
+    assert router.held_bytes() <= 13 * MiB
+    _clear(router, "acd")
+
+
+def _clear(router: ModelRouter, keys) -> None:
+    """Unload every model of ``keys`` and remove the ledger (a router keeps both on purpose)."""
+    from modelshare._router import LEDGER, _evict
+
+    for key in keys:
+        assert _evict(router.model(key).segment_name) or not router.model(key).segment_name.seg_path.exists()
+    (router.directory / LEDGER).unlink(missing_ok=True)
+
+
+def test_a_model_in_use_is_never_evicted_and_the_error_names_its_holder(shm_dir: Path) -> None:
+    router = _router(shm_dir, 9, ["a", "b", "c"])  # two at a time
+    with router.use("a"), router.use("b"):
+        with pytest.raises(MemoryBudgetExceeded, match=r"model 'c' needs 4.0 MiB; the host budget is 9.0 MiB.*"
+                                                       r"'?a'? \(pids \[\d+\]\)"):
+            with router.use("c"):
+                pass
+        assert _segments(shm_dir) == {"a", "b"}
+    with router.use("c"):  # now a (least recently used, unheld) makes room
+        assert _segments(shm_dir) == {"b", "c"}
+    _clear(router, "abc")
+
+
+def test_a_model_larger_than_the_budget_fails_at_once(shm_dir: Path) -> None:
+    router = ModelRouter({"big": SharedModel(functools.partial(blob, 8), key="big", directory=shm_dir)},
+                         budget=Budget(host="4MiB"), sizes={"big": "8MiB"})
+    with pytest.raises(MemoryBudgetExceeded, match="more than the whole host budget"):
+        router.acquire("big")
+    assert not list(shm_dir.glob("*.seg"))
+    _clear(router, ["big"])
+    with pytest.raises(ValueError, match="GPU budgets"):
+        ModelRouter({}, budget=Budget(host="1GiB", gpu={0: "1GiB"}))
+    with pytest.raises(KeyError, match="no model for key 'nope'"):
+        router.model("nope")
+
+
+def test_factory_resolves_open_ended_keys(shm_dir: Path) -> None:
+    router = ModelRouter(factory=lambda k: SharedModel(functools.partial(blob, 2, int(k)), key=f"m{k}",
+                                                       directory=shm_dir), budget=Budget(host="5MiB"))
+    for k in ("1", "2", "3", "1"):
+        with router.use(k) as model:
+            assert model["seed"] == int(k)
+    assert router.held_bytes() <= 5 * MiB
+    _clear(router, ("1", "2", "3"))
+
+
+def test_two_processes_cycling_six_models_never_exceed_the_budget(shm_dir: Path, spawn) -> None:
+    keys = [f"m{i}" for i in range(6)]
+    budget = 50 * MiB  # six models of 20 MiB: at most two at a time
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(_bytes_in(shm_dir))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    results = spawn.Queue()
+    procs = [spawn.Process(target=_workers.route_worker, args=(str(shm_dir), budget, keys, 20, 40, seed, results))
+             for seed in (1, 2)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    stop.set()
+    sampler.join()
+    assert all(errors == [] for _, _, errors in got), got
+    assert max(samples) <= budget, f"held {max(samples) / MiB:.0f} MiB under a {budget / MiB:.0f} MiB budget"
+    router = _router(shm_dir, 50, keys, 20)
+    stats = router.stats()
+    assert sum(s.loads + s.hits for s in stats.values()) == 80 and sum(s.evictions for s in stats.values()) > 0
+    _clear(router, keys)
+
+
+def test_sigkill_of_a_holder_releases_its_models_and_the_ledger_stays_right(shm_dir: Path, spawn) -> None:
+    results = spawn.Queue()
+    holder = spawn.Process(target=_workers.hold_routed_and_wait, args=(str(shm_dir), 9 * MiB, ["a", "b"], 4, results))
+    holder.start()
+    results.get(timeout=120)
+    router = _router(shm_dir, 9, ["a", "b", "c"])
+    with pytest.raises(MemoryBudgetExceeded):
+        router.acquire("c")  # a and b are in use by the holder
+    holder.kill()
+    holder.join(30)
+    with router.use("c") as model:  # the kernel released its holds: a (least recently used) makes room
+        assert model["seed"] == 2
+    assert router.held_bytes() <= 9 * MiB and len(_segments(shm_dir)) == 2
+    _clear(router, "abc")
+
+
+class RouterMachine(RuleBasedStateMachine):
+    """Random interleavings of use, release and new keys of random sizes; invariants after each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import uuid
+
+        self.directory = Path("/dev/shm") / f"modelshare-router-{uuid.uuid4().hex[:8]}"
+        self.router = ModelRouter(budget=Budget(host=12 * MiB), directory=self.directory,
+                                  factory=lambda k: SharedModel(functools.partial(blob, self.sizes[k], len(k)),
+                                                                key=k, directory=self.directory),
+                                  sizes=lambda k: self.sizes[k] * MiB)
+        self.sizes: dict[str, int] = {}
+        self.held: list[tuple[str, SharedModel, object]] = []
+        self.order: list[str] = []  # least recently used first
+
+    @rule(size=st.integers(1, 5))
+    def new_key(self, size: int) -> None:
+        self.sizes[f"k{len(self.sizes)}"] = size
+
+    @precondition(lambda self: self.sizes)
+    @rule(data=st.data())
+    def use(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.sizes)))
+        before = {p.name.split("--")[0] for p in self.directory.glob("*.seg")}
+        try:
+            shared, model = self.router.acquire(key)
+        except MemoryBudgetExceeded:
+            in_use = {k for k, _, _ in self.held}
+            held_bytes = sum(p.stat().st_size for p in self.directory.glob("*.seg") if p.name.split("--")[0] in in_use)
+            assert held_bytes + self.sizes[key] * MiB > 12 * MiB, "refused although it would fit"
+            return
+        self.held.append((key, shared, model))
+        after = {p.name.split("--")[0] for p in self.directory.glob("*.seg")}
+        evicted = before - after
+        in_use = {k for k, _, _ in self.held}
+        assert not evicted & in_use, "a model in use was evicted"
+        unheld_lru = [k for k in self.order if k in before and k not in in_use]
+        assert set(unheld_lru[: len(evicted)]) == evicted, f"evicted {evicted}, LRU order {unheld_lru}"
+        self.order = [k for k in self.order if k != key] + [key]
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        key, shared, model = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        shared.release(model)
+
+    @invariant()
+    def within_budget(self) -> None:
+        assert sum(p.stat().st_size for p in self.directory.glob("*.seg")) <= 12 * MiB
+
+    def teardown(self) -> None:
+        import shutil
+
+        for _, shared, model in self.held:
+            shared.release(model)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+TestRouterMachine = RouterMachine.TestCase
+TestRouterMachine.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
+
+
+def test_random_threads_never_exceed_the_budget(shm_dir: Path) -> None:
+    keys = [f"t{i}" for i in range(5)]
+    router = _router(shm_dir, 10, keys, 3)
+    errors: list[BaseException] = []
+    peak = [0]
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(30):
+            try:
+                with router.use(rng.choice(keys)):
+                    peak[0] = max(peak[0], router.held_bytes())
+            except MemoryBudgetExceeded:
+                pass  # three threads can hold three models: a fourth may not fit, and says so
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and peak[0] <= 10 * MiB
+    _clear(router, keys)
