@@ -1,8 +1,10 @@
-"""``modelshare ls | gc``: inspect and clean a segment directory from the shell.
+"""``modelshare ls | gc | top``: inspect and clean a segment directory from the shell.
 
 ``ls`` shows each segment's key, size, holders' pids and age, and each model server's copy, pid,
 device, clients, calls in flight and calls served; ``gc`` unlinks what no live process holds
-(what SIGKILLed processes left behind) and stops servers orphaned without clients. Both read
+(what SIGKILLed processes left behind) and stops servers orphaned without clients; ``top`` is a
+live view: segments, their holders, servers, and per key the router's loads, hits, hit rate and
+evictions, refreshed in place. All read
 ``--dir``, else ``$MODELSHARE_DIR``, else the default ``/dev/shm/modelshare-<uid>``.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import default_directory, gc_segments, list_segments
+from . import default_directory, gc_segments, list_segments, memory
 from ._server import list_servers, sweep_servers
 
 
@@ -71,6 +73,41 @@ def _ls(directory: Path, as_json: bool, servers: bool) -> int:
     return 0
 
 
+def _router_rows(directory: Path) -> list[tuple[str, ...]]:
+    from ._router import LEDGER, _Ledger
+
+    if not (directory / LEDGER).exists():
+        return []
+    with _Ledger(directory).locked() as state:
+        models = sorted(state["models"].values(), key=lambda m: -m.get("last_used", 0))
+    rows = [("ROUTED KEY", "LOADS", "HITS", "HIT RATE", "EVICTIONS", "SIZE", "LAST USED")]
+    now = time.time()
+    for m in models:
+        uses = m["loads"] + m["hits"]
+        rows.append((m["key"], str(m["loads"]), str(m["hits"]), f"{m['hits'] / uses:.0%}" if uses else "-",
+                     str(m["evictions"]), _size(m["bytes"]), _age(now - m["last_used"]) + " ago"))
+    return rows
+
+
+def _top(directory: Path, interval: float, once: bool) -> int:
+    try:
+        while True:
+            if not once:
+                print("\033[H\033[J", end="")  # home and clear: the view refreshes in place
+            print(f"modelshare top -- {directory} -- {time.strftime('%H:%M:%S')}  host: "
+                  f"{_size(memory.host().available)} available of {_size(memory.host().total)}\n")
+            _ls(directory, as_json=False, servers=False)
+            rows = _router_rows(directory)
+            if rows:
+                print()
+                _table(rows)
+            if once:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _gc(directory: Path, include_warm: bool, dry_run: bool) -> int:
     removed = gc_segments(directory, include_warm=include_warm, dry_run=dry_run)
     removed += sweep_servers(directory, dry_run=dry_run)
@@ -92,8 +129,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gc = sub.add_parser("gc", help="remove segments that no live process holds")
     gc.add_argument("--all", action="store_true", help="also remove segments kept warm")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    top = sub.add_parser("top", help="a live view: segments, holders, servers, router hit rates")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--once", action="store_true", help="print one view and exit")
     args = parser.parse_args(argv)
     directory = args.dir if args.dir is not None else default_directory()
     if args.command == "ls":
         return _ls(directory, args.json, args.servers)
+    if args.command == "top":
+        return _top(directory, args.interval, args.once)
     return _gc(directory, args.all, args.dry_run)

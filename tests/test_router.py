@@ -247,3 +247,20 @@ def test_random_threads_never_exceed_the_budget(shm_dir: Path) -> None:
         t.join()
     assert errors == [] and peak[0] <= 10 * MiB
     _clear(router, keys)
+
+
+def test_modelshare_top_shows_hit_rates(shm_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    router = _router(shm_dir, 20, ["a", "b"])
+    for key in "aab":
+        with router.use(key):
+            pass
+    view = subprocess.run([sys.executable, "-m", "modelshare", "--dir", str(shm_dir), "top", "--once"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "ROUTED KEY" in view and "HIT RATE" in view
+    routed = view.split("ROUTED KEY", 1)[1].splitlines()
+    row = next(line for line in routed if line.startswith("a "))
+    assert row.split()[1:4] == ["1", "1", "50%"]
+    _clear(router, "ab")
