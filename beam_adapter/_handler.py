@@ -18,7 +18,7 @@ How the model is shared is decided by ``_share_model``: the generic path shares 
 handler's ``load_model`` returns (a torch module, a scikit-learn estimator); ONNX Runtime
 handlers, whose ``load_model`` returns an unpicklable ``InferenceSession``, are shared from their
 model file with ``SharedModel.from_onnx``. Server mode, exact copies and keyed routing under a
-byte budget will plug in there, behind the same constructor.
+byte budget plug in there, behind the same constructor (``budget=``: ``_keyed``).
 
 Model updates (``model_metadata_pcoll``): Beam calls ``update_model_path`` and then
 ``load_model``; the new path is part of the segment's version, so the new model is loaded once per
@@ -41,12 +41,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from modelshare import EncodeError, HoldInfo, ModelShareError, SharedModel, memory
+from modelshare import Budget, EncodeError, HoldInfo, ModelRouter, ModelShareError, SharedModel, memory
 from modelshare._fingerprint import loader_fingerprint
 from modelshare._segment import key_from
 from modelshare.threads import Threads, ThreadShare
 
 from ._batches import BatchRunner, Ragged
+from ._keyed import is_multi_model, keyed_router, run_keyed
 from ._lean_loaders import lean_loader
 
 __all__ = ["SharedModelHandler", "release_all"]
@@ -89,6 +90,9 @@ class SharedModelHandler(ModelHandler):
             ``"server"`` with N copies, anything else ``"processes"`` (``large_model=True`` on a
             model that cannot be split falls back to one server).
         copies: ``share="server"``: exactly this many model instances on the machine.
+        budget: for a ``KeyedModelHandler([KeyModelMapping(...), ...])``: route its models under
+            this machine-wide byte budget (``modelshare.Budget(host="4GiB")``) instead of Beam's
+            per-process model count (``max_models_per_worker_hint``); see ``_keyed``.
         key: the segment's name; defaults to ``beam-<handler class>``.
         version: what identifies the model; defaults to a fingerprint of the handler (its class,
             code and settings, model path included), extended by each model update's path.
@@ -102,9 +106,13 @@ class SharedModelHandler(ModelHandler):
 
     def __init__(self, handler: ModelHandler, share: Optional[str] = None, *, copies: Optional[int] = None,
                  key: Optional[str] = None, version: Optional[str] = None, directory: Optional[str] = None,
-                 ragged: Ragged = None, split_on_oom: bool = True, threads: Threads = "auto") -> None:
+                 ragged: Ragged = None, split_on_oom: bool = True, threads: Threads = "auto",
+                 budget: Optional[Budget] = None) -> None:
         if not isinstance(handler, ModelHandler):
             raise TypeError(f"SharedModelHandler wraps a Beam ModelHandler, not {type(handler).__qualname__}")
+        if budget is not None and (not is_multi_model(handler) or share not in (None, "processes")):
+            raise ValueError("budget= routes the models of a KeyedModelHandler([KeyModelMapping(...), ...]) under "
+                             "a byte budget (share='processes'); wrap such a handler, or leave budget out")
         if share not in (None, "processes", "threads", "server"):
             raise ValueError(f"share must be 'processes', 'threads' or 'server', not {share!r}")
         if copies is not None and share not in (None, "server"):
@@ -125,11 +133,15 @@ class SharedModelHandler(ModelHandler):
         self._pending_metrics: Optional[tuple[HoldInfo, int]] = None
         self._threads = ThreadShare(threads)
         self._shared: Optional[SharedModel[Any]] = None
+        self._budget = budget
 
     # -- loading: the one thing this wrapper changes -----------------------------------------
 
     def load_model(self) -> Any:
-        """The wrapped handler's model, loaded once per machine; a previous one is let go."""
+        """The wrapped handler's model, loaded once per machine; a previous one is let go. (With a
+        budget: a router over the keyed handler's models, each loaded when its key comes.)"""
+        if self._budget is not None:
+            return keyed_router(self._handler, self._budget, self._directory)
         shared = self._share_model()
         slot = (str(shared.directory), self._key, self._version)  # one per handler; updates replace it
         with _holds_lock:
@@ -208,9 +220,15 @@ class SharedModelHandler(ModelHandler):
             self._pending_metrics = None
         if self._shared is not None:
             self._threads.apply(self._shared)
+        if isinstance(model, ModelRouter):
+            return run_keyed(self._handler, model, batch, inference_args, self._run_batch)
+        return self._run_batch(self._handler.run_inference, batch, model, inference_args)
+
+    def _run_batch(self, run_inference: Callable[..., Iterable[Any]], batch: Sequence[Any], model: Any,
+                   inference_args: Optional[dict[str, Any]]) -> Iterable[Any]:
         if self._batches is None:
-            return self._handler.run_inference(batch, model, inference_args)
-        return self._batches.run(self._handler.run_inference, batch, model, inference_args)
+            return run_inference(batch, model, inference_args)
+        return self._batches.run(run_inference, batch, model, inference_args)
 
     def _report_load(self, info: HoldInfo, private_bytes: int) -> None:
         """Beam metrics: loads vs. attaches, their latency, bytes shared vs. private."""

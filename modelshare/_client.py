@@ -171,13 +171,12 @@ class ServerClient:
             try:
                 sock.connect(str(files.sock))
                 channel = Channel(sock)
-                channel.receive(copy=True)  # the hello: this server has taken us on
+                (_, pid, _), _ = channel.receive(copy=True)  # the hello: this server has taken us on
                 with self._all_lock:
-                    old = self._stats.pop(copy, None)
-                    if old is not None:
-                        old.close()
-                    with contextlib.suppress(OSError):
-                        self._stats[copy] = StatsView(files.srv)  # a restarted server has a new table
+                    view = self._stats.get(copy)
+                    if view is None or view.pid() != pid:  # a new (or restarted) server: a new table
+                        with contextlib.suppress(OSError):
+                            self._stats[copy] = StatsView(files.srv)
                 return channel
             except (FileNotFoundError, ConnectionRefusedError, EOFError, ConnectionResetError):
                 sock.close()

@@ -19,9 +19,10 @@ How the budget holds across every process that routes through the same directory
   estimate before the next one), reservations, and counters (loads, hits, evictions).
 * Before a load: its size (from the ledger, else ``sizes=``, else the mean of known sizes) plus
   what is held must fit the budget and the machine's available memory; otherwise the least
-  recently used segments that no process holds are unlinked, oldest first; otherwise
-  :class:`MemoryBudgetExceeded` names the model, its size, the budget and what holds it. A
-  model larger than the whole budget fails at once. A model in use is never evicted: using it
+  recently used segments that no process holds are unlinked, oldest first; otherwise the call
+  waits for models in use to be released (``wait``), then :class:`MemoryBudgetExceeded` names the
+  model, its size, the budget and what holds it. A model larger than the whole budget fails at
+  once. A model in use is never evicted: using it
   holds its segment's shared lock, and eviction needs the exclusive one.
 * Released models stay loaded (``keep_warm``) until evicted; loads stay single-flight per machine
   (``SharedModel``'s own locks).
@@ -67,6 +68,10 @@ class KeyStats:
     holders: list[int]
 
 
+class _NoRoom(Exception):
+    """Nothing that could be evicted makes room now (models in use): wait, or give up."""
+
+
 class _Ledger:
     """The ledger file, read and written under its exclusive flock (one decision at a time)."""
 
@@ -102,20 +107,24 @@ class ModelRouter:
         factory: for keys not in ``models``: ``factory(key)`` returns its ``SharedModel``.
         sizes: expected bytes per key (a mapping, or a function of the key returning a size or
             None), used before a key's first load has measured it; without one, the largest size
-            measured for another version of the key, else the mean of the sizes measured so far.
+            measured for another version of the key, else the largest measured so far, else (the
+            very first load) the load runs alone.
+        wait: seconds to wait for models in use to be released when the budget is full, before
+            :class:`MemoryBudgetExceeded`.
         directory: the segment directory (default: the models', else the default directory).
     """
 
     def __init__(self, models: Optional[Mapping[str, SharedModel[Any]]] = None, *, budget: Budget,
                  factory: Optional[Callable[[str], SharedModel[Any]]] = None,
                  sizes: Union[Mapping[str, Size], Callable[[str], Optional[Size]], None] = None,
-                 directory: Optional[os.PathLike[str]] = None) -> None:
+                 directory: Optional[os.PathLike[str]] = None, wait: float = 60.0) -> None:
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a modelshare.Budget, e.g. Budget(host='4GiB'), not {budget!r}")
         if budget.gpu:
             raise ValueError("GPU budgets need models that live on GPUs, which SharedModel does not place yet; "
                              "give a host budget: Budget(host=...)")
         self.budget = budget
+        self.wait = float(wait)
         self._models: dict[str, SharedModel[Any]] = {}
         self._factory = factory
         self._sizes = sizes if callable(sizes) else {k: parse_size(v) for k, v in (sizes or {}).items()}
@@ -169,18 +178,36 @@ class ModelRouter:
             return model(*args, **kwargs)
 
     def acquire(self, key: str) -> tuple[SharedModel[Any], Any]:
-        """The model for ``key`` and its SharedModel (``shared.release(model)`` when done)."""
+        """The model for ``key`` and its SharedModel (``shared.release(model)`` when done).
+
+        When the budget is taken by models in use, waits (up to ``wait`` seconds) for them to be
+        released, then raises :class:`MemoryBudgetExceeded`.
+        """
         shared = self.model(key)
         name = shared.segment_name
         ledger = _Ledger(_segment.ensure_directory(self.directory))
+        deadline, delay = time.monotonic() + self.wait, 0.005
+        while True:
+            try:
+                return self._try_acquire(key, shared, name, ledger)
+            except _NoRoom as no_room:
+                if time.monotonic() >= deadline:
+                    raise MemoryBudgetExceeded(f"{no_room} (waited {self.wait:g} s for models in use to be "
+                                               "released)") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _try_acquire(self, key: str, shared: SharedModel[Any], name: _segment.SegmentName,
+                     ledger: _Ledger) -> tuple[SharedModel[Any], Any]:
         with ledger.locked() as state:
             entry = state["models"].setdefault(name.stem, {"key": key, "loads": 0, "hits": 0, "evictions": 0,
                                                            "bytes": 0, "last_used": 0.0})
-            entry["last_used"] = time.time()
             if name.seg_path.exists():  # a hit: attach under the ledger lock, so it cannot be evicted first
                 entry["hits"] += 1
+                entry["last_used"] = time.time()
                 return shared, shared.acquire()
-            reserved = self._admit(state, key, name, entry)
+            reserved = self._admit(state, key, name)
+            entry["last_used"] = time.time()
         try:
             model = shared.acquire()  # single-flight per machine; may take a while: the ledger is free meanwhile
         except BaseException:
@@ -193,16 +220,16 @@ class ModelRouter:
             entry["bytes"] = _file_size(name.seg_path) or reserved
             entry["loads"] += 1
             try:
-                self._make_room(state, 0, exclude=name.stem, key=key)
-            except MemoryBudgetExceeded:
-                shared.release(model)  # larger than its estimate, and nothing else can go: undo
+                self._make_room(state, 0, exclude=name.stem, key=key, loaded=entry["bytes"])
+            except _NoRoom:
+                shared.release(model)  # larger than its estimate, and nothing else can go: undo, and wait
                 _evict(name)
                 raise
         return shared, model
 
     # -- admission ------------------------------------------------------------------------------
 
-    def _estimate(self, state: dict[str, Any], key: str, stem: str) -> int:
+    def _estimate(self, state: dict[str, Any], key: str, stem: str) -> Optional[int]:
         models = state["models"]
         if models.get(stem, {}).get("bytes"):
             return models[stem]["bytes"]
@@ -213,14 +240,19 @@ class ModelRouter:
         if same_key:
             return max(same_key)  # another version of this model
         known = [m["bytes"] for m in models.values() if m.get("bytes")]
-        return int(sum(known) / len(known)) if known else 0
+        return max(known) if known else None
 
-    def _admit(self, state: dict[str, Any], key: str, name: _segment.SegmentName, entry: dict[str, Any]) -> int:
+    def _admit(self, state: dict[str, Any], key: str, name: _segment.SegmentName) -> int:
         """Make room for ``key`` (evicting if needed) and reserve its estimated size."""
         reservation = state["reservations"].get(name.stem)
         if reservation and psutil.pid_exists(reservation["pid"]):
             return int(reservation["bytes"])  # another process is loading it: this one will attach
         size = self._estimate(state, key, name.stem)
+        if size is None:  # nothing measured yet: this load runs alone, with all the room there is
+            held, _ = self._held(state, name.stem)
+            size = max(0, (self.budget.host if self.budget.host is not None else held) - held)
+            if held:
+                raise _NoRoom(f"model {key!r} has no known size yet and waits for the budget to be free")
         if self.budget.host is not None and size > self.budget.host:
             raise MemoryBudgetExceeded(
                 f"model {key!r} needs {format_size(size)}, more than the whole host budget of "
@@ -243,11 +275,11 @@ class ModelRouter:
                 sizes[stem] = max(sizes.get(stem, 0), int(reservation["bytes"]))
         return sum(s for stem, s in sizes.items() if stem != exclude), sizes
 
-    def _make_room(self, state: dict[str, Any], size: int, *, exclude: str, key: str) -> None:
-        """Evict unheld models, least recently used first, until ``size`` more bytes fit."""
+    def _make_room(self, state: dict[str, Any], size: int, *, exclude: str, key: str, loaded: int = 0) -> None:
+        """Evict unheld models, least recently used first, until ``size`` more bytes fit (``loaded``:
+        the bytes of ``exclude``, just loaded, which count and stay); ``_NoRoom`` if they cannot."""
         held, sizes = self._held(state, exclude)
-        if exclude and exclude in sizes and size == 0:
-            held += sizes[exclude]  # after a load: the loaded model itself counts
+        held += loaded
         last_used = {stem: m.get("last_used", 0.0) for stem, m in state["models"].items()}
         victims = sorted((stem for stem in sizes if stem != exclude), key=lambda stem: last_used.get(stem, 0.0))
         available = psutil.virtual_memory().available
@@ -265,10 +297,10 @@ class ModelRouter:
                 _segment.SegmentName(self.directory, stem).lock_path) for stem in sizes if stem != exclude}
             in_use = ", ".join(f"{k} (pids {p})" for k, p in holders.items() if p) or "nothing"
             budget = format_size(self.budget.host) if self.budget.host is not None else "none"
-            raise MemoryBudgetExceeded(
-                f"model {key!r} needs {format_size(size)}; the host budget is {budget}, {format_size(held)} is held "
-                f"by models in use -- {in_use} -- and {format_size(available)} is available on the machine. "
-                "Release models, raise Budget(host=...), or route fewer keys at once")
+            raise _NoRoom(
+                f"model {key!r} needs {format_size(size or loaded)}; the host budget is {budget}, "
+                f"{format_size(held)} is held by models in use -- {in_use} -- and {format_size(available)} is "
+                "available on the machine. Release models, raise Budget(host=...), or route fewer keys at once")
 
     def _fits(self, held: int, size: int, available: int) -> bool:
         within_budget = self.budget.host is None or held + size <= self.budget.host

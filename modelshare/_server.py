@@ -126,6 +126,9 @@ class StatsView:
     def in_flight(self) -> int:
         return _STATS.unpack_from(self._map)[3]
 
+    def pid(self) -> int:
+        return _STATS.unpack_from(self._map)[0]
+
     def close(self) -> None:
         self._map.close()
 

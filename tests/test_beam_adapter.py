@@ -374,3 +374,68 @@ def _sklearn_handler_at(path: str) -> ModelHandler:
     from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
 
     return SklearnModelHandlerNumpy(model_uri=path)
+
+
+def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -> None:
+    from apache_beam.ml.inference.base import KeyModelMapping
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+    from sklearn.linear_model import LogisticRegression
+
+    from modelshare import Budget
+
+    rng = np.random.default_rng(0)
+    mappings = []
+    for i in range(6):  # six models of ~1 MiB each: coefficients of 32 classes x 4096 features
+        model = LogisticRegression()
+        model.coef_, model.intercept_, model.classes_ = rng.standard_normal((32, 4096)), np.zeros(32), np.arange(32)
+        path = tmp_path / f"m{i}.pkl"
+        path.write_bytes(pickle.dumps(model))
+        mappings.append(KeyModelMapping([f"k{i}"], SklearnModelHandlerNumpy(model_uri=str(path))))
+    keyed = KeyedModelHandler(mappings)
+    examples = [(f"k{i % 6}", rng.standard_normal(4096)) for i in range(48)]
+    budget = Budget(host=int(2.5 * (32 * 4096 * 8)))  # room for two models at a time
+
+    def run_keyed(handler: ModelHandler) -> list[tuple]:
+        out = tmp_path / f"keyed{next(_runs)}"
+        with beam.Pipeline(options=PipelineOptions(direct_num_workers=4,
+                                                   direct_running_mode="multi_processing")) as p:
+            (p
+             | beam.Create(examples)
+             | RunInference(handler)
+             | beam.MapTuple(lambda k, r: json.dumps([k, float(r.example[0]), float(np.asarray(r.inference))]))
+             | beam.io.WriteToText(str(out)))
+        files = tmp_path.glob(out.name + "*")
+        return sorted(tuple(json.loads(line)) for f in files for line in f.read_text().splitlines())
+
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            total = 0
+            for path in shm_dir.glob("*.seg*"):
+                try:
+                    total += path.stat().st_size
+                except FileNotFoundError:
+                    pass
+            samples.append(total)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        got = run_keyed(SharedModelHandler(keyed, budget=budget))
+    finally:
+        stop.set()
+        sampler.join()
+    assert got == run_keyed(keyed) and len(got) == 48
+    assert max(samples) <= budget.host, f"held {max(samples)} bytes under a {budget.host}-byte budget"
+    with pytest.raises(ValueError, match="budget= routes the models of a KeyedModelHandler"):
+        SharedModelHandler(_sklearn_handler(tmp_path), budget=budget)
+    from modelshare._router import LEDGER
+
+    for seg in shm_dir.glob("*.seg"):  # kept warm by the router until evicted: clear them for the fixture
+        seg.unlink()
+    for name in ("*.lock", LEDGER):
+        for path in shm_dir.glob(name):
+            path.unlink()

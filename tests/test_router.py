@@ -20,9 +20,9 @@ from . import _workers
 from ._workers import MiB, blob
 
 
-def _router(directory: Path, budget_mib: int, keys: list[str], mib: int = 4) -> ModelRouter:
+def _router(directory: Path, budget_mib: int, keys: list[str], mib: int = 4, wait: float = 0.0) -> ModelRouter:
     models = {k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory) for i, k in enumerate(keys)}
-    return ModelRouter(models, budget=Budget(host=budget_mib * MiB))
+    return ModelRouter(models, budget=Budget(host=budget_mib * MiB), wait=wait)
 
 
 def _bytes_in(directory: Path) -> int:
@@ -168,7 +168,7 @@ class RouterMachine(RuleBasedStateMachine):
         import uuid
 
         self.directory = Path("/dev/shm") / f"modelshare-router-{uuid.uuid4().hex[:8]}"
-        self.router = ModelRouter(budget=Budget(host=12 * MiB), directory=self.directory,
+        self.router = ModelRouter(budget=Budget(host=12 * MiB), directory=self.directory, wait=0,
                                   factory=lambda k: SharedModel(functools.partial(blob, self.sizes[k], len(k)),
                                                                 key=k, directory=self.directory),
                                   sizes=lambda k: self.sizes[k] * MiB)
@@ -225,7 +225,7 @@ TestRouterMachine.settings = settings(max_examples=25, stateful_step_count=30, d
 
 def test_random_threads_never_exceed_the_budget(shm_dir: Path) -> None:
     keys = [f"t{i}" for i in range(5)]
-    router = _router(shm_dir, 10, keys, 3)
+    router = _router(shm_dir, 10, keys, 3, wait=30)  # three threads, three models fit: a fourth waits
     errors: list[BaseException] = []
     peak = [0]
 
@@ -235,8 +235,6 @@ def test_random_threads_never_exceed_the_budget(shm_dir: Path) -> None:
             try:
                 with router.use(rng.choice(keys)):
                     peak[0] = max(peak[0], router.held_bytes())
-            except MemoryBudgetExceeded:
-                pass  # three threads can hold three models: a fourth may not fit, and says so
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
@@ -264,3 +262,20 @@ def test_modelshare_top_shows_hit_rates(shm_dir: Path) -> None:
     row = next(line for line in routed if line.startswith("a "))
     assert row.split()[1:4] == ["1", "1", "50%"]
     _clear(router, "ab")
+
+
+def test_a_full_budget_waits_for_models_in_use_to_be_released(shm_dir: Path) -> None:
+    router = _router(shm_dir, 9, ["a", "b", "c"], wait=30)
+    shared_a, model_a = router.acquire("a")
+    with router.use("b"):
+        got: list[object] = []
+        waiter = threading.Thread(target=lambda: got.append(router.acquire("c")))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive() and not got, "c waits: a and b are in use"
+        shared_a.release(model_a)  # a goes out of use: c evicts it and loads
+        waiter.join(30)
+    (shared_c, model_c), = got
+    assert model_c["seed"] == 2 and _segments(shm_dir) == {"b", "c"}
+    shared_c.release(model_c)
+    _clear(router, "abc")

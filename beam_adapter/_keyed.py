@@ -1,0 +1,63 @@
+"""Keyed models under a byte budget: a Beam ``KeyedModelHandler([KeyModelMapping(...), ...])``
+routed through a ``modelshare.ModelRouter`` instead of Beam's per-process model count.
+
+Beam bounds a multi-model keyed handler by ``max_models_per_worker_hint`` -- a number of models
+per process, whatever their sizes, multiplied by the number of processes. Here every model is
+a ``SharedModel`` in one directory and the router keeps the bytes held by all of them on the
+machine within ``budget``: the least recently used model no process is using is evicted to make
+room, and a model in use is never evicted. Inference is the wrapped handler's: the batch is
+grouped by key as ``KeyedModelHandler`` groups it, and each group runs through its own model
+handler's ``run_inference``, so the keyed results are the same as unwrapped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler
+
+from modelshare import Budget, ModelRouter, SharedModel
+from modelshare._fingerprint import loader_fingerprint
+from modelshare._segment import key_from
+
+from ._lean_loaders import lean_loader
+
+__all__ = ["is_multi_model", "keyed_router", "run_keyed"]
+
+
+def is_multi_model(handler: ModelHandler) -> bool:
+    """Whether ``handler`` is a ``KeyedModelHandler`` over several models (``KeyModelMapping``s)."""
+    return isinstance(handler, KeyedModelHandler) and not handler._single_model
+
+
+def keyed_router(handler: KeyedModelHandler, budget: Budget, directory: Optional[str]) -> ModelRouter:
+    """A router over the models of ``handler``'s mappings, one ``SharedModel`` per mapping."""
+    models = {}
+    for model_id, mh in handler._id_to_mh_map.items():
+        loader = lean_loader(mh) or mh.load_model
+        models[model_id] = SharedModel(loader, key=key_from(f"beam-keyed-{model_id}", "beam-keyed-model"),
+                                       version=loader_fingerprint(mh.load_model), directory=directory)
+    return ModelRouter(models, budget=budget)
+
+
+def run_keyed(handler: KeyedModelHandler, router: ModelRouter, batch: Sequence[tuple[Any, Any]],
+              inference_args: Optional[dict[str, Any]],
+              run: Callable[..., Iterable[Any]]) -> list[tuple[Any, Any]]:
+    """``KeyedModelHandler.run_inference`` with each model taken from ``router`` for its group.
+
+    ``run(mh.run_inference, examples, model, inference_args)`` runs one group (the adapter's
+    ragged/out-of-memory batching, or a plain call).
+    """
+    batch_by_key: dict[Any, list[Any]] = defaultdict(list)
+    keys_by_id: dict[str, dict[Any, None]] = defaultdict(dict)
+    for key, example in batch:
+        batch_by_key[key].append(example)
+        keys_by_id[handler._key_to_id_map[key]][key] = None
+    predictions = []
+    for model_id, keys in keys_by_id.items():
+        mh = handler._id_to_mh_map[model_id]
+        with router.use(model_id) as model:
+            for key in keys:
+                predictions += [(key, p) for p in run(mh.run_inference, batch_by_key[key], model, inference_args)]
+    return predictions
