@@ -3,6 +3,8 @@
 Scenarios:
   1  a small model, one per process, shared by its threads (private per thread vs. Beam's
      ``Shared`` vs. modelshare ``share="threads"``)
+  2  6 keyed models with room for 2 (Beam's ``KeyedModelHandler(max_models_per_worker_hint=2)``
+     vs. modelshare's ``ModelRouter`` under a byte budget)
   3  one large model shared by all processes (Beam's default vs. Beam's ``large_model=True``
      ``MultiProcessShared`` vs. modelshare) -- the default: a 512 MiB PyTorch model, 4 processes
   4  exactly 2 model instances for all the processes (Beam's default vs. Beam's

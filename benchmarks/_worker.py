@@ -20,21 +20,22 @@ from typing import Any
 
 import numpy as np
 
-from .approaches import APPROACHES, RunSpec
+from .approaches import APPROACHES, STATS, RunSpec
 from .frameworks import FRAMEWORKS
 
 RELEASE = "release"
 
 
-def _thread(spec: RunSpec, results: list[dict[str, Any]], outputs: list[Any], errors: list[BaseException]) -> None:
+def _thread(spec: RunSpec, first_call: int, results: list[dict[str, Any]], outputs: list[Any],
+            errors: list[BaseException]) -> None:
     try:
         framework = FRAMEWORKS[spec.framework]
         x = framework.sample()
         infer = APPROACHES[spec.approach](spec)
-        outputs.append(np.asarray(infer(0, x)))
+        outputs.append(np.asarray(infer(first_call, x)))
         first = time.time() - spec.launched_at
         latencies, start = [], time.time()
-        for i in range(1, spec.calls + 1):
+        for i in range(first_call + 1, first_call + spec.calls + 1):
             t = time.perf_counter()
             infer(i, x)
             latencies.append((time.perf_counter() - t) * 1000)
@@ -51,7 +52,8 @@ def main(spec_path: str, index: int) -> int:
     results: list[dict[str, Any]] = []
     outputs: list[Any] = []
     errors: list[BaseException] = []
-    threads = [threading.Thread(target=_thread, args=(spec, results, outputs, errors)) for _ in range(spec.threads)]
+    threads = [threading.Thread(target=_thread, args=(spec, index * 1_000_000 + t * 10_000, results, outputs, errors))
+               for t in range(spec.threads)]  # every call has an index of its own: keyed approaches pick by it
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -59,7 +61,10 @@ def main(spec_path: str, index: int) -> int:
     if errors:
         raise errors[0]
     np.save(run_dir / f"output-{index}.npy", outputs[0])
-    record = {"pid": os.getpid(), "threads": results}
+    stats: dict[str, int] = {}
+    for report in STATS:
+        stats.update(report())
+    record = {"pid": os.getpid(), "threads": results, "stats": stats}
     (run_dir / f"worker-{index}.json.tmp").write_text(json.dumps(record))
     os.replace(run_dir / f"worker-{index}.json.tmp", run_dir / f"worker-{index}.json")
     while not (run_dir / RELEASE).exists():

@@ -17,7 +17,13 @@ way RunInference uses them:
 * ``beam-model-copies``: ``model_copies=N`` -- N ``MultiProcessShared`` servers (tags
   ``<key>_<i>``, each a thread of the worker that first asked for it), calls round robin;
 * ``modelshare-server``: ``SharedModel(share="server", copies=N)`` -- N server processes, each
-  call to the least busy.
+  call to the least busy;
+* ``beam-keyed-hint``: several keyed models through Beam's ``KeyedModelHandler`` with
+  ``max_models_per_worker_hint`` -- a count of models per worker process;
+* ``modelshare-router``: the same keys through ``ModelRouter`` under a machine-wide byte budget.
+
+Keyed approaches pick the key of each call from the call's index, so every approach sees the
+same key sequence.
 
 A scenario module names which of these it runs; scenario 2 (keyed models under a budget) and 4
 (exact copies) add theirs here, behind the same signature.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +61,13 @@ class RunSpec:
     segment_dir: str  # modelshare's segment directory for this run
     launched_at: float  # wall-clock time the suite started the workers
     copies: int = 1  # model instances on the machine, for the approaches with exact copies
+    keyed_models: int = 1  # keyed approaches: how many models (files <model_path>.k<i>)
+    held_models: int = 1  # keyed approaches: Beam's per-worker hint; the router's budget in models
+    budget_bytes: int = 0  # the router's host budget
 
 
 _process_models: dict[str, Any] = {}  # what one process holds for its threads, per approach
+STATS: list[Callable[[], dict[str, int]]] = []  # counters an approach reports when the worker is done
 _process_lock = threading.Lock()
 
 
@@ -135,6 +146,59 @@ def modelshare_server(spec: RunSpec) -> Infer:
     return lambda _, x: framework.call(model, x)
 
 
+def keyed_paths(spec: RunSpec) -> list[str]:
+    return [f"{spec.model_path}.k{i}" for i in range(spec.keyed_models)]
+
+
+def key_of_call(spec: RunSpec, call_index: int) -> int:
+    """Which keyed model call ``call_index`` uses: the same sequence for every approach."""
+    return random.Random(call_index).randrange(spec.keyed_models)
+
+
+def beam_keyed_hint(spec: RunSpec) -> Infer:
+    from . import _beam_keyed
+
+    handler = _once_per_process("beam-keyed", lambda: _beam_keyed.keyed_handler(
+        spec.framework, keyed_paths(spec), spec.held_models))
+    manager = _once_per_process("beam-keyed-manager", handler.load_model)
+    _once_per_process("beam-keyed-stats", lambda: STATS.append(lambda: dict(_beam_keyed.LOADS)))
+    lock = _once_per_process("beam-keyed-lock", threading.Lock)  # Beam runs one bundle per DoFn at a time
+
+    def infer(call_index: int, x: Any) -> Any:
+        with lock:
+            ((_, out),) = handler.run_inference([(f"k{key_of_call(spec, call_index)}", x)], manager)
+        return out
+
+    return infer
+
+
+def modelshare_router(spec: RunSpec) -> Infer:
+    from modelshare import Budget, ModelRouter
+
+    framework = FRAMEWORKS[spec.framework]
+
+    def make() -> ModelRouter:
+        models = {f"k{i}": SharedModel(functools.partial(framework.lean_load or framework.load, Path(p)), key=f"k{i}",
+                                       directory=spec.segment_dir, version=p) for i, p in enumerate(keyed_paths(spec))}
+        router = ModelRouter(models, budget=Budget(host=spec.budget_bytes), wait=600)
+        STATS.append(lambda: {f"machine_{k}": v for k, v in _router_totals(router).items()})
+        return router
+
+    router = _once_per_process("modelshare-router", make)
+
+    def infer(call_index: int, x: Any) -> Any:
+        with router.use(f"k{key_of_call(spec, call_index)}") as model:
+            return framework.call(model, x)
+
+    return infer
+
+
+def _router_totals(router: Any) -> dict[str, int]:
+    stats = router.stats().values()
+    return {"loads": sum(s.loads for s in stats), "hits": sum(s.hits for s in stats),
+            "evictions": sum(s.evictions for s in stats)}
+
+
 APPROACHES: dict[str, Callable[[RunSpec], Infer]] = {
     "private-per-thread": private_per_thread,
     "beam-shared": beam_shared,
@@ -143,6 +207,8 @@ APPROACHES: dict[str, Callable[[RunSpec], Infer]] = {
     "modelshare-threads": functools.partial(_modelshare, "threads"),
     "beam-model-copies": beam_model_copies,
     "modelshare-server": modelshare_server,
+    "beam-keyed-hint": beam_keyed_hint,
+    "modelshare-router": modelshare_router,
 }
 
 LABELS: dict[str, str] = {
@@ -153,4 +219,6 @@ LABELS: dict[str, str] = {
     "modelshare-threads": "modelshare (`share=\"threads\"`)",
     "beam-model-copies": "Beam's `model_copies=N` (N `MultiProcessShared`)",
     "modelshare-server": "modelshare (`share=\"server\", copies=N`)",
+    "beam-keyed-hint": "Beam's `KeyedModelHandler(max_models_per_worker_hint=N)`",
+    "modelshare-router": "modelshare `ModelRouter` (a byte budget for N models)",
 }

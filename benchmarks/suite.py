@@ -69,6 +69,7 @@ class RunResult:
     outputs_equal: Optional[bool] = None
     wall_s: float = 0.0
     error: str = ""
+    stats: dict[str, int] = field(default_factory=dict)  # approach counters (keyed: loads, hits, evictions)
     timeline: list[tuple[float, float, float]] = field(default_factory=list)  # (s, in use MiB, PSS MiB)
 
     def to_json(self) -> dict[str, Any]:
@@ -188,8 +189,14 @@ def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: 
     cgroup = _try_cgroup(f"{approach}-{processes}", limit) if use_cgroup else None
     result.limit_enforced = cgroup is not None
     _drop_page_cache(model.path)
+    for i in range(scenario.keyed_models if scenario.keyed_models > 1 else 0):  # keyed models: one file each
+        keyed = Path(f"{model.path}.k{i}")
+        if not keyed.exists():
+            os.link(model.path, keyed)
+    budget = scenario.held_models * (model.nbytes + (1 << 20))  # the router's: N models and their headers
     spec = RunSpec(model.framework, str(model.path), approach, threads, calls, f"bench-{approach}",
-                   str(run_dir), str(segment_dir), time.time(), scenario.copies)
+                   str(run_dir), str(segment_dir), time.time(), scenario.copies, scenario.keyed_models,
+                   scenario.held_models, budget)
     (run_dir / "spec.json").write_text(json.dumps(asdict(spec)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.monotonic()
@@ -259,6 +266,12 @@ def _collect(result: RunResult, model: PreparedModel, run_dir: Path, processes: 
         result.error = next((e.splitlines()[-1] for e in errors if e), "a worker exited without results")[-500:]
         result.status = "failed"
         return
+    for record in records:  # counters: per worker ones add up, machine-wide ones (machine_*) are read once
+        for name, value in record.get("stats", {}).items():
+            if name.startswith("machine_"):
+                result.stats[name[8:]] = max(result.stats.get(name[8:], 0), value)
+            else:
+                result.stats[name] = result.stats.get(name, 0) + value
     threads = [t for record in records for t in record["threads"]]
     latencies = [ms for t in threads for ms in t["latencies_ms"]]
     span = max(t["calls_end"] for t in threads) - min(t["calls_start"] for t in threads)

@@ -106,5 +106,5 @@ def test_reference_output_is_a_private_load(tmp_path: Path) -> None:
 
 
 def test_unknown_scenario_names_the_ones_there_are() -> None:
-    with pytest.raises(ValueError, match=r"scenarios \[1, 3, 4\]"):
-        get(2)
+    with pytest.raises(ValueError, match=r"scenarios \[1, 2, 3, 4\]"):
+        get(5)

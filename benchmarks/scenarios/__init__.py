@@ -2,8 +2,8 @@
 
 A scenario says which approaches run side by side, how many threads each worker process runs,
 and the default memory limit: one that the private approach cannot fit and a shared copy can.
-Scenario 2 (several keyed models under a byte budget) plugs in as a new module here that adds
-its approaches to ``benchmarks.approaches``.
+A new scenario is a new module here (and, if it needs them, new approaches in
+``benchmarks.approaches``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ class Scenario:
     default_limit: Callable[[int, int, int, int], int]
     must_survive: tuple[str, ...]  # the approaches the limit is sized for
     copies: int = 1  # model instances on the machine, for the approaches with exact copies
+    keyed_models: int = 1  # keyed scenarios: how many models
+    held_models: int = 1  # keyed scenarios: how many of them fit at once (Beam's hint, the router's budget)
 
 
 def _scenarios() -> dict[int, Scenario]:
-    from . import exact_copies, one_large_model, one_model_per_process
+    from . import exact_copies, keyed_models, one_large_model, one_model_per_process
 
-    modules = (one_model_per_process, one_large_model, exact_copies)
+    modules = (one_model_per_process, keyed_models, one_large_model, exact_copies)
     return {module.SCENARIO.number: module.SCENARIO for module in modules}
 
 
