@@ -73,6 +73,18 @@ def test_scenario_1_a_copy_per_thread_is_oom_killed_one_per_process_completes(tm
 
 
 @needs_cgroup
+def test_scenario_2_keyed_models_under_a_byte_budget_survive_where_a_count_per_worker_is_oom_killed(
+        tmp_path: Path) -> None:
+    runs = _suite(tmp_path, "--scenario", "2", "--framework", "torch", "--size-mib", "96", "--processes", "4",
+                  "--calls", "6")
+    assert runs["beam-keyed-hint"]["status"] == "oom-killed"
+    routed = runs["modelshare-router"]
+    assert routed["status"] == "completed" and routed["outputs_equal"], routed
+    assert routed["stats"]["loads"] + routed["stats"]["hits"] == 4 * 7  # every call of every worker got its model
+    assert routed["peak_in_use_mib"] <= routed["limit_mib"]
+
+
+@needs_cgroup
 def test_scenario_4_exact_copies_complete_where_a_copy_per_process_is_oom_killed(tmp_path: Path) -> None:
     runs = _suite(tmp_path, "--scenario", "4", "--framework", "torch", "--size-mib", "384", "--processes", "4",
                   "--calls", "4")
