@@ -24,7 +24,9 @@ How the budget holds across every process that routes through the same directory
   model, its size, the budget and what holds it. A model larger than the whole budget fails at
   once. A model in use is never evicted: using it
   holds its segment's shared lock, and eviction needs the exclusive one.
-* Released models stay loaded (``keep_warm``) until evicted; loads stay single-flight per machine
+* Released models stay loaded (``keep_warm``) until evicted, or until the last process using a
+  router in the directory exits (each holds a shared lock on ``router.users``; the last one out,
+  or ``modelshare gc`` after a SIGKILL, evicts them). Loads stay single-flight per machine
   (``SharedModel``'s own locks).
 
 Models share the router's directory and ``share="processes"``. GPU budgets need models that live
@@ -33,6 +35,7 @@ on GPUs and are refused for now with a clear error.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -52,6 +55,57 @@ from ._shared import SharedModel
 __all__ = ["ModelRouter", "KeyStats"]
 
 LEDGER = "router.ledger"
+USERS = "router.users"  # every process using a router in the directory holds a shared flock on it
+
+_users: dict[Path, int] = {}
+_users_lock = threading.Lock()
+
+
+def _join(directory: Path) -> None:
+    """Count this process among the directory's router users (for life): the last one to leave
+    evicts the models the routers kept warm."""
+    with _users_lock:
+        if directory in _users:
+            return
+        fd = os.open(directory / USERS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a last user is sweeping
+        if not _users:
+            atexit.register(_leave_all)
+        _users[directory] = fd
+
+
+def _leave_all() -> None:
+    with _users_lock:
+        held = list(_users.items())
+        _users.clear()
+    for directory, fd in held:
+        os.close(fd)
+        sweep_router(directory)
+
+
+def sweep_router(directory: Path) -> list[Path]:
+    """If no process uses a router in ``directory`` any more (a SIGKILLed last user included),
+    evict the models routers kept warm there; what was removed."""
+    if not (directory / LEDGER).exists():
+        return []
+    try:
+        fd = os.open(directory / USERS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return []
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []  # routers are in use: their models stay
+        removed = []
+        with _Ledger(directory).locked() as state:
+            for stem in state["models"]:
+                name = _segment.SegmentName(directory, stem)
+                if name.seg_path.exists() and _evict(name):
+                    removed.append(name.seg_path)
+        return removed
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -186,6 +240,7 @@ class ModelRouter:
         shared = self.model(key)
         name = shared.segment_name
         ledger = _Ledger(_segment.ensure_directory(self.directory))
+        _join(self.directory)
         deadline, delay = time.monotonic() + self.wait, 0.005
         while True:
             try:

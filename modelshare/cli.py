@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import default_directory, gc_segments, list_segments, memory
+from ._router import sweep_router
 from ._server import list_servers, sweep_servers
 
 
@@ -111,6 +112,8 @@ def _top(directory: Path, interval: float, once: bool) -> int:
 def _gc(directory: Path, include_warm: bool, dry_run: bool) -> int:
     removed = gc_segments(directory, include_warm=include_warm, dry_run=dry_run)
     removed += sweep_servers(directory, dry_run=dry_run)
+    if not dry_run:
+        removed += sweep_router(directory)
     verb = "would remove" if dry_run else "removed"
     for path in removed:
         print(f"{verb} {path}")

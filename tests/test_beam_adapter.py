@@ -432,10 +432,13 @@ def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -
     assert max(samples) <= budget.host, f"held {max(samples)} bytes under a {budget.host}-byte budget"
     with pytest.raises(ValueError, match="budget= routes the models of a KeyedModelHandler"):
         SharedModelHandler(_sklearn_handler(tmp_path), budget=budget)
-    from modelshare._router import LEDGER
+    from modelshare._router import LEDGER, USERS, sweep_router
 
-    for seg in shm_dir.glob("*.seg"):  # kept warm by the router until evicted: clear them for the fixture
-        seg.unlink()
-    for name in ("*.lock", LEDGER):
+    deadline = time.monotonic() + 30  # the workers exited: the last router user evicted the warm models
+    while list(shm_dir.glob("*.seg")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sweep_router(shm_dir)  # this process used no router: nothing holds them
+    assert not list(shm_dir.glob("*.seg"))
+    for name in ("*.lock", LEDGER, USERS):
         for path in shm_dir.glob(name):
             path.unlink()

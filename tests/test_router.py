@@ -70,11 +70,12 @@ def test_least_recently_used_unheld_model_is_evicted(shm_dir: Path) -> None:
 
 def _clear(router: ModelRouter, keys) -> None:
     """Unload every model of ``keys`` and remove the ledger (a router keeps both on purpose)."""
-    from modelshare._router import LEDGER, _evict
+    from modelshare._router import LEDGER, USERS, _evict
 
     for key in keys:
         assert _evict(router.model(key).segment_name) or not router.model(key).segment_name.seg_path.exists()
     (router.directory / LEDGER).unlink(missing_ok=True)
+    (router.directory / USERS).unlink(missing_ok=True)
 
 
 def test_a_model_in_use_is_never_evicted_and_the_error_names_its_holder(shm_dir: Path) -> None:
@@ -279,3 +280,29 @@ def test_a_full_budget_waits_for_models_in_use_to_be_released(shm_dir: Path) -> 
     assert model_c["seed"] == 2 and _segments(shm_dir) == {"b", "c"}
     shared_c.release(model_c)
     _clear(router, "abc")
+
+
+def test_the_last_router_user_to_exit_evicts_the_warm_models(shm_dir: Path, spawn) -> None:
+    import subprocess
+    import sys
+
+    code = ("import functools, sys; sys.path.insert(0, {root!r}); from tests._workers import blob; "
+            "from modelshare import Budget, ModelRouter, SharedModel; "
+            "r = ModelRouter({{'a': SharedModel(functools.partial(blob, 2), key='a', directory={d!r})}}, "
+            "budget=Budget(host='8MiB')); r.use('a').__enter__(); print('held', flush=True){tail}")
+    root = str(Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", code.format(root=root, d=str(shm_dir), tail="")], check=True)
+    assert not list(shm_dir.glob("*.seg")), "the only user exited: its warm model went with it"
+    killed = subprocess.Popen([sys.executable, "-c", code.format(root=root, d=str(shm_dir),
+                               tail="; import time; time.sleep(60)")], stdout=subprocess.PIPE)
+    assert killed.stdout.readline() == b"held\n"
+    killed.kill()
+    killed.wait()
+    killed.stdout.close()
+    assert len(list(shm_dir.glob("*.seg"))) == 1, "a SIGKILLed user runs no exit hook"
+    out = subprocess.run([sys.executable, "-m", "modelshare", "--dir", str(shm_dir), "gc"], capture_output=True,
+                         text=True, check=True).stdout
+    assert not list(shm_dir.glob("*.seg")) and ".seg" in out, "modelshare gc evicts what no router user holds"
+    for name in ("router.ledger", "router.users", "a--*.lock"):
+        for path in shm_dir.glob(name):
+            path.unlink()
