@@ -33,12 +33,15 @@ def is_multi_model(handler: ModelHandler) -> bool:
 
 def keyed_router(handler: KeyedModelHandler, budget: Budget, directory: Optional[str]) -> ModelRouter:
     """A router over the models of ``handler``'s mappings, one ``SharedModel`` per mapping."""
-    models = {}
+    models, lean = {}, True
     for model_id, mh in handler._id_to_mh_map.items():
-        loader = lean_loader(mh) or mh.load_model
-        models[model_id] = SharedModel(loader, key=key_from(f"beam-keyed-{model_id}", "beam-keyed-model"),
-                                       version=loader_fingerprint(mh.load_model), directory=directory)
-    return ModelRouter(models, budget=budget)
+        loader = lean_loader(mh)
+        lean = lean and loader is not None
+        key = key_from(f"beam-keyed-{model_id}", "beam-keyed-model")
+        models[model_id] = SharedModel(loader or mh.load_model, key=key, version=loader_fingerprint(mh.load_model),
+                                       directory=directory)
+    # a load holds the handler's private copy beside the segment (measured), unless every loader maps its file
+    return ModelRouter(models, budget=budget, load_overhead=1.0 if lean else None)
 
 
 def run_keyed(handler: KeyedModelHandler, router: ModelRouter, batch: Sequence[tuple[Any, Any]],

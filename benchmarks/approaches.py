@@ -180,7 +180,8 @@ def modelshare_router(spec: RunSpec) -> Infer:
     def make() -> ModelRouter:
         models = {f"k{i}": SharedModel(functools.partial(framework.lean_load or framework.load, Path(p)), key=f"k{i}",
                                        directory=spec.segment_dir, version=p) for i, p in enumerate(keyed_paths(spec))}
-        router = ModelRouter(models, budget=Budget(host=spec.budget_bytes), wait=600)
+        router = ModelRouter(models, budget=Budget(host=spec.budget_bytes), wait=600,
+                             load_overhead=1.0 if framework.lean_load else None)  # a mapped load: no private copy
         STATS.append(lambda: {f"machine_{k}": v for k, v in _router_totals(router).items()})
         return router
 

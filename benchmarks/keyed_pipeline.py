@@ -1,7 +1,8 @@
 """A real keyed Beam pipeline under a memory cgroup: Beam's per-worker model count against
 modelshare's machine-wide byte budget.
 
-Six scikit-learn models (wide linear classifiers of ``--size-mib`` each) serve six keys; the
+Six scikit-learn models (wide linear classifiers of ``--size-mib`` each, joblib files) serve six
+keys; the
 DirectRunner runs ``direct_num_workers`` SDK worker processes (``multi_processing``). Three runs,
 each a fresh pipeline process inside its own memory cgroup:
 
@@ -40,11 +41,12 @@ import json, pickle, sys
 import numpy as np
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, KeyModelMapping, RunInference
-from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+from apache_beam.ml.inference.sklearn_inference import ModelFileType, SklearnModelHandlerNumpy
 from apache_beam.options.pipeline_options import PipelineOptions
 folder, config, workers, examples, budget, out = sys.argv[1:7]
-paths = sorted(p for p in __import__('os').listdir(folder) if p.endswith('.pkl'))
-mappings = [KeyModelMapping([p[:-4]], SklearnModelHandlerNumpy(model_uri=folder + '/' + p)) for p in paths]
+paths = sorted(p for p in __import__('os').listdir(folder) if p.endswith('.joblib'))
+mappings = [KeyModelMapping([p[:-7]], SklearnModelHandlerNumpy(model_uri=folder + '/' + p,
+                                                               model_file_type=ModelFileType.JOBLIB)) for p in paths]
 if config == 'beam-hint':
     handler = KeyedModelHandler(mappings, max_models_per_worker_hint=%d)
 elif config == 'modelshare-budget':
@@ -55,7 +57,7 @@ else:
     handler = KeyedModelHandler(mappings)
 rng = np.random.default_rng(0)
 width = int(np.load(folder + '/width.npy'))
-data = [(paths[i %% len(paths)][:-4], rng.standard_normal(width)) for i in range(int(examples))]
+data = [(paths[i %% len(paths)][:-7], rng.standard_normal(width)) for i in range(int(examples))]
 with beam.Pipeline(options=PipelineOptions(direct_num_workers=int(workers),
                                            direct_running_mode='multi_processing')) as p:
     (p | beam.Create(data) | RunInference(handler)
@@ -65,9 +67,8 @@ with beam.Pipeline(options=PipelineOptions(direct_num_workers=int(workers),
 
 
 def save_models(folder: Path, size_mib: int, width: int = 4096) -> None:
-    """Six linear classifiers of ~``size_mib`` MiB, pickled (coefficients differ per key)."""
-    import pickle
-
+    """Six linear classifiers of ~``size_mib`` MiB as joblib files (coefficients differ per key)."""
+    import joblib
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
@@ -77,7 +78,7 @@ def save_models(folder: Path, size_mib: int, width: int = 4096) -> None:
         model = LogisticRegression()
         model.coef_ = rng.standard_normal((classes, width))
         model.intercept_, model.classes_ = np.zeros(classes), np.arange(classes)
-        (folder / f"k{i}.pkl").write_bytes(pickle.dumps(model))
+        joblib.dump(model, folder / f"k{i}.joblib")
     np.save(folder / "width.npy", np.array(width))
 
 
@@ -121,7 +122,7 @@ def run(size_mib: int = 256, workers: int = 4, examples: int = 120, directory: O
         big.mkdir()
         save_models(small, 1)
         save_models(big, size_mib)
-        model_bytes = (big / "k0.pkl").stat().st_size
+        model_bytes = (big / "k0.joblib").stat().st_size
         budget = HELD * (model_bytes + (1 << 20))
         baseline = run_pipeline(small, "unwrapped", workers, examples, budget, None)
         limit = int(baseline["peak_in_use_mib"] * MiB) + HELD * model_bytes + (256 << 20)

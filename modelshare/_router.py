@@ -17,7 +17,8 @@ How the budget holds across every process that routes through the same directory
 * A small ledger beside the segments (``router.ledger``, ``flock``-ed for every decision) keeps
   what the directory cannot: when each model was last used, its size from its last load (the
   estimate before the next one), reservations, and counters (loads, hits, evictions).
-* Before a load: its size (from the ledger, else ``sizes=``, else the mean of known sizes) plus
+* Before a load: its size (from the ledger, else ``sizes=``, else the largest known size) times
+  ``load_overhead`` (a loader's private copy beside the segment it writes, while it loads) plus
   what is held must fit the budget and the machine's available memory; otherwise the least
   recently used segments that no process holds are unlinked, oldest first; otherwise the call
   waits for models in use to be released (``wait``), then :class:`MemoryBudgetExceeded` names the
@@ -165,13 +166,20 @@ class ModelRouter:
             very first load) the load runs alone.
         wait: seconds to wait for models in use to be released when the budget is full, before
             :class:`MemoryBudgetExceeded`.
+        load_overhead: how many times its size a model takes while it loads. None (the default):
+            measured -- the loading process's anonymous memory is sampled, and what a key's load cost
+            is reserved for its next load (other keys: the largest ratio measured; before any
+            measurement: 2, a loader that builds the model privately beside the segment it writes).
+            A number: that factor, always (1 for loaders that memory-map their file, such as
+            ``torch.load(mmap=True)`` or ``joblib.load(mmap_mode="r")``).
         directory: the segment directory (default: the models', else the default directory).
     """
 
     def __init__(self, models: Optional[Mapping[str, SharedModel[Any]]] = None, *, budget: Budget,
                  factory: Optional[Callable[[str], SharedModel[Any]]] = None,
                  sizes: Union[Mapping[str, Size], Callable[[str], Optional[Size]], None] = None,
-                 directory: Optional[os.PathLike[str]] = None, wait: float = 60.0) -> None:
+                 directory: Optional[os.PathLike[str]] = None, wait: float = 60.0,
+                 load_overhead: Optional[float] = None) -> None:
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a modelshare.Budget, e.g. Budget(host='4GiB'), not {budget!r}")
         if budget.gpu:
@@ -179,6 +187,9 @@ class ModelRouter:
                              "give a host budget: Budget(host=...)")
         self.budget = budget
         self.wait = float(wait)
+        if load_overhead is not None and load_overhead < 1:
+            raise ValueError(f"load_overhead is at least 1 (the segment itself), not {load_overhead}")
+        self.load_overhead = load_overhead
         self._models: dict[str, SharedModel[Any]] = {}
         self._factory = factory
         self._sizes = sizes if callable(sizes) else {k: parse_size(v) for k, v in (sizes or {}).items()}
@@ -264,16 +275,20 @@ class ModelRouter:
             reserved = self._admit(state, key, name)
             entry["last_used"] = time.time()
         try:
-            model = shared.acquire()  # single-flight per machine; may take a while: the ledger is free meanwhile
+            with _AnonPeak() as peak:  # what the load costs this process beside the segment, if it loads
+                model = shared.acquire()  # single-flight per machine; may take a while: the ledger is free meanwhile
         except BaseException:
             with ledger.locked() as state:
                 state["reservations"].pop(name.stem, None)
             raise
+        info = shared.hold_info()
         with ledger.locked() as state:
             state["reservations"].pop(name.stem, None)
             entry = state["models"][name.stem]
             entry["bytes"] = _file_size(name.seg_path) or reserved
             entry["loads"] += 1
+            if info is not None and info.loaded_here:
+                entry["load_bytes"] = entry["bytes"] + peak.bytes  # the next load of it reserves this much
             try:
                 self._make_room(state, 0, exclude=name.stem, key=key, loaded=entry["bytes"])
             except _NoRoom:
@@ -308,13 +323,25 @@ class ModelRouter:
             size = max(0, (self.budget.host if self.budget.host is not None else held) - held)
             if held:
                 raise _NoRoom(f"model {key!r} has no known size yet and waits for the budget to be free")
-        if self.budget.host is not None and size > self.budget.host:
+            need = size
+        elif self.load_overhead is not None:  # while it loads: the loader's own copy beside the segment
+            need = int(size * self.load_overhead)
+        else:  # as its last load measured, else as the others' did
+            need = state["models"].get(name.stem, {}).get("load_bytes") or int(size * self._load_ratio(state))
+        if self.budget.host is not None and need > self.budget.host:
             raise MemoryBudgetExceeded(
-                f"model {key!r} needs {format_size(size)}, more than the whole host budget of "
-                f"{format_size(self.budget.host)}: raise Budget(host=...) or make the model smaller")
-        self._make_room(state, size, exclude=name.stem, key=key)
-        state["reservations"][name.stem] = {"pid": os.getpid(), "bytes": size}
+                f"model {key!r} needs {format_size(size)} ({format_size(need)} while it loads), more than the "
+                f"whole host budget of {format_size(self.budget.host)}: "
+                "raise Budget(host=...), make the model smaller, or load it lean (memory-mapped) with load_overhead=1")
+        self._make_room(state, need, exclude=name.stem, key=key)
+        state["reservations"][name.stem] = {"pid": os.getpid(), "bytes": need}
         return size
+
+    @staticmethod
+    def _load_ratio(state: dict[str, Any]) -> float:
+        """Load cost over size: the largest measured on any model here, else 2."""
+        ratios = [m["load_bytes"] / m["bytes"] for m in state["models"].values() if m.get("load_bytes") and m["bytes"]]
+        return max(ratios) if ratios else 2.0
 
     def _held(self, state: dict[str, Any], exclude: str = "") -> tuple[int, dict[str, int]]:
         """Bytes held in the directory: segments (and segments being published) plus live reservations."""
@@ -378,6 +405,37 @@ class ModelRouter:
     def held_bytes(self) -> int:
         """Bytes of models held in the router's directory now."""
         return sum(info.nbytes for info in _segment.list_segments(self.directory))
+
+
+class _AnonPeak:
+    """The peak of this process's anonymous memory over its level at entry (sampled every 5 ms):
+    what a load costs beyond the segment (memory-mapped files and the segment are not anonymous)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_AnonPeak":
+        self._start = _anon_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.bytes = max(self.bytes, _anon_bytes() - self._start)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _evict(name: _segment.SegmentName) -> bool:

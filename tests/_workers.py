@@ -227,7 +227,7 @@ def route_worker(directory: str, budget: int, keys: list[str], mib: int, rounds:
     from modelshare import Budget, ModelRouter, SharedModel
 
     router = ModelRouter({k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory)
-                          for i, k in enumerate(keys)}, budget=Budget(host=budget))
+                          for i, k in enumerate(keys)}, budget=Budget(host=budget), load_overhead=1)
     rng = random.Random(seed)
     errors = []
     for _ in range(rounds):
@@ -249,7 +249,7 @@ def hold_routed_and_wait(directory: str, budget: int, keys: list[str], mib: int,
     from modelshare import Budget, ModelRouter, SharedModel
 
     router = ModelRouter({k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory)
-                          for i, k in enumerate(keys)}, budget=Budget(host=budget))
+                          for i, k in enumerate(keys)}, budget=Budget(host=budget), load_overhead=1)
     held = [router.acquire(k) for k in keys]
     results.put(os.getpid())
     time.sleep(3600)

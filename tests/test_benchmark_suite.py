@@ -120,3 +120,15 @@ def test_reference_output_is_a_private_load(tmp_path: Path) -> None:
 def test_unknown_scenario_names_the_ones_there_are() -> None:
     with pytest.raises(ValueError, match=r"scenarios \[1, 2, 3, 4\]"):
         get(5)
+
+
+@needs_cgroup
+def test_keyed_beam_pipeline_budget_survives_where_beams_model_count_is_oom_killed() -> None:
+    from benchmarks import keyed_pipeline
+
+    result = keyed_pipeline.run(size_mib=96, workers=4, examples=48)
+    runs = {r["config"]: r for r in result["runs"]}
+    assert runs["beam-hint"]["status"] == "oom-killed", runs["beam-hint"]["error"]
+    budget = runs["modelshare-budget"]
+    assert budget["status"] == "completed" and budget["same_predictions"], budget["error"]
+    assert budget["peak_in_use_mib"] <= result["limit_mib"]

@@ -178,3 +178,30 @@ def test_registry_picks_codec_by_type_name_without_importing() -> None:
 def test_encoded_nbytes() -> None:
     encoded = Encoded(b"abc", [memoryview(b"12345")])
     assert encoded.nbytes == 8
+
+
+def test_a_released_model_unmaps_as_soon_as_it_is_dropped(shm_dir: Path) -> None:
+    # No reference cycle may keep the segment's views alive until the cyclic GC runs: a model that
+    # is released and dropped must unmap at once, or an evicted segment's memory stays in use.
+    import functools
+    import gc
+
+    from modelshare import SharedModel
+
+    def mapped() -> int:
+        return sum(1 for line in open("/proc/self/maps") if str(shm_dir) in line)
+
+    shared = SharedModel(functools.partial(dict, w=np.ones(1 << 20), box=Box(np.ones(1 << 16))), key="drop",
+                         directory=shm_dir, keep_warm=True)
+    gc.disable()
+    try:
+        model = shared.acquire()
+        assert mapped() == 1
+        shared.release(model)
+        del model
+        assert mapped() == 0
+    finally:
+        gc.enable()
+    from modelshare import gc_segments
+
+    gc_segments(shm_dir, include_warm=True)

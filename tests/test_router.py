@@ -22,7 +22,7 @@ from ._workers import MiB, blob
 
 def _router(directory: Path, budget_mib: int, keys: list[str], mib: int = 4, wait: float = 0.0) -> ModelRouter:
     models = {k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory) for i, k in enumerate(keys)}
-    return ModelRouter(models, budget=Budget(host=budget_mib * MiB), wait=wait)
+    return ModelRouter(models, budget=Budget(host=budget_mib * MiB), wait=wait, load_overhead=1.0)
 
 
 def _bytes_in(directory: Path) -> int:
@@ -59,7 +59,7 @@ def test_least_recently_used_unheld_model_is_evicted(shm_dir: Path) -> None:
         pass  # a is now the most recently used
     router = ModelRouter({**{k: router.model(k) for k in "abc"},
                           "d": SharedModel(functools.partial(blob, 4, 3), key="d", directory=shm_dir)},
-                         budget=router.budget)
+                         budget=router.budget, load_overhead=1.0)
     with router.use("d"):
         assert _segments(shm_dir) == {"a", "c", "d"}, "b was the least recently used"
     stats = router.stats()
@@ -91,6 +91,19 @@ def test_a_model_in_use_is_never_evicted_and_the_error_names_its_holder(shm_dir:
     _clear(router, "abc")
 
 
+def test_a_load_counts_the_loaders_private_copy_by_default(shm_dir: Path) -> None:
+    models = {k: SharedModel(functools.partial(blob, 4, i), key=k, directory=shm_dir) for i, k in enumerate("ab")}
+    router = ModelRouter(models, budget=Budget(host=11 * MiB), wait=0)  # measured: a 4 MiB blob needs ~8 to load
+    with router.use("a"):
+        pass
+    with router.use("b"):  # 4 held + 8 while b loads > 11: a (unheld) goes first
+        assert _segments(shm_dir) == {"b"}
+    with pytest.raises(MemoryBudgetExceeded, match=r"needs 4.0 MiB \(8.0 MiB while it loads\)"):
+        ModelRouter({"c": SharedModel(functools.partial(blob, 4), key="c", directory=shm_dir)},
+                    budget=Budget(host=6 * MiB), sizes={"c": 4 * MiB}).acquire("c")
+    _clear(router, "ab")
+
+
 def test_a_model_larger_than_the_budget_fails_at_once(shm_dir: Path) -> None:
     router = ModelRouter({"big": SharedModel(functools.partial(blob, 8), key="big", directory=shm_dir)},
                          budget=Budget(host="4MiB"), sizes={"big": "8MiB"})
@@ -106,7 +119,7 @@ def test_a_model_larger_than_the_budget_fails_at_once(shm_dir: Path) -> None:
 
 def test_factory_resolves_open_ended_keys(shm_dir: Path) -> None:
     router = ModelRouter(factory=lambda k: SharedModel(functools.partial(blob, 2, int(k)), key=f"m{k}",
-                                                       directory=shm_dir), budget=Budget(host="5MiB"))
+                                                       directory=shm_dir), budget=Budget(host="5MiB"), load_overhead=1)
     for k in ("1", "2", "3", "1"):
         with router.use(k) as model:
             assert model["seed"] == int(k)
@@ -169,7 +182,7 @@ class RouterMachine(RuleBasedStateMachine):
         import uuid
 
         self.directory = Path("/dev/shm") / f"modelshare-router-{uuid.uuid4().hex[:8]}"
-        self.router = ModelRouter(budget=Budget(host=12 * MiB), directory=self.directory, wait=0,
+        self.router = ModelRouter(budget=Budget(host=12 * MiB), directory=self.directory, wait=0, load_overhead=1.0,
                                   factory=lambda k: SharedModel(functools.partial(blob, self.sizes[k], len(k)),
                                                                 key=k, directory=self.directory),
                                   sizes=lambda k: self.sizes[k] * MiB)

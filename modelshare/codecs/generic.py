@@ -110,7 +110,16 @@ class _Unpickler(pickle.Unpickler):
         self._buffers = buffers
         self._next = 0
         self._load_storage: Optional[Callable[[int, str], Any]] = None
-        super().__init__(file, buffers=self._in_order())
+        self._order = self._in_order()
+        super().__init__(file, buffers=self._order)
+
+    def drop_buffers(self) -> None:
+        """Let go of the segment's views once loaded. The buffer generator's frame refers back to this
+        unpickler: left alone, that cycle would keep every view -- and the segment mapped, even after
+        release and eviction -- until the cyclic garbage collector happened to run."""
+        self._order.close()
+        self._buffers = ()
+        self._load_storage = None
 
     def _in_order(self) -> Iterator[memoryview]:
         for _ in itertools.count():
@@ -189,7 +198,11 @@ class GenericCodec(Codec):
         return encoded
 
     def decode(self, skeleton: memoryview, buffers: Sequence[memoryview]) -> Any:
-        return _Unpickler(io.BytesIO(skeleton), buffers).load()
+        unpickler = _Unpickler(io.BytesIO(skeleton), buffers)
+        try:
+            return unpickler.load()
+        finally:
+            unpickler.drop_buffers()
 
     def estimate(self, model: Any) -> int:
         total = 0
