@@ -9,7 +9,7 @@ each a fresh pipeline process inside its own memory cgroup:
 1. ``baseline``: the same pipeline with 1 MiB models and no limit, to measure what the runner and
    its workers cost without the models (its peak);
 2. ``beam-hint``: ``KeyedModelHandler(mappings, max_models_per_worker_hint=2)`` under a limit of
-   the baseline + 2 models + 256 MiB: every worker keeps up to 2 private models;
+   the baseline + 2 models + 384 MiB: every worker keeps up to 2 private models;
 3. ``modelshare-budget``: ``SharedModelHandler(KeyedModelHandler(mappings), budget=Budget(host=2
    models))`` under the same limit.
 
@@ -125,7 +125,7 @@ def run(size_mib: int = 256, workers: int = 4, examples: int = 120, directory: O
         model_bytes = (big / "k0.joblib").stat().st_size
         budget = HELD * (model_bytes + (1 << 20))
         baseline = run_pipeline(small, "unwrapped", workers, examples, budget, None)
-        limit = int(baseline["peak_in_use_mib"] * MiB) + HELD * model_bytes + (256 << 20)
+        limit = int(baseline["peak_in_use_mib"] * MiB) + HELD * model_bytes + (384 << 20)
         reference = run_pipeline(big, "unwrapped", workers, examples, budget, None)
         runs = [run_pipeline(big, config, workers, examples, budget, limit)
                 for config in ("beam-hint", "modelshare-budget")]
@@ -137,7 +137,7 @@ def run(size_mib: int = 256, workers: int = 4, examples: int = 120, directory: O
 
 def as_markdown(result: dict) -> str:
     lines = [f"6 keyed models of {result['model_mib']:.0f} MiB; the runner and workers alone peak at "
-             f"{result['baseline_mib']:.0f} MiB; limit {result['limit_mib']:.0f} MiB (that + 2 models + 256 MiB); "
+             f"{result['baseline_mib']:.0f} MiB; limit {result['limit_mib']:.0f} MiB (that + 2 models + 384 MiB); "
              f"modelshare's budget {result['budget_mib']:.0f} MiB.", "",
              "| configuration | result | peak in use | wall time | predictions as unwrapped |", "|---|---|---|---|---|"]
     for r in result["runs"]:
