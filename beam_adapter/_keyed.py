@@ -60,7 +60,11 @@ def run_keyed(handler: KeyedModelHandler, router: ModelRouter, batch: Sequence[t
     predictions = []
     for model_id, keys in keys_by_id.items():
         mh = handler._id_to_mh_map[model_id]
-        with router.use(model_id) as model:
+        shared, model = router.acquire(model_id)
+        try:
             for key in keys:
                 predictions += [(key, p) for p in run(mh.run_inference, batch_by_key[key], model, inference_args)]
+        finally:
+            shared.release(model)
+            del model  # before the next model is admitted: an evicted segment is freed once nothing maps it
     return predictions

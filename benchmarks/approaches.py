@@ -188,8 +188,12 @@ def modelshare_router(spec: RunSpec) -> Infer:
     router = _once_per_process("modelshare-router", make)
 
     def infer(call_index: int, x: Any) -> Any:
-        with router.use(f"k{key_of_call(spec, call_index)}") as model:
+        shared, model = router.acquire(f"k{key_of_call(spec, call_index)}")
+        try:
             return framework.call(model, x)
+        finally:
+            shared.release(model)
+            del model  # nothing refers to it after the call: once evicted, its memory goes
 
     return infer
 

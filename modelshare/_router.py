@@ -230,7 +230,11 @@ class ModelRouter:
 
     @contextlib.contextmanager
     def use(self, key: str) -> Iterator[Any]:
-        """``with router.use(key) as model:`` -- the model for ``key``, loaded within the budget."""
+        """``with router.use(key) as model:`` -- the model for ``key``, loaded within the budget.
+
+        Drop the ``model`` name after the block (``del model``, or use ``router(key, x)``) before
+        asking for another key: a released model's memory goes, once evicted, only when nothing in
+        this process still refers to it -- and the budget counts what the segments hold."""
         shared, model = self.acquire(key)
         try:
             yield model
