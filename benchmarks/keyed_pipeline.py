@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,10 +99,15 @@ def run_pipeline(folder: Path, config: str, workers: int, examples: int, budget:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    segments = Path(tempfile.mkdtemp(prefix=f"modelshare-bench-{os.getpid()}-keyed-", dir="/dev/shm"))
+    env = dict(os.environ, MODELSHARE_DIR=str(segments))  # this run's own segments, ledger and locks
     start = time.monotonic()
-    proc = subprocess.run(cgroup.wrap([sys.executable, "-c", _PIPELINE, str(folder), config, str(workers),
-                                       str(examples), str(budget), str(out)]),
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=1800)
+    try:
+        proc = subprocess.run(cgroup.wrap([sys.executable, "-c", _PIPELINE, str(folder), config, str(workers),
+                                           str(examples), str(budget), str(out)]), env=env, capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent, timeout=1800)
+    finally:
+        shutil.rmtree(segments, ignore_errors=True)
     wall = time.monotonic() - start
     stop.set()
     sampler.join()

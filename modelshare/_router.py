@@ -100,10 +100,13 @@ def sweep_router(directory: Path) -> list[Path]:
             return []  # routers are in use: their models stay
         removed = []
         with _Ledger(directory).locked() as state:
-            for stem in state["models"]:
+            for stem in list(state["models"]):
                 name = _segment.SegmentName(directory, stem)
                 if name.seg_path.exists() and _evict(name):
                     removed.append(name.seg_path)
+                if not name.seg_path.exists():
+                    del state["models"][stem]  # the routers are gone: their models' records go with them
+            state["reservations"].clear()
         return removed
     finally:
         os.close(fd)
@@ -307,9 +310,9 @@ class ModelRouter:
         models = state["models"]
         if models.get(stem, {}).get("bytes"):
             return models[stem]["bytes"]
-        hint = self._sizes(key) if callable(self._sizes) else self._sizes.get(key)
+        hint = self._hint(key)
         if hint is not None:
-            return parse_size(hint)
+            return hint
         same_key = [m["bytes"] for m in models.values() if m.get("key") == key and m.get("bytes")]
         if same_key:
             return max(same_key)  # another version of this model
@@ -332,14 +335,21 @@ class ModelRouter:
             need = int(size * self.load_overhead)
         else:  # as its last load measured, else as the others' did
             need = state["models"].get(name.stem, {}).get("load_bytes") or int(size * self._load_ratio(state))
-        if self.budget.host is not None and need > self.budget.host:
+        known = bool(state["models"].get(name.stem, {}).get("bytes")) or self._hint(key) is not None
+        if self.budget.host is not None and size > self.budget.host and known:
             raise MemoryBudgetExceeded(
-                f"model {key!r} needs {format_size(size)} ({format_size(need)} while it loads), more than the "
-                f"whole host budget of {format_size(self.budget.host)}: "
-                "raise Budget(host=...), make the model smaller, or load it lean (memory-mapped) with load_overhead=1")
+                f"model {key!r} needs {format_size(size)}, more than the whole host budget of "
+                f"{format_size(self.budget.host)}: raise Budget(host=...) or make the model smaller")
+        if self.budget.host is not None:
+            need = min(need, self.budget.host)  # an estimate above the budget: this load runs alone
         self._make_room(state, need, exclude=name.stem, key=key)
         state["reservations"][name.stem] = {"pid": os.getpid(), "bytes": need}
         return size
+
+    def _hint(self, key: str) -> Optional[int]:
+        """The size ``sizes=`` gives for ``key``, if any."""
+        hint = self._sizes(key) if callable(self._sizes) else self._sizes.get(key)
+        return None if hint is None else parse_size(hint)
 
     @staticmethod
     def _load_ratio(state: dict[str, Any]) -> float:
@@ -412,7 +422,7 @@ class ModelRouter:
 
 
 class _AnonPeak:
-    """The peak of this process's anonymous memory over its level at entry (sampled every 5 ms):
+    """The peak of this process's anonymous memory over its level at entry (sampled every 2 ms):
     what a load costs beyond the segment (memory-mapped files and the segment are not anonymous)."""
 
     def __init__(self) -> None:
@@ -426,8 +436,10 @@ class _AnonPeak:
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.005):
+        while True:
             self.bytes = max(self.bytes, _anon_bytes() - self._start)
+            if self._stop.wait(0.002):
+                return
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()

@@ -219,6 +219,13 @@ def blob(mib: int, seed: int = 0) -> dict:
     return {"w": np.full(mib * MiB, seed % 251, dtype=np.uint8), "seed": seed}
 
 
+def slow_blob(mib: int, seed: int = 0) -> dict:
+    """``blob``, built the way real loaders build models: privately, over some time."""
+    model = blob(mib, seed)
+    time.sleep(0.1)
+    return model
+
+
 def route_worker(directory: str, budget: int, keys: list[str], mib: int, rounds: int, seed: int, results: Any) -> None:
     """Use the router's models in a random order; report (uses, errors)."""
     import functools
@@ -239,7 +246,9 @@ def route_worker(directory: str, budget: int, keys: list[str], mib: int, rounds:
                 time.sleep(0.01)
         except Exception as exc:  # noqa: BLE001 -- reported to the test
             errors.append(f"{key}: {type(exc).__name__}: {exc}")
-    results.put((os.getpid(), rounds, errors))
+    stats = router.stats().values()  # machine-wide, before this process (maybe the last user) leaves
+    results.put((os.getpid(), rounds, errors, sum(s.loads + s.hits for s in stats),
+                 sum(s.evictions for s in stats)))
 
 
 def hold_routed_and_wait(directory: str, budget: int, keys: list[str], mib: int, results: Any) -> None:
