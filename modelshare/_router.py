@@ -322,7 +322,7 @@ class ModelRouter:
     def _admit(self, state: dict[str, Any], key: str, name: _segment.SegmentName) -> int:
         """Make room for ``key`` (evicting if needed) and reserve its estimated size."""
         reservation = state["reservations"].get(name.stem)
-        if reservation and psutil.pid_exists(reservation["pid"]):
+        if reservation and _alive(reservation):
             return int(reservation["bytes"])  # another process is loading it: this one will attach
         size = self._estimate(state, key, name.stem)
         if size is None:  # nothing measured yet: this load runs alone, with all the room there is
@@ -343,7 +343,7 @@ class ModelRouter:
         if self.budget.host is not None:
             need = min(need, self.budget.host)  # an estimate above the budget: this load runs alone
         self._make_room(state, need, exclude=name.stem, key=key)
-        state["reservations"][name.stem] = {"pid": os.getpid(), "bytes": need}
+        state["reservations"][name.stem] = {"pid": os.getpid(), "started": _started(os.getpid()), "bytes": need}
         return size
 
     def _hint(self, key: str) -> Optional[int]:
@@ -365,7 +365,7 @@ class ModelRouter:
             stem = file_name[: file_name.index(".", file_name.rindex("--"))]
             sizes[stem] = sizes.get(stem, 0) + info.nbytes
         for stem, reservation in list(state["reservations"].items()):
-            if not psutil.pid_exists(reservation["pid"]):
+            if not _alive(reservation):
                 del state["reservations"][stem]  # its loader died: its lock and temp file went with it
             elif stem != exclude:
                 sizes[stem] = max(sizes.get(stem, 0), int(reservation["bytes"]))
@@ -452,6 +452,24 @@ def _anon_bytes() -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _started(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _alive(reservation: dict[str, Any]) -> bool:
+    """Whether the process that made ``reservation`` still runs: the same process (not a reused
+    pid), and not a zombie -- an exited worker its parent has not reaped yet holds no load."""
+    try:
+        process = psutil.Process(reservation["pid"])
+        return (process.status() != psutil.STATUS_ZOMBIE
+                and abs(process.create_time() - reservation.get("started", process.create_time())) < 1.0)
+    except psutil.Error:
+        return False
 
 
 def _evict(name: _segment.SegmentName) -> bool:

@@ -377,8 +377,9 @@ def _sklearn_handler_at(path: str) -> ModelHandler:
 
 
 def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -> None:
+    import joblib
     from apache_beam.ml.inference.base import KeyModelMapping
-    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+    from apache_beam.ml.inference.sklearn_inference import ModelFileType, SklearnModelHandlerNumpy
     from sklearn.linear_model import LogisticRegression
 
     from modelshare import Budget
@@ -388,9 +389,10 @@ def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -
     for i in range(6):  # six models of ~1 MiB each: coefficients of 32 classes x 4096 features
         model = LogisticRegression()
         model.coef_, model.intercept_, model.classes_ = rng.standard_normal((32, 4096)), np.zeros(32), np.arange(32)
-        path = tmp_path / f"m{i}.pkl"
-        path.write_bytes(pickle.dumps(model))
-        mappings.append(KeyModelMapping([f"k{i}"], SklearnModelHandlerNumpy(model_uri=str(path))))
+        path = tmp_path / f"m{i}.joblib"  # mapped by the lean loader: a load costs the segment alone
+        joblib.dump(model, path)
+        mappings.append(KeyModelMapping([f"k{i}"], SklearnModelHandlerNumpy(model_uri=str(path),
+                                                                             model_file_type=ModelFileType.JOBLIB)))
     keyed = KeyedModelHandler(mappings)
     examples = [(f"k{i % 6}", rng.standard_normal(4096)) for i in range(48)]
     budget = Budget(host=int(2.5 * (32 * 4096 * 8)))  # room for two models at a time
