@@ -158,10 +158,12 @@ def key_of_call(spec: RunSpec, call_index: int) -> int:
 def beam_keyed_hint(spec: RunSpec) -> Infer:
     from . import _beam_keyed
 
-    handler = _once_per_process("beam-keyed", lambda: _beam_keyed.keyed_handler(
-        spec.framework, keyed_paths(spec), spec.held_models))
+    def make() -> Any:
+        STATS.append(lambda: dict(_beam_keyed.LOADS))
+        return _beam_keyed.keyed_handler(spec.framework, keyed_paths(spec), spec.held_models)
+
+    handler = _once_per_process("beam-keyed", make)
     manager = _once_per_process("beam-keyed-manager", handler.load_model)
-    _once_per_process("beam-keyed-stats", lambda: STATS.append(lambda: dict(_beam_keyed.LOADS)))
     lock = _once_per_process("beam-keyed-lock", threading.Lock)  # Beam runs one bundle per DoFn at a time
 
     def infer(call_index: int, x: Any) -> Any:

@@ -17,12 +17,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
-
+from ._sampling import Peak, tree_pss
 from .models import MiB
 
 CONFIGS = ["beam-default", "beam-large-model", "modelshare-framework-threads", "modelshare-auto-threads"]
@@ -133,40 +130,17 @@ class MLP:
         return torch_mlp(size_mib, width=width)
 
 
-def _tree_pss(root: psutil.Process) -> int:
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
 def run_config(framework: str, config: str, path: Path, size_mib: int, width: int, workers: int,
                examples: int, batch_size: int = 0) -> dict:
     """Run one configuration in a fresh process; its wall time and peak total PSS."""
     proc = subprocess.Popen([sys.executable, "-c", _PIPELINE, framework, config, str(path), str(size_mib), str(width),
                              str(workers), str(examples), str(batch_size)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
-    peak = 0
-    root = psutil.Process(proc.pid)
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, _tree_pss(root))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate(timeout=1800)
-    stop.set()
-    sampler.join()
+    with Peak(lambda: tree_pss([proc.pid])) as peak:
+        out, err = proc.communicate(timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} failed:\n{err[-3000:]}")
-    return dict(json.loads(out.strip().splitlines()[-1]), config=config, peak_pss_mib=peak / MiB)
+    return dict(json.loads(out.strip().splitlines()[-1]), config=config, peak_pss_mib=peak.value / MiB)
 
 
 def main() -> None:

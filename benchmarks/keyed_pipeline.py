@@ -28,12 +28,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ._cgroup import MemoryCgroup
+from ._sampling import Peak
 from .models import MiB
 
 KEYS, HELD = 6, 2
@@ -89,33 +89,22 @@ def run_pipeline(folder: Path, config: str, workers: int, examples: int, budget:
     """One pipeline in a fresh process inside its own cgroup: status, peak in use, wall time, outputs."""
     out = folder / f"out-{config}-{time.monotonic_ns()}"
     cgroup = MemoryCgroup.create(f"modelshare-bench-keyed-{config}-{time.monotonic_ns()}", limit or (64 << 30))
-    peak = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], cgroup.in_use())
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     segments = Path(tempfile.mkdtemp(prefix=f"modelshare-bench-{os.getpid()}-keyed-", dir="/dev/shm"))
     env = dict(os.environ, MODELSHARE_DIR=str(segments))  # this run's own segments, ledger and locks
     start = time.monotonic()
     try:
-        proc = subprocess.run(cgroup.wrap([sys.executable, "-c", _PIPELINE, str(folder), config, str(workers),
-                                           str(examples), str(budget), str(out)]), env=env, capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent.parent, timeout=1800)
+        with Peak(cgroup.in_use) as peak:
+            proc = subprocess.run(cgroup.wrap([sys.executable, "-c", _PIPELINE, str(folder), config, str(workers),
+                                               str(examples), str(budget), str(out)]), env=env, capture_output=True,
+                                  text=True, cwd=Path(__file__).resolve().parent.parent, timeout=1800)
     finally:
         shutil.rmtree(segments, ignore_errors=True)
     wall = time.monotonic() - start
-    stop.set()
-    sampler.join()
     oom_kills = cgroup.oom_kills()
     cgroup.remove()
     lines = sorted(json.loads(line) for f in folder.glob(out.name + "*") for line in f.read_text().splitlines())
     status = "oom-killed" if oom_kills else ("completed" if proc.returncode == 0 else "failed")
-    return {"config": config, "status": status, "peak_in_use_mib": peak[0] / MiB, "wall_s": wall,
+    return {"config": config, "status": status, "peak_in_use_mib": peak.value / MiB, "wall_s": wall,
             "oom_kills": oom_kills, "predictions": lines, "error": proc.stderr[-1500:] if status == "failed" else ""}
 
 

@@ -33,6 +33,7 @@ import psutil
 from modelshare import memory
 
 from ._cgroup import CgroupUnavailable, MemoryCgroup
+from ._sampling import tree_pss
 from ._worker import RELEASE
 from .approaches import RunSpec
 from .frameworks import FRAMEWORKS
@@ -122,7 +123,7 @@ def bare_worker_bytes(framework_name: str, use_cgroup: bool) -> int:
             proc.stdout.readline()
         if cgroup is not None:
             return cgroup.peak() // 2
-        return sum(psutil.Process(p.pid).memory_full_info().pss for p in procs) // 2
+        return tree_pss(p.pid for p in procs) // 2
     finally:
         for proc in procs:
             proc.wait()
@@ -151,27 +152,6 @@ def sweep_leftovers() -> None:
         for folder in root.glob(SCRATCH_PREFIX + "*"):
             if orphaned(folder.name):
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-def _tree(pids: list[int]) -> list[psutil.Process]:
-    procs = []
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            procs += [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-    return procs
-
-
-def _total_pss(procs: list[psutil.Process]) -> int:
-    total = 0
-    for proc in {p.pid: p for p in procs}.values():
-        try:
-            total += proc.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -230,8 +210,7 @@ def _watch(result: RunResult, workers: list[subprocess.Popen[bytes]], run_dir: P
            cgroup: Optional[MemoryCgroup], started: float, progress: Callable[[str], None], timeout: float) -> None:
     """Sample memory until every worker has either written its results or exited."""
     while True:
-        procs = _tree([w.pid for w in workers] + (cgroup.pids() if cgroup else []))
-        pss = _total_pss(procs)
+        pss = tree_pss([w.pid for w in workers] + (cgroup.pids() if cgroup else []))
         in_use = cgroup.in_use() if cgroup else pss
         elapsed = time.monotonic() - started
         result.timeline.append((round(elapsed, 2), round(in_use / MiB, 1), round(pss / MiB, 1)))

@@ -102,7 +102,7 @@ def sweep_router(directory: Path) -> list[Path]:
         with _Ledger(directory).locked() as state:
             for stem in list(state["models"]):
                 name = _segment.SegmentName(directory, stem)
-                if name.seg_path.exists() and _evict(name):
+                if name.seg_path.exists() and _segment.evict(name):
                     removed.append(name.seg_path)
                 if not name.seg_path.exists():
                     del state["models"][stem]  # the routers are gone: their models' records go with them
@@ -300,7 +300,7 @@ class ModelRouter:
                 self._make_room(state, 0, exclude=name.stem, key=key, loaded=entry["bytes"])
             except _NoRoom:
                 shared.release(model)  # larger than its estimate, and nothing else can go: undo, and wait
-                _evict(name)
+                _segment.evict(name)
                 raise
         return shared, model
 
@@ -383,7 +383,7 @@ class ModelRouter:
             if self._fits(held, size, available):
                 return
             name = _segment.SegmentName(self.directory, stem)
-            if _evict(name):
+            if _segment.evict(name):
                 held -= sizes[stem]
                 available += sizes[stem]
                 if stem in state["models"]:
@@ -470,19 +470,6 @@ def _alive(reservation: dict[str, Any]) -> bool:
                 and abs(process.create_time() - reservation.get("started", process.create_time())) < 1.0)
     except psutil.Error:
         return False
-
-
-def _evict(name: _segment.SegmentName) -> bool:
-    """Unlink ``name``'s segment if no process holds it; whether it did."""
-    fd = _segment.lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
-    if fd is None:
-        return False  # in use (or being published): never evicted
-    try:
-        name.seg_path.unlink(missing_ok=True)
-        name.lock_path.unlink(missing_ok=True)
-        return True
-    finally:
-        os.close(fd)
 
 
 def _file_size(path: Path) -> int:

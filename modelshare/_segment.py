@@ -348,6 +348,23 @@ def _stems(directory: Path) -> list[str]:
     return sorted(stems)
 
 
+def evict(name: SegmentName) -> bool:
+    """Unlink ``name``'s segment (kept warm or not) if no process holds it; whether it did.
+
+    ``create=False``: a lock file that is gone cannot be locked anew, so a holder of a file unlinked
+    under it is never mistaken for no holder.
+    """
+    fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+    if fd is None:
+        return False  # in use (or being published): never evicted
+    try:
+        name.seg_path.unlink(missing_ok=True)
+        name.lock_path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
 def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False) -> list[Path]:
     """Unlink every segment no live process holds, and every orphaned temporary file.
 

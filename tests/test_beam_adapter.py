@@ -382,7 +382,7 @@ def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -
     from apache_beam.ml.inference.sklearn_inference import ModelFileType, SklearnModelHandlerNumpy
     from sklearn.linear_model import LogisticRegression
 
-    from modelshare import Budget
+    from modelshare import Budget, memory
 
     rng = np.random.default_rng(0)
     mappings = []
@@ -414,13 +414,7 @@ def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -
 
     def sample() -> None:
         while not stop.is_set():
-            total = 0
-            for path in shm_dir.glob("*.seg*"):
-                try:
-                    total += path.stat().st_size
-                except FileNotFoundError:
-                    pass
-            samples.append(total)
+            samples.append(memory.segment_bytes(shm_dir))
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample)

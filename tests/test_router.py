@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from modelshare import Budget, MemoryBudgetExceeded, ModelRouter, SharedModel
+from modelshare import Budget, MemoryBudgetExceeded, ModelRouter, SharedModel, memory
 from modelshare._budget import parse_size
 
 from . import _workers
@@ -23,17 +23,6 @@ from ._workers import MiB, blob
 def _router(directory: Path, budget_mib: int, keys: list[str], mib: int = 4, wait: float = 0.0) -> ModelRouter:
     models = {k: SharedModel(functools.partial(blob, mib, i), key=k, directory=directory) for i, k in enumerate(keys)}
     return ModelRouter(models, budget=Budget(host=budget_mib * MiB), wait=wait, load_overhead=1.0)
-
-
-def _bytes_in(directory: Path) -> int:
-    """Bytes of segments (and segments being written) in ``directory`` now."""
-    total = 0
-    for path in directory.glob("*.seg*"):
-        try:
-            total += path.stat().st_size
-        except FileNotFoundError:
-            pass  # renamed or evicted meanwhile
-    return total
 
 
 def _segments(directory: Path) -> set[str]:
@@ -70,10 +59,11 @@ def test_least_recently_used_unheld_model_is_evicted(shm_dir: Path) -> None:
 
 def _clear(router: ModelRouter, keys) -> None:
     """Unload every model of ``keys`` and remove the ledger (a router keeps both on purpose)."""
-    from modelshare._router import LEDGER, USERS, _evict
+    from modelshare._router import LEDGER, USERS
+    from modelshare._segment import evict
 
     for key in keys:
-        assert _evict(router.model(key).segment_name) or not router.model(key).segment_name.seg_path.exists()
+        assert evict(router.model(key).segment_name) or not router.model(key).segment_name.seg_path.exists()
     (router.directory / LEDGER).unlink(missing_ok=True)
     (router.directory / USERS).unlink(missing_ok=True)
 
@@ -139,7 +129,7 @@ def test_two_processes_cycling_six_models_never_exceed_the_budget(shm_dir: Path,
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append(_bytes_in(shm_dir))
+            samples.append(memory.segment_bytes(shm_dir))
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample)
