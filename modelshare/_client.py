@@ -18,15 +18,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import os
 import pickle
 import socket
-import subprocess
-import sys
 import threading
 import time
 from typing import Any, Optional
 
+from ._owner import OwnerStartError, launch
 from ._server import ServerFiles, StatsView, read_stats
 from ._wire import Channel
 from .errors import LoaderError, ModelShareError
@@ -176,7 +174,7 @@ class ServerClient:
                     view = self._stats.get(copy)
                     if view is None or view.pid() != pid:  # a new (or restarted) server: a new table
                         with contextlib.suppress(OSError):
-                            self._stats[copy] = StatsView(files.srv)
+                            self._stats[copy] = StatsView(files.status)
                 return channel
             except (FileNotFoundError, ConnectionRefusedError, EOFError, ConnectionResetError):
                 sock.close()
@@ -197,20 +195,11 @@ class ServerClient:
     def _start(self, copy: int) -> None:
         """Start ``copy``'s server and wait until it serves (call with its start lock held)."""
         device = self._devices[copy % len(self._devices)] if self._devices else ""
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        proc = subprocess.Popen([sys.executable, "-m", "modelshare._server"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, close_fds=True)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        proc.stdin.write(pickle.dumps((self._shared, copy, device, self._idle_exit)))
-        proc.stdin.close()
-        proc.wait()  # the launcher forks the server and exits at once
-        ready = proc.stdout.readline()
-        proc.stdout.close()
-        errors = proc.stderr.read().decode(errors="replace") if ready != b"ready\n" else ""
-        proc.stderr.close()
-        if ready != b"ready\n":
+        try:
+            launch("modelshare._server", pickle.dumps((self._shared, copy, device, self._idle_exit)))
+        except OwnerStartError as exc:
             raise LoaderError(f"the server for model {self._shared.key!r} (copy {copy}) failed to start; its "
-                              f"loader or import raised:\n{errors.strip()[-3000:]}")
+                              f"loader or import raised:\n{exc.args[0]}") from None
 
     def close(self) -> None:
         """Close every connection of this process; servers with no client left exit by themselves."""
@@ -225,7 +214,7 @@ class ServerClient:
 
     def servers(self) -> list[Optional[int]]:
         """The pid serving each copy now, or None where none runs."""
-        return [stats.pid if files.alive() and (stats := read_stats(files.srv)) else None for files in self._files]
+        return [stats.pid if files.alive() and (stats := read_stats(files.status)) else None for files in self._files]
 
 
 def _remote_exception(reply: tuple[Any, ...]) -> BaseException:

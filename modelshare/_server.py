@@ -22,7 +22,6 @@ needs it (``python -m modelshare._server``, handed the pickled SharedModel on st
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
 import mmap
 import os
@@ -36,71 +35,25 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
-from ._segment import SegmentName, lock_file
+from ._owner import OwnerFiles, announce_ready, detach, peer_credentials
+from ._segment import SegmentName
 from ._wire import Channel
 
 _STATS = struct.Struct("=qiiiqd32s")  # pid, copy, clients, in flight, calls served, started, device
-_PEERCRED = struct.Struct("3i")
 
 
 @dataclass(frozen=True)
-class ServerFiles:
-    """Where copy ``copy`` of one model version keeps its socket, status table and start lock."""
+class ServerFiles(OwnerFiles):
+    """Where copy ``copy`` of one model version keeps its socket, status table (``.srv``) and start lock."""
 
-    name: SegmentName
-    copy: int
-
-    def _path(self, suffix: str) -> Path:
-        return self.name.directory / f"{self.name.stem}.copy{self.copy}{suffix}"
+    copy: int = 0
+    STATUS_SUFFIX: ClassVar[str] = ".srv"
 
     @property
-    def sock(self) -> Path:
-        return self._path(".sock")
-
-    @property
-    def srv(self) -> Path:
-        return self._path(".srv")
-
-    @property
-    def start(self) -> Path:
-        return self._path(".start")
-
-    def alive(self) -> bool:
-        """Whether a server holds this copy now (its exclusive lock on the status file)."""
-        try:
-            fd = os.open(self.srv, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def starting(self) -> Iterator[None]:
-        """Hold the copy's start lock: nobody else starts or stops it meanwhile. (``lock_file``
-        re-checks the inode after locking, so the holder may unlink the file: see ``remove``.)"""
-        fd = lock_file(self.start, fcntl.LOCK_EX)
-        assert fd is not None
-        try:
-            yield
-        finally:
-            os.close(fd)
-
-    def remove(self) -> None:
-        """Remove all of this copy's files (call with the start lock held, as the copy goes)."""
-        self.remove_stale()
-        self.start.unlink(missing_ok=True)
-
-    def remove_stale(self) -> None:
-        """Remove what a dead server left (call with the start lock held, after ``alive()`` said no)."""
-        self.sock.unlink(missing_ok=True)
-        self.srv.unlink(missing_ok=True)
+    def tag(self) -> str:
+        return f"copy{self.copy}"
 
 
 @dataclass
@@ -175,7 +128,7 @@ def list_servers(directory: Path) -> list[ServerInfo]:
     """Every server copy with files in ``directory``, alive or left by a crash."""
     infos = []
     for files in server_files(directory):
-        stats = read_stats(files.srv)
+        stats = read_stats(files.status)
         if stats is None:
             continue
         key, _, version = files.name.stem.rpartition("--")
@@ -190,13 +143,13 @@ def sweep_servers(directory: Path, *, orphaned_after: float = 60.0, dry_run: boo
     removed: list[Path] = []
     for files in server_files(directory):
         with files.starting():
-            stats = read_stats(files.srv)
+            stats = read_stats(files.status)
             if files.alive():
                 if stats is None or stats.clients or time.time() - stats.started < orphaned_after:
                     continue
                 if not dry_run:
                     os.kill(stats.pid, signal.SIGTERM)  # its handler removes its socket and table
-            doomed = [p for p in (files.sock, files.srv, files.start) if p.exists()]
+            doomed = [p for p in (files.sock, files.status, files.start) if p.exists()]
             if not dry_run:
                 files.remove()
             removed += doomed
@@ -224,12 +177,7 @@ class _Server:
         os.ftruncate(stats_fd, _STATS.size)
         self.stats = mmap.mmap(stats_fd, _STATS.size)
         self._write_stats()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        temporary = files.sock.with_name(files.sock.name + f".{os.getpid()}")
-        self.listener.bind(str(temporary))
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, files.sock)  # the address appears complete, or not at all
-        self.listener.listen(128)
+        self.listener = files.listen()
 
     def _write_stats(self) -> None:
         _STATS.pack_into(self.stats, 0, self.pid, self.files.copy, self.clients, self.in_flight, self.calls,
@@ -242,7 +190,7 @@ class _Server:
                 conn, _ = self.listener.accept()
             except OSError:
                 return  # the listener was closed: exiting
-            peer_uid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[1]
+            peer_uid = peer_credentials(conn)[1]
             with self.state_lock:
                 if self.closing or peer_uid != uid:
                     conn.close()
@@ -310,8 +258,7 @@ class _Server:
     def shutdown(self) -> None:
         """Stop accepting and remove this copy's files (the start lock held by the caller, or exiting)."""
         self.listener.close()
-        self.files.sock.unlink(missing_ok=True)
-        self.files.srv.unlink(missing_ok=True)
+        self.files.remove_stale()
 
 
 def _error_reply(exc: BaseException) -> tuple[str, Optional[bytes], str, str]:
@@ -355,23 +302,16 @@ def _load(shared: Any, device: str) -> Any:
 def main() -> int:
     """Entry point: read (SharedModel, copy, device, idle_exit) from stdin, load, serve."""
     shared, copy, device, idle_exit = pickle.loads(sys.stdin.buffer.read())
-    if os.fork():  # the starter reaps this parent at once; the server lives on, re-parented
-        os._exit(0)
-    os.setsid()
+    detach()
     files = ServerFiles(shared.segment_name, copy)
-    stats_fd = os.open(files.srv, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(stats_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print("another server holds this copy already", file=sys.stderr)
-        return 1
+    stats_fd = files.hold_status()
     if device:
         os.environ["MODELSHARE_DEVICE"] = device
     _share_cores(shared.copies)
     try:
         model = _load(shared, device)
     except BaseException:
-        files.srv.unlink(missing_ok=True)
+        files.status.unlink(missing_ok=True)
         traceback.print_exc()
         return 1
     server = _Server(model, files, device, idle_exit, stats_fd)
@@ -381,10 +321,7 @@ def main() -> int:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, terminate)
-    print("ready", flush=True)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):  # the starter stops reading: nothing may block on these pipes
-        os.dup2(devnull, fd)
+    announce_ready()
     server.serve_forever()
     return 0
 

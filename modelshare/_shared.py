@@ -28,6 +28,10 @@ Lifetime rules:
 * Segments are named by key and version. Without ``version=``, the version is a fingerprint of
   the loader's code and bound values, so a changed loader never attaches to a stale segment.
 
+``device="cuda:N"`` goes one step further for PyTorch models: the weights are copied once onto
+GPU N, and every process maps that one copy and runs its forward passes on it (``_device_copy``);
+the copy outlives whichever process made it and is freed after the last process using it.
+
 ``share="threads"`` skips segments: one instance per process, loaded once even when threads race.
 ``share="server"`` is for models that cannot be split into weights, or for an exact number of
 instances: ``copies`` server processes per machine own the model, and ``acquire()`` returns a
@@ -55,7 +59,9 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Literal, Optional, Sequence, TypeVar, Union
 
 from . import _segment
+from ._budget import Size, parse_size
 from ._copies import InstancePool
+from ._device_copy import device_driver, parse_device
 from ._fingerprint import loader_fingerprint
 from .codecs import Codec, Encoded, SegmentBuffers, codec_for, get_codec
 from .errors import LoaderError
@@ -74,6 +80,7 @@ class HoldInfo:
     loaded_here: bool  # this process ran the loader (else it attached to another's segment)
     seconds: float  # how long the acquire that brought the model into this process took
     shared_bytes: int  # size of the segment this process maps (0 for share="threads")
+    device_bytes: int = 0  # size of the GPU copy this process maps (device="cuda:N")
 
 
 class _Entry:
@@ -183,6 +190,11 @@ class SharedModel(Generic[M]):
             ``["cuda:0", "cuda:0", "cuda:1"]``); a loader with a ``device`` parameter gets its copy's.
         retries: ``share="server"``: how often a call whose server died runs again on a restarted one.
         idle_exit: ``share="server"``: seconds a server waits after its last client left before exiting.
+        device: ``share="processes"``: ``"cuda:N"`` puts the model's torch tensors in one copy on GPU N
+            that every process maps and computes on locally (``_device_copy``); the loader returns
+            the model on the CPU. Default: the weights stay in host memory.
+        gpu_budget: with ``device``: bytes (or ``"20GiB"``) that this directory's GPU copies may
+            take on that GPU together; a copy that would not fit raises ``MemoryBudgetExceeded``.
     """
 
     def __init__(
@@ -200,6 +212,8 @@ class SharedModel(Generic[M]):
         devices: Optional[Sequence[str]] = None,
         retries: int = 0,
         idle_exit: float = 5.0,
+        device: Optional[str] = None,
+        gpu_budget: Optional[Size] = None,
     ) -> None:
         if not callable(loader):
             raise TypeError(f"loader must be a zero-argument callable returning the model, not {loader!r}")
@@ -208,6 +222,14 @@ class SharedModel(Generic[M]):
         if share != "server" and (devices or retries):
             raise ValueError(f"devices and retries are for share='server' (got share={share!r}); "
                              "use share='server', copies=N, devices=[...] for N instances on the machine")
+        if device is not None and share != "processes":
+            raise ValueError(f"device= puts one copy of the weights on a GPU for every process (share='processes'), "
+                             f"not share={share!r}; for a model that cannot be split use share='server', "
+                             "devices=[...]")
+        if gpu_budget is not None and device is None:
+            raise ValueError("gpu_budget= limits the GPU copies of models placed with device='cuda:N'; pass device=")
+        self.device = None if device is None else f"cuda:{parse_device(device)}"
+        self.gpu_budget = None if gpu_budget is None else parse_size(gpu_budget)
         if copies is not None and (not isinstance(copies, int) or copies < 1):
             raise ValueError(f"copies must be a positive int, not {copies!r}")
         self.devices = [str(d) for d in devices or []]
@@ -293,10 +315,11 @@ class SharedModel(Generic[M]):
     def _ident(self) -> tuple[str, ...]:
         if self.share == "threads":
             return ("threads", self.key, self.version_hash)
-        return (self.share, str(self.directory), self.segment_name.stem)
+        return (self.share, str(self.directory), self.segment_name.stem, self.device or "")
 
     def __repr__(self) -> str:
-        return f"SharedModel(key={self.key!r}, share={self.share!r}, version={self.version_hash})"
+        device = f", device={self.device!r}" if self.device else ""
+        return f"SharedModel(key={self.key!r}, share={self.share!r}{device}, version={self.version_hash})"
 
     # -- acquire / release ------------------------------------------------------------------
 
@@ -313,8 +336,9 @@ class SharedModel(Generic[M]):
                     entry.model = self._client()
                     entry.info = HoldInfo(False, time.perf_counter() - start, 0)
                 else:
-                    entry.model, entry.handle, published = self._attach()
-                    entry.info = HoldInfo(published, time.perf_counter() - start, entry.handle.mapping.nbytes)
+                    entry.model, entry.handle, published, device_bytes = self._attach()
+                    entry.info = HoldInfo(published, time.perf_counter() - start, entry.handle.mapping.nbytes,
+                                          device_bytes)
             entry.refcount += 1
             return entry.model
 
@@ -412,19 +436,34 @@ class SharedModel(Generic[M]):
         with entry.lock:
             return entry.info if entry.model is not None else None
 
-    def _attach(self) -> tuple[M, _segment.SegmentHandle, bool]:
+    def _attach(self) -> tuple[M, _segment.SegmentHandle, bool, int]:
+        if self.device is not None:
+            device_driver(self.device, self.key)  # no GPU here: say so before loading anything
         directory = _segment.ensure_directory(self.directory)
         _table.prepare_directory(directory)
         handle, published = _segment.open_or_publish(self.segment_name, self._produce, timeout=self.timeout)
         if published:
             _reclaim_heap()
         try:
+            buffers = self._placed(handle.mapping)
             codec = self._decoder(handle.mapping.header["codec"])
-            instances = [codec.decode(handle.mapping.skeleton, handle.mapping.buffers) for _ in range(self.copies)]
+            instances = [codec.decode(handle.mapping.skeleton, buffers) for _ in range(self.copies)]
         except BaseException:
             _segment.release(handle)
             raise
-        return (instances[0] if self.copies == 1 else InstancePool(instances)), handle, published
+        device_bytes = buffers.device.nbytes if buffers.device is not None else 0
+        return (instances[0] if self.copies == 1 else InstancePool(instances)), handle, published, device_bytes
+
+    def _placed(self, mapping: Any) -> SegmentBuffers:
+        """The segment's buffers, with the model's GPU copy where ``device`` asks for one (the copy
+        lives as long as the tensors built on it; see ``_device_copy``)."""
+        if self.device is None:
+            return mapping.buffers
+        from ._device_copy import open_device_copy
+
+        placement = open_device_copy(mapping, self.segment_name, self.device, key=self.key,
+                                     gpu_budget=self.gpu_budget, timeout=self.timeout)
+        return SegmentBuffers(mapping.buffers, mapping.buffers.path, mapping.buffers.offsets, device=placement)
 
     def _pooled_from_loaded(self, model: M) -> Any:
         """``copies`` instances over ``model``'s buffers where its codec can rebuild it from them,
@@ -470,6 +509,8 @@ class SharedModel(Generic[M]):
             "devices": self.devices,
             "retries": self.retries,
             "idle_exit": self.idle_exit,
+            "device": self.device,
+            "gpu_budget": self.gpu_budget,
         }
         return (_restore, (state,))
 

@@ -35,3 +35,7 @@ class SegmentDirectoryError(ModelShareError, OSError):
 
 class AcquireTimeoutError(ModelShareError, TimeoutError):
     """Waiting for another process to finish loading a model took longer than ``timeout``."""
+
+
+class DeviceUnavailableError(ModelShareError, RuntimeError):
+    """A model was asked for on a GPU that this machine does not have (no driver, no device)."""

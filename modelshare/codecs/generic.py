@@ -135,7 +135,7 @@ class _Unpickler(pickle.Unpickler):
         if self._load_storage is None:
             from . import _torch_storage
 
-            self._load_storage = _torch_storage.storage_loader(self._buffers.__getitem__)
+            self._load_storage = _torch_storage.storage_loader(self._buffers)
         return self._load_storage(index, dtype)
 
 

@@ -87,7 +87,7 @@ class TorchCodec(GenericCodec):
         archive, specs = pickle.loads(skeleton)
         module = torch.jit.load(io.BytesIO(archive), map_location="cpu")
         tensors = dict(_script_tensors(module))
-        load = storage_loader(buffers.__getitem__)
+        load = storage_loader(buffers)
         for name, index, dtype, offset, shape, stride in specs:
             view = torch.empty(0, dtype=getattr(torch, dtype))
             view.set_(load(index, dtype), offset, shape, stride)

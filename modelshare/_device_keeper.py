@@ -1,0 +1,218 @@
+"""The keeper of a GPU copy: a small process that holds the copy's exported memory descriptor and
+hands it to every process that wants to map the copy -- without a CUDA context of its own.
+
+The problem it solves: a GPU copy is CUDA VMM memory exported as a file descriptor (``_cuda``).
+The driver frees it once no descriptor and no mapping is left, so the memory outlives the process
+that made it -- but a process that comes later needs a descriptor from someone. The keeper is that
+someone. It never touches the GPU (it imports no framework and holds no context, so it costs the
+GPU nothing and ``nvidia-smi`` does not list it); it only keeps the descriptor and a list of holders.
+
+Lifetime rules:
+
+* Every process that maps the copy keeps one connection to the keeper open for as long as it
+  maps it: the connection *is* its hold. The kernel closes it when the process exits, SIGKILL
+  included, so holders need no bookkeeping and cannot go stale.
+* The keeper is started by the process that made the copy, which is its first holder (one end of
+  a socket pair, handed over at start). When the last holder's connection closes, the keeper
+  removes its files and exits; the driver frees the memory once the last mapping is gone too.
+* A SIGKILLed keeper leaves its files (``modelshare gc`` removes them); processes already mapping
+  the copy keep computing on it, and the next process to ask makes a new copy.
+
+Files, beside the model's segment (see ``_owner``): ``<key>--<version>.cuda<N>.sock``, ``.gpu``
+(the status ``modelshare ls`` shows: key, size, creator, holders' pids) and ``.start``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from ._owner import OwnerFiles, announce_ready, detach, peer_credentials
+from ._segment import SegmentName
+
+__all__ = ["DeviceCopyFiles", "DeviceCopyInfo", "list_device_copies", "sweep_device_copies"]
+
+
+@dataclass(frozen=True)
+class DeviceCopyFiles(OwnerFiles):
+    """Where the keeper of model version ``name``'s copy on GPU ``index`` keeps its files."""
+
+    index: int = 0
+    STATUS_SUFFIX: ClassVar[str] = ".gpu"
+
+    @property
+    def tag(self) -> str:
+        return f"cuda{self.index}"
+
+
+@dataclass
+class DeviceCopyInfo:
+    """One GPU copy, as its keeper describes it (what ``modelshare ls`` shows)."""
+
+    key: str
+    version: str
+    device: str
+    index: int
+    nbytes: int
+    keeper: int
+    creator: int
+    created: float
+    holders: list[int] = field(default_factory=list)
+    alive: bool = True
+
+
+def read_status(files: DeviceCopyFiles) -> Optional[DeviceCopyInfo]:
+    """The keeper's status, or None if there is none (yet, or any more)."""
+    for _ in range(3):  # the keeper rewrites it in place: a torn read parses on the next try
+        try:
+            fields = json.loads(files.status.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            time.sleep(0.001)
+            continue
+        return DeviceCopyInfo(**fields, alive=files.alive())
+    return None
+
+
+def _copy_files(directory: Path) -> list[DeviceCopyFiles]:
+    found = []
+    for path in sorted(directory.glob("*" + DeviceCopyFiles.STATUS_SUFFIX)):
+        stem, _, index = path.name[: -len(DeviceCopyFiles.STATUS_SUFFIX)].rpartition(".cuda")
+        if index.isdigit():
+            found.append(DeviceCopyFiles(SegmentName(directory, stem), int(index)))
+    return found
+
+
+def list_device_copies(directory: Path) -> list[DeviceCopyInfo]:
+    """Every GPU copy with a keeper's files in ``directory``, live or left by a crash."""
+    return [info for files in _copy_files(directory) if (info := read_status(files)) is not None]
+
+
+def sweep_device_copies(directory: Path, *, dry_run: bool = False) -> list[Path]:
+    """Remove the files of keepers that died (a live keeper leaves by itself with its last holder)."""
+    removed: list[Path] = []
+    for files in _copy_files(directory):
+        with files.starting():
+            if files.alive():
+                continue
+            removed += [p for p in (files.sock, files.status, files.start) if p.exists()]
+            if not dry_run:
+                files.remove()
+    return removed
+
+
+class _Keeper:
+    """The running keeper: hand the descriptor to each new holder, exit after the last one."""
+
+    def __init__(self, orders: dict[str, Any], files: DeviceCopyFiles, status_fd: int) -> None:
+        self.files = files
+        self.memory_fd = orders["memory_fd"]
+        self.hello = json.dumps({k: orders[k] for k in ("nbytes", "fingerprint", "read_only")}).encode()
+        self.status = {"key": orders["key"], "version": files.name.stem.rpartition("--")[2],
+                       "device": f"cuda:{files.index}", "index": files.index, "nbytes": orders["nbytes"],
+                       "keeper": os.getpid(), "creator": orders["creator"], "created": time.time()}
+        self.status_fd = status_fd
+        self.uid = os.getuid()
+        self.selector = selectors.DefaultSelector()
+        self.holders: dict[socket.socket, int] = {}
+        self._add(socket.socket(fileno=orders["lease_fd"]), orders["creator"])
+        self.listener = files.listen()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+
+    def _add(self, conn: socket.socket, pid: int) -> None:
+        self.holders[conn] = pid
+        self.selector.register(conn, selectors.EVENT_READ)
+        self._write_status()
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        conn.close()
+        del self.holders[conn]
+        self._write_status()
+
+    def _write_status(self) -> None:
+        data = json.dumps(dict(self.status, holders=sorted(set(self.holders.values())))).encode()
+        os.ftruncate(self.status_fd, 0)
+        os.pwrite(self.status_fd, data, 0)
+
+    def _accept(self) -> bool:
+        """Take on one waiting connection; whether there was one."""
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, OSError):
+            return False
+        pid, uid = peer_credentials(conn)
+        if uid != self.uid:
+            conn.close()
+            return True
+        try:
+            socket.send_fds(conn, [self.hello], [self.memory_fd])
+        except OSError:
+            conn.close()  # gone already
+            return True
+        self._add(conn, pid)
+        return True
+
+    def serve(self) -> None:
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.listener:
+                    self._accept()
+                    continue
+                conn = key.fileobj
+                assert isinstance(conn, socket.socket)
+                try:
+                    closed = not conn.recv(64)
+                except OSError:
+                    closed = True
+                if closed:
+                    self._drop(conn)
+            if not self.holders and self._leave():
+                return
+
+    def _leave(self) -> bool:
+        """With no holder left: leave, unless a process connected meanwhile (then serve it)."""
+        with self.files.starting():
+            self.listener.setblocking(False)
+            came = self._accept()
+            self.listener.setblocking(True)
+            if came and self.holders:
+                return False
+            self.shutdown()
+            self.files.remove()
+        return True
+
+    def shutdown(self) -> None:
+        """Stop accepting, remove the socket and status; the descriptor goes with the process."""
+        self.listener.close()
+        self.files.remove_stale()
+
+
+def main() -> int:
+    """Entry point: read the orders (JSON) on stdin, keep the descriptor, serve holders, exit."""
+    orders = json.loads(sys.stdin.buffer.read())
+    detach()
+    files = DeviceCopyFiles(SegmentName(Path(orders["directory"]), orders["stem"]), orders["index"])
+    keeper = _Keeper(orders, files, files.hold_status())
+
+    def terminate(*_: Any) -> None:
+        keeper.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
+    announce_ready()
+    keeper.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
