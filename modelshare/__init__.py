@@ -29,6 +29,7 @@ from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
 from .codecs.generic import CopiedOnLoadWarning
 from .errors import (
     AcquireTimeoutError,
+    DeviceUnavailableError,
     EncodeError,
     InvalidKeyError,
     LoaderError,
@@ -63,6 +64,7 @@ __all__ = [
     "SegmentCorruptedError",
     "SegmentDirectoryError",
     "AcquireTimeoutError",
+    "DeviceUnavailableError",
     "CopiedOnLoadWarning",
 ]
 

@@ -27,7 +27,6 @@ changing every other process's model.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -39,8 +38,7 @@ import numpy as np
 
 from . import _cuda
 from ._budget import MemoryBudgetExceeded, format_size
-from ._device_keeper import DeviceCopyFiles, list_device_copies
-from ._owner import OwnerStartError, launch
+from ._device_keeper import DeviceCopyFiles, list_device_copies, read_status, request_copy, start_keeper
 from ._segment import SegmentName
 from ._segment_file import Mapping
 from .errors import AcquireTimeoutError, DeviceUnavailableError, EncodeError, ModelShareError
@@ -167,38 +165,27 @@ def open_device_copy(mapping: Mapping, name: SegmentName, device: str, *, key: s
 def _attach(cuda: _cuda.Driver, files: DeviceCopyFiles, layout: DeviceLayout, fingerprint: str,
             key: str) -> Optional[DeviceCopy]:
     """Map the copy that a live keeper hands out, or None if there is no keeper to ask."""
-    lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        lease.connect(str(files.sock))
-        hello, fds, _, _ = socket.recv_fds(lease, 4096, 1)
-    except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
-        lease.close()
+    found = request_copy(files)
+    if found is None:
         return None
-    if not hello or not fds:  # the keeper was leaving as we came
-        lease.close()
-        for fd in fds:
-            os.close(fd)
-        return None
+    lease, about, memory_fd = found
     try:
-        about = json.loads(hello)
         if about["fingerprint"] != fingerprint:
             raise ModelShareError(
                 f"the GPU copy of model {key!r} on cuda:{files.index} was made from other weights than the "
                 f"segment this process maps (pids {_holders(files)} still use it: a loader that is not "
                 "deterministic, or a segment rewritten under them). Release the model in those processes, "
                 "or give each model a version= of its own")
-        address = cuda.import_mapped(files.index, fds[0], about["nbytes"], about["read_only"])
+        address = cuda.import_mapped(files.index, memory_fd, about["nbytes"], about["read_only"])
     except BaseException:
         lease.close()
         raise
     finally:
-        os.close(fds[0])
+        os.close(memory_fd)
     return DeviceCopy(files.index, address, about["nbytes"], layout, lease, about["read_only"], made_here=False)
 
 
 def _holders(files: DeviceCopyFiles) -> str:
-    from ._device_keeper import read_status
-
     info = read_status(files)
     return ", ".join(map(str, info.holders)) if info else "?"
 
@@ -209,7 +196,6 @@ def _make(cuda: _cuda.Driver, files: DeviceCopyFiles, layout: DeviceLayout, mapp
     nbytes = cuda.rounded(files.index, layout.nbytes)
     admit(key, files, nbytes, cuda.memory_info(files.index), gpu_budget)
     address, memory_fd = cuda.create(files.index, nbytes)
-    here, there = socket.socketpair()
     try:
         for buffer, offset in layout.offsets.items():
             view = mapping.buffers[buffer]
@@ -221,21 +207,14 @@ def _make(cuda: _cuda.Driver, files: DeviceCopyFiles, layout: DeviceLayout, mapp
             read_only = True
         except _cuda.CudaError:
             read_only = False  # this driver maps device memory read-write only
-        orders = {"directory": str(files.name.directory), "stem": files.name.stem, "index": files.index,
-                  "nbytes": nbytes, "fingerprint": mapping.header["fingerprint"], "read_only": read_only,
-                  "key": key, "creator": os.getpid(), "memory_fd": memory_fd, "lease_fd": there.fileno()}
-        try:
-            launch("modelshare._device_keeper", json.dumps(orders).encode(), pass_fds=(memory_fd, there.fileno()))
-        except OwnerStartError as exc:
-            raise ModelShareError(f"the keeper of model {key!r}'s GPU copy failed to start:\n{exc.args[0]}") from None
+        lease = start_keeper(files, memory_fd, nbytes=nbytes, fingerprint=mapping.header["fingerprint"],
+                             read_only=read_only, key=key)
     except BaseException:
-        here.close()
         cuda.unmap(files.index, address, nbytes)
         raise
     finally:
         os.close(memory_fd)
-        there.close()
-    return DeviceCopy(files.index, address, nbytes, layout, here, read_only, made_here=True)
+    return DeviceCopy(files.index, address, nbytes, layout, lease, read_only, made_here=True)
 
 
 def admit(key: str, files: DeviceCopyFiles, nbytes: int, memory: tuple[int, int], gpu_budget: Optional[int]) -> None:

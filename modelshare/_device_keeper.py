@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from ._owner import OwnerFiles, announce_ready, detach, peer_credentials
+from ._owner import OwnerFiles, OwnerStartError, announce_ready, detach, launch, peer_credentials
 from ._segment import SegmentName
+from .errors import ModelShareError
 
-__all__ = ["DeviceCopyFiles", "DeviceCopyInfo", "list_device_copies", "sweep_device_copies"]
+__all__ = ["DeviceCopyFiles", "DeviceCopyInfo", "start_keeper", "request_copy", "read_status", "list_device_copies",
+           "sweep_device_copies"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,44 @@ def sweep_device_copies(directory: Path, *, dry_run: bool = False) -> list[Path]
             if not dry_run:
                 files.remove()
     return removed
+
+
+def start_keeper(files: DeviceCopyFiles, memory_fd: int, *, nbytes: int, fingerprint: str, read_only: bool,
+                 key: str) -> socket.socket:
+    """Start the keeper of the copy behind ``memory_fd`` (start lock held); this process's hold on it.
+
+    The keeper takes over its own duplicate of ``memory_fd``; the caller may close its own.
+    """
+    here, there = socket.socketpair()
+    orders = {"directory": str(files.name.directory), "stem": files.name.stem, "index": files.index,
+              "nbytes": nbytes, "fingerprint": fingerprint, "read_only": read_only, "key": key,
+              "creator": os.getpid(), "memory_fd": memory_fd, "lease_fd": there.fileno()}
+    try:
+        launch("modelshare._device_keeper", json.dumps(orders).encode(), pass_fds=(memory_fd, there.fileno()))
+    except OwnerStartError as exc:
+        here.close()
+        raise ModelShareError(f"the keeper of model {key!r}'s GPU copy failed to start:\n{exc.args[0]}") from None
+    finally:
+        there.close()
+    return here
+
+
+def request_copy(files: DeviceCopyFiles) -> Optional[tuple[socket.socket, dict[str, Any], int]]:
+    """Ask the live keeper for its copy: (the hold, what it says of the copy, the memory descriptor),
+    or None if no keeper answers. Keep the hold open as long as the copy is mapped."""
+    lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lease.connect(str(files.sock))
+        hello, fds, _, _ = socket.recv_fds(lease, 4096, 1)
+    except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
+        lease.close()
+        return None
+    if not hello or not fds:  # the keeper was leaving as we came
+        lease.close()
+        for fd in fds:
+            os.close(fd)
+        return None
+    return lease, json.loads(hello), fds[0]
 
 
 class _Keeper:

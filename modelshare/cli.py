@@ -1,11 +1,12 @@
 """``modelshare ls | gc | top``: inspect and clean a segment directory from the shell.
 
-``ls`` shows each segment's key, size, holders' pids and age, and each model server's copy, pid,
-device, clients, calls in flight and calls served; ``gc`` unlinks what no live process holds
-(what SIGKILLed processes left behind) and stops servers orphaned without clients; ``top`` is a
-live view: segments, their holders, servers, and per key the router's loads, hits, hit rate and
-evictions, refreshed in place. All read
-``--dir``, else ``$MODELSHARE_DIR``, else the default ``/dev/shm/modelshare-<uid>``.
+``ls`` shows each segment's key, size, holders' pids and age, each model server's copy, pid,
+device, clients, calls in flight and calls served, and each GPU copy's device, size, keeper and
+holders; ``gc`` unlinks what no live process holds (what SIGKILLed processes left behind), stops
+servers orphaned without clients and removes what dead GPU-copy keepers left; ``top`` is a live
+view: segments, their holders, servers, and per key the router's loads, hits, hit rate and
+evictions, refreshed in place. All read ``--dir``, else ``$MODELSHARE_DIR``, else the default
+``/dev/shm/modelshare-<uid>``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import default_directory, gc_segments, list_segments, memory
+from ._device_keeper import list_device_copies, sweep_device_copies
 from ._router import sweep_router
 from ._server import list_servers, sweep_servers
 
@@ -44,12 +46,14 @@ def _table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
-def _ls(directory: Path, as_json: bool, servers: bool) -> int:
+def _ls(directory: Path, as_json: bool, servers: bool, gpu: bool = False) -> int:
     infos = list_segments(directory)
     running = list_servers(directory)
+    copies = list_device_copies(directory)
     if as_json:
         rows = [dict(asdict(i), path=str(i.path)) for i in infos]
-        print(json.dumps([asdict(s) for s in running] if servers else rows, indent=2))
+        shown = [asdict(s) for s in running] if servers else [asdict(c) for c in copies] if gpu else rows
+        print(json.dumps(shown, indent=2))
         return 0
     now = time.time()
     if infos:
@@ -71,6 +75,15 @@ def _ls(directory: Path, as_json: bool, servers: bool) -> int:
         print()
         _table(rows)
         print(f"{len(running)} server(s)")
+    if copies:
+        rows = [("GPU COPY", "DEVICE", "SIZE", "KEEPER", "MADE BY", "HOLDERS", "AGE", "STATE")]
+        for c in copies:
+            rows.append((c.key, c.device, _size(c.nbytes), str(c.keeper), str(c.creator),
+                         ",".join(map(str, c.holders)) or "-", _age(now - c.created),
+                         "held" if c.alive else "keeper dead (modelshare gc)"))
+        print()
+        _table(rows)
+        print(f"{len(copies)} GPU cop{'y' if len(copies) == 1 else 'ies'}, {_size(sum(c.nbytes for c in copies))}")
     return 0
 
 
@@ -112,6 +125,7 @@ def _top(directory: Path, interval: float, once: bool) -> int:
 def _gc(directory: Path, include_warm: bool, dry_run: bool) -> int:
     removed = gc_segments(directory, include_warm=include_warm, dry_run=dry_run)
     removed += sweep_servers(directory, dry_run=dry_run)
+    removed += sweep_device_copies(directory, dry_run=dry_run)
     if not dry_run:
         removed += sweep_router(directory)
     verb = "would remove" if dry_run else "removed"
@@ -129,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ls = sub.add_parser("ls", help="list segments (key, size, holders, age) and model servers")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.add_argument("--servers", action="store_true", help="with --json: the servers instead of the segments")
+    ls.add_argument("--gpu", action="store_true", help="with --json: the GPU copies instead of the segments")
     gc = sub.add_parser("gc", help="remove segments that no live process holds")
     gc.add_argument("--all", action="store_true", help="also remove segments kept warm")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
@@ -138,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     directory = args.dir if args.dir is not None else default_directory()
     if args.command == "ls":
-        return _ls(directory, args.json, args.servers)
+        return _ls(directory, args.json, args.servers, args.gpu)
     if args.command == "top":
         return _top(directory, args.interval, args.once)
     return _gc(directory, args.all, args.dry_run)

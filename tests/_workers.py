@@ -263,3 +263,51 @@ def hold_routed_and_wait(directory: str, budget: int, keys: list[str], mib: int,
     results.put(os.getpid())
     time.sleep(3600)
     assert held
+
+
+def memfd_with(nbytes: int, pattern: bytes) -> int:
+    """A memfd of ``nbytes`` filled with ``pattern``: what an exported GPU copy is to its keeper."""
+    fd = os.memfd_create("modelshare-test-copy")
+    os.ftruncate(fd, nbytes)
+    os.pwrite(fd, (pattern * (nbytes // len(pattern) + 1))[:nbytes], 0)
+    return fd
+
+
+def make_copy_and_hold(directory: str, stem: str, nbytes: int, pattern: bytes, results: Any, done: Any) -> None:
+    """Make a 'GPU copy' (a memfd), start its keeper, hold it until ``done``: the loader's part."""
+    from modelshare._device_keeper import DeviceCopyFiles, start_keeper
+    from modelshare._segment import SegmentName
+
+    files = DeviceCopyFiles(SegmentName(Path(directory), stem), 0)
+    fd = memfd_with(nbytes, pattern)
+    with files.starting():
+        lease = start_keeper(files, fd, nbytes=nbytes, fingerprint="f" * 64, read_only=True, key=stem)
+    os.close(fd)
+    results.put(("made", os.getpid()))
+    done.wait()
+    lease.close()
+
+
+def map_copy_and_check(directory: str, stem: str, pattern: bytes, results: Any, check: Any, done: Any) -> None:
+    """Take the keeper's descriptor, map it, and report whether it holds ``pattern`` each time
+    ``check`` is set, until ``done``: a process computing on the copy."""
+    import mmap
+
+    from modelshare._device_keeper import DeviceCopyFiles, request_copy
+    from modelshare._segment import SegmentName
+
+    found = request_copy(DeviceCopyFiles(SegmentName(Path(directory), stem), 0))
+    if found is None:
+        results.put(("none", os.getpid()))
+        return
+    lease, about, fd = found
+    view = mmap.mmap(fd, about["nbytes"], prot=mmap.PROT_READ)
+    os.close(fd)
+    expected = (pattern * (about["nbytes"] // len(pattern) + 1))[: about["nbytes"]]
+    results.put(("mapped", os.getpid(), view[:] == expected))
+    while not done.is_set():
+        if check.wait(0.05):
+            check.clear()
+            results.put(("checked", os.getpid(), view[:] == expected))
+    view.close()
+    lease.close()
