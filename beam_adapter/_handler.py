@@ -48,13 +48,27 @@ from modelshare.threads import Threads, ThreadShare
 
 from ._batches import BatchRunner, Ragged
 from ._keyed import is_multi_model, keyed_router, run_keyed
-from ._lean_loaders import lean_loader
+from ._lean_loaders import CpuLoader, lean_loader
 
 __all__ = ["SharedModelHandler", "release_all"]
 
 
 def _default_key(handler: ModelHandler) -> str:
     return key_from(f"beam-{type(handler).__name__}", "beam-model")
+
+
+def _placement(handler: ModelHandler, device: Optional[str]) -> Optional[str]:
+    """The GPU to put the model on: ``device``, else a PyTorch handler's own GPU; checked against it."""
+    handler_device = getattr(handler, "_device", None)
+    if type(handler).__module__ != "apache_beam.ml.inference.pytorch_inference" or handler_device is None:
+        return device
+    on_gpu = getattr(handler_device, "type", str(handler_device)) == "cuda"
+    if device is None:
+        return f"cuda:{handler_device.index or 0}" if on_gpu else None
+    if not on_gpu:
+        raise ValueError(f"device={device!r}, but the wrapped {type(handler).__name__} runs on {handler_device} and "
+                         "sends its batches there; build it with device='GPU'")
+    return device
 
 
 def _is_onnx_handler(handler: ModelHandler) -> bool:
@@ -102,12 +116,16 @@ class SharedModelHandler(ModelHandler):
         split_on_oom: retry a batch that runs out of memory in halves, and cap batch sizes after.
         threads: intra-op threads per worker: ``"auto"`` (cores ÷ processes sharing the model),
             a number, or None (the frameworks' defaults).
+        device: ``"cuda:N"``: one copy of the weights on GPU N that every worker process computes on
+            (``SharedModel(device=...)``). A PyTorch handler built with ``device="GPU"`` gets
+            ``"cuda:0"`` by default (its batches already go there); other handlers must move their
+            inputs to the same device themselves.
     """
 
     def __init__(self, handler: ModelHandler, share: Optional[str] = None, *, copies: Optional[int] = None,
                  key: Optional[str] = None, version: Optional[str] = None, directory: Optional[str] = None,
                  ragged: Ragged = None, split_on_oom: bool = True, threads: Threads = "auto",
-                 budget: Optional[Budget] = None) -> None:
+                 budget: Optional[Budget] = None, device: Optional[str] = None) -> None:
         if not isinstance(handler, ModelHandler):
             raise TypeError(f"SharedModelHandler wraps a Beam ModelHandler, not {type(handler).__qualname__}")
         if budget is not None and (not is_multi_model(handler) or share not in (None, "processes")):
@@ -117,7 +135,12 @@ class SharedModelHandler(ModelHandler):
             raise ValueError(f"share must be 'processes', 'threads' or 'server', not {share!r}")
         if copies is not None and share not in (None, "server"):
             raise ValueError("copies=N is for share='server' (exactly N model instances on the machine)")
+        device = _placement(handler, device)
+        if device is not None and (share not in (None, "processes") or budget is not None):
+            raise ValueError("device= puts one copy of the model on a GPU for every worker process (share='processes', "
+                             "no budget=); for a model that cannot be split, use share='server'")
         super().__init__()
+        self._device = device
         self._handler = handler
         beams_copies = handler.model_copies() if handler.share_model_across_processes() else 1
         # Beam's own sharing keeps its meaning: model_copies=N -> N server copies; large_model -> one copy
@@ -196,7 +219,10 @@ class SharedModelHandler(ModelHandler):
             return SharedModel(self._handler.load_model, key=self._key, share="server", copies=self._copies,
                                version=version, directory=self._directory)
         loader = (lean_loader(self._handler) if self._share == "processes" else None) or self._handler.load_model
-        return SharedModel(loader, key=self._key, share=self._share, version=version, directory=self._directory)
+        if self._device is not None:
+            loader = lean_loader(self._handler, on_cpu=True) or CpuLoader(self._handler.load_model)
+        return SharedModel(loader, key=self._key, share=self._share, version=version, directory=self._directory,
+                           device=self._device)
 
     def update_model_path(self, model_path: Optional[str] = None) -> None:
         self._handler.update_model_path(model_path)

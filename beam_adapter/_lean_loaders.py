@@ -64,8 +64,22 @@ def _is_local_file(path: Any) -> bool:
     return bool(path) and "://" not in str(path) and os.path.isfile(path)
 
 
-def lean_loader(handler: Any) -> Optional[Callable[[], Any]]:
-    """A lean loader for ``handler`` if one applies, else None (use ``handler.load_model``)."""
+class CpuLoader:
+    """The handler's own ``load_model``, its result moved to the CPU: for a model that modelshare puts
+    on the GPU itself (``device=``) when no lean loader applies."""
+
+    def __init__(self, load_model: Callable[[], Any]) -> None:
+        self.load_model = load_model
+
+    def __call__(self) -> Any:
+        model = self.load_model()
+        return model.to("cpu") if hasattr(model, "to") else model
+
+
+def lean_loader(handler: Any, on_cpu: bool = False) -> Optional[Callable[[], Any]]:
+    """A lean loader for ``handler`` if one applies, else None (use ``handler.load_model``).
+    ``on_cpu``: the model is loaded on the CPU even if the handler runs on a GPU (modelshare puts
+    it there: ``device=``)."""
     module = type(handler).__module__
     if module == "apache_beam.ml.inference.sklearn_inference":
         from apache_beam.ml.inference.sklearn_inference import ModelFileType
@@ -77,6 +91,6 @@ def lean_loader(handler: Any) -> Optional[Callable[[], Any]]:
     if getattr(handler, "_torch_script_model_path", None) or not getattr(handler, "_model_class", None):
         return None
     path, device = getattr(handler, "_state_dict_path", None), str(getattr(handler, "_device", "cpu"))
-    if not _is_local_file(path) or device != "cpu":
+    if not _is_local_file(path) or (device != "cpu" and not on_cpu):
         return None
     return LeanTorchLoader(handler)

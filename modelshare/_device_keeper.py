@@ -67,6 +67,7 @@ class DeviceCopyInfo:
     keeper: int
     creator: int
     created: float
+    read_only: bool = True
     holders: list[int] = field(default_factory=list)
     alive: bool = True
 
@@ -159,7 +160,8 @@ class _Keeper:
         self.hello = json.dumps({k: orders[k] for k in ("nbytes", "fingerprint", "read_only")}).encode()
         self.status = {"key": orders["key"], "version": files.name.stem.rpartition("--")[2],
                        "device": f"cuda:{files.index}", "index": files.index, "nbytes": orders["nbytes"],
-                       "keeper": os.getpid(), "creator": orders["creator"], "created": time.time()}
+                       "keeper": os.getpid(), "creator": orders["creator"], "created": time.time(),
+                       "read_only": orders["read_only"]}
         self.status_fd = status_fd
         self.uid = os.getuid()
         self.selector = selectors.DefaultSelector()

@@ -7,7 +7,9 @@ it, so N processes on one segment look like N copies; the figures here avoid tha
 * **PSS** (proportional set size): private pages plus each shared page divided by the number of
   processes that map it. Summed over processes, a segment is counted once.
 * **segment bytes**: what the files in a segment directory occupy in tmpfs (memory, not disk).
-* **GPUs**: used and free per device through NVML, where ``nvidia-ml-py`` and a GPU are present.
+* **GPUs**: used and free per device, and per process, through NVML, where ``nvidia-ml-py`` and a
+  GPU are present; ``gpu_usage`` counts a GPU copy (``SharedModel(device=...)``) once for the
+  processes that share it.
 
 Example::
 
@@ -19,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -27,7 +29,8 @@ import psutil
 
 from . import _segment
 
-__all__ = ["HostMemory", "ProcessMemory", "GpuMemory", "host", "process", "total_pss", "segment_bytes", "gpus"]
+__all__ = ["HostMemory", "ProcessMemory", "GpuMemory", "host", "process", "total_pss", "segment_bytes", "gpus",
+           "gpu_usage"]
 
 
 @dataclass(frozen=True)
@@ -105,16 +108,18 @@ def segment_bytes(directory: Union[str, os.PathLike[str], None] = None) -> int:
 
 @dataclass(frozen=True)
 class GpuMemory:
-    """One GPU's memory in bytes, from NVML."""
+    """One GPU's memory in bytes, from NVML; ``processes``: NVML's figure for each process using it."""
 
     index: int
     total: int
     used: int
     free: int
+    processes: dict[int, int] = field(default_factory=dict)
 
 
 def gpus() -> list[GpuMemory]:
-    """Every GPU's memory through NVML (``nvidia-ml-py``); empty where there is no NVML or no GPU."""
+    """Every GPU's memory (and each process's on it) through NVML (``nvidia-ml-py``, never
+    ``nvidia-smi``); empty where there is no NVML or no GPU."""
     try:
         import pynvml  # nvidia-ml-py: optional, never a dependency of the core
     except ImportError:
@@ -126,8 +131,34 @@ def gpus() -> list[GpuMemory]:
     try:
         found = []
         for index in range(pynvml.nvmlDeviceGetCount()):
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-            found.append(GpuMemory(index, int(info.total), int(info.used), int(info.free)))
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            processes = {int(p.pid): int(p.usedGpuMemory or 0)
+                         for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+            found.append(GpuMemory(index, int(info.total), int(info.used), int(info.free), processes))
         return found
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_usage(pids: Iterable[int], index: int = 0, directory: Union[str, os.PathLike[str], None] = None) -> int:
+    """GPU memory that the processes ``pids`` cost GPU ``index``, each GPU copy they hold counted once.
+
+    NVML charges a copy's memory to the process that allocated it, and to nobody once that process
+    is gone (the memory lives on for the others); so a copy held by the set is added unless its
+    maker is in the set and still listed by NVML.
+    """
+    from ._device_keeper import list_device_copies
+
+    wanted = set(pids)
+    found = [g for g in gpus() if g.index == index]
+    if not found:
+        return 0
+    listed = found[0].processes
+    total = sum(listed.get(pid, 0) for pid in wanted)
+    seg_dir = Path(directory) if directory is not None else _segment.default_directory()
+    for copy in list_device_copies(seg_dir):
+        if copy.index == index and copy.alive and wanted & set(copy.holders):
+            if not (copy.creator in wanted and copy.creator in listed):
+                total += copy.nbytes
+    return total

@@ -438,3 +438,31 @@ def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -
     for name in ("*.lock", LEDGER, USERS):
         for path in shm_dir.glob(name):
             path.unlink()
+
+
+def test_device_placement_follows_the_pytorch_handler_and_is_checked(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+
+    from modelshare import DeviceUnavailableError
+
+    path = tmp_path / "mlp.pt"
+    torch.save(_TorchMLP(128).state_dict(), path)
+    on_cpu = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=_TorchMLP, model_params={"width": 128})
+    with pytest.raises(ValueError, match="runs on cpu.*device='GPU'"):
+        SharedModelHandler(on_cpu, device="cuda:0")
+    model_path = tmp_path / "model.pkl"
+    model_path.write_bytes(pickle.dumps(_sklearn_model()))
+    sklearn_handler = SklearnModelHandlerNumpy(model_uri=str(model_path))
+    with pytest.raises(ValueError, match="share='processes'"):
+        SharedModelHandler(sklearn_handler, share="server", device="cuda:0")
+    asked_gpu = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=_TorchMLP,
+                                          model_params={"width": 128}, device="GPU")
+    expected = "cuda:0" if torch.cuda.is_available() else None  # Beam falls back to the CPU without a GPU
+    assert SharedModelHandler(asked_gpu)._device == expected
+    if torch.cuda.is_available():
+        return
+    wrapped = SharedModelHandler(sklearn_handler, device="cuda:0")
+    with pytest.raises(DeviceUnavailableError, match="needs an NVIDIA GPU"):
+        wrapped.load_model()
