@@ -104,7 +104,11 @@ def run_set(approach: str, path: str, directory: str, x: Any, processes: int, ca
     load_seconds = time.perf_counter() - began
     start.set()
     began = time.perf_counter()
-    timed = [results.get(timeout=600) for _ in procs]
+    timed: list[Any] = []
+    while len(timed) < len(procs):  # a fast worker's "running" reports may come before the others' "timed"
+        message = results.get(timeout=600)
+        if message[0] == "timed":
+            timed.append(message)
     wall = time.perf_counter() - began
     while True:  # skip the "running" reports that came in meanwhile
         try:

@@ -91,6 +91,7 @@ class _Entry:
         self.refcount = 0
         self.model: Any = None
         self.handle: Optional[_segment.SegmentHandle] = None
+        self.device_copy: Any = None  # the GPU copy the model's tensors point into, while held
         self.info: Optional[HoldInfo] = None
 
 
@@ -133,6 +134,7 @@ class _ProcessTable:
             entries = list(self._entries.values())
         for entry in entries:
             handle, entry.handle, entry.model, entry.refcount = entry.handle, None, None, 0
+            entry.device_copy = None
             if handle is not None:
                 with contextlib.suppress(Exception):
                     _segment.release(handle)
@@ -336,9 +338,9 @@ class SharedModel(Generic[M]):
                     entry.model = self._client()
                     entry.info = HoldInfo(False, time.perf_counter() - start, 0)
                 else:
-                    entry.model, entry.handle, published, device_bytes = self._attach()
+                    entry.model, entry.handle, published, entry.device_copy = self._attach()
                     entry.info = HoldInfo(published, time.perf_counter() - start, entry.handle.mapping.nbytes,
-                                          device_bytes)
+                                          entry.device_copy.nbytes if entry.device_copy is not None else 0)
             entry.refcount += 1
             return entry.model
 
@@ -354,7 +356,7 @@ class SharedModel(Generic[M]):
             entry.refcount -= 1
             if entry.refcount:
                 return
-            handle, entry.handle = entry.handle, None
+            handle, entry.handle, entry.device_copy = entry.handle, None, None
             if self.share == "server":
                 entry.model.close()
             if self.share != "threads" or not self.keep_warm:
@@ -436,7 +438,7 @@ class SharedModel(Generic[M]):
         with entry.lock:
             return entry.info if entry.model is not None else None
 
-    def _attach(self) -> tuple[M, _segment.SegmentHandle, bool, int]:
+    def _attach(self) -> tuple[M, _segment.SegmentHandle, bool, Any]:
         if self.device is not None:
             device_driver(self.device, self.key)  # no GPU here: say so before loading anything
         directory = _segment.ensure_directory(self.directory)
@@ -451,8 +453,7 @@ class SharedModel(Generic[M]):
         except BaseException:
             _segment.release(handle)
             raise
-        device_bytes = buffers.device.nbytes if buffers.device is not None else 0
-        return (instances[0] if self.copies == 1 else InstancePool(instances)), handle, published, device_bytes
+        return (instances[0] if self.copies == 1 else InstancePool(instances)), handle, published, buffers.device
 
     def _placed(self, mapping: Any) -> SegmentBuffers:
         """The segment's buffers, with the model's GPU copy where ``device`` asks for one (the copy

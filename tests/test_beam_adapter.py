@@ -459,10 +459,13 @@ def test_device_placement_follows_the_pytorch_handler_and_is_checked(tmp_path: P
         SharedModelHandler(sklearn_handler, share="server", device="cuda:0")
     asked_gpu = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=_TorchMLP,
                                           model_params={"width": 128}, device="GPU")
-    expected = "cuda:0" if torch.cuda.is_available() else None  # Beam falls back to the CPU without a GPU
-    assert SharedModelHandler(asked_gpu)._device == expected
+    wrapped_gpu = SharedModelHandler(asked_gpu)
+    assert wrapped_gpu._device == "cuda:0"
     if torch.cuda.is_available():
         return
+    model = wrapped_gpu.load_model()  # no GPU: like Beam's handler, the model and batches stay on the CPU
+    assert wrapped_gpu._device is None and asked_gpu._device == torch.device("cpu")
+    assert next(model.parameters()).device.type == "cpu"
     wrapped = SharedModelHandler(sklearn_handler, device="cuda:0")
     with pytest.raises(DeviceUnavailableError, match="needs an NVIDIA GPU"):
         wrapped.load_model()
