@@ -45,10 +45,10 @@ def load_on_gpu(path: str) -> OnGpu:
     return OnGpu(load_cpu(path).to("cuda"))
 
 
-def shared_model(path: str, directory: str, **kwargs: Any) -> Any:
+def shared_model(path: str, directory: str, key: str = "gpu-mlp", **kwargs: Any) -> Any:
     from modelshare import SharedModel
 
-    return SharedModel(functools.partial(load_cpu, path), key="gpu-mlp", version=str(os.stat(path).st_mtime_ns),
+    return SharedModel(functools.partial(load_cpu, path), key=key, version=str(os.stat(path).st_mtime_ns),
                        directory=directory, device="cuda:0", **kwargs)
 
 

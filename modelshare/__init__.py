@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Union
 
 from . import _segment, memory
-from ._budget import Budget, MemoryBudgetExceeded
+from ._budget import Budget, GpuMemoryExceeded, MemoryBudgetExceeded
 from ._router import KeyStats, ModelRouter
 from ._segment import SegmentInfo, default_directory
 from ._shared import HoldInfo, SharedModel
@@ -47,6 +47,7 @@ __all__ = [
     "Budget",
     "KeyStats",
     "MemoryBudgetExceeded",
+    "GpuMemoryExceeded",
     "Codec",
     "Encoded",
     "register_codec",

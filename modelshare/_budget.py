@@ -59,3 +59,7 @@ class Budget:
 
 class MemoryBudgetExceeded(ModelShareError, MemoryError):
     """A model does not fit the budget, and nothing that could be evicted would make room."""
+
+
+class GpuMemoryExceeded(MemoryBudgetExceeded):
+    """A model's GPU copy does not fit the GPU's budget or its free memory (``SharedModel(device=...)``)."""

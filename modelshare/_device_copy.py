@@ -15,8 +15,8 @@ last holder) and the last mapping is gone -- whichever processes were SIGKILLed 
 Admission: before allocating, the copy's size (known from the segment's manifest) is checked
 against the device's free memory and against the GPU budget, if one is given (the sum of this
 directory's live copies on that device, plus this one); a refusal is a
-:class:`MemoryBudgetExceeded` naming the model, its size and what is free -- never a CUDA
-out-of-memory error halfway through.
+:class:`GpuMemoryExceeded` (a ``MemoryBudgetExceeded``) naming the model, its size and what is
+free -- never a CUDA out-of-memory error halfway through.
 
 What goes to the GPU: every torch storage of the model (parameters, buffers, tensors in plain
 attributes), packed at 256-byte alignment in manifest order, so every process computes the same
@@ -37,7 +37,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _cuda
-from ._budget import MemoryBudgetExceeded, format_size
+from ._budget import GpuMemoryExceeded, format_size
 from ._device_keeper import DeviceCopyFiles, list_device_copies, read_status, request_copy, start_keeper
 from ._segment import SegmentName
 from ._segment_file import Mapping
@@ -218,7 +218,7 @@ def _make(cuda: _cuda.Driver, files: DeviceCopyFiles, layout: DeviceLayout, mapp
 
 
 def admit(key: str, files: DeviceCopyFiles, nbytes: int, memory: tuple[int, int], gpu_budget: Optional[int]) -> None:
-    """Raise :class:`MemoryBudgetExceeded` unless a copy of ``nbytes`` fits the GPU's free memory
+    """Raise :class:`GpuMemoryExceeded` unless a copy of ``nbytes`` fits the GPU's free memory
     (``memory``: free, total) and ``gpu_budget`` (with this directory's live copies on that GPU)."""
     device = f"cuda:{files.index}"
     if gpu_budget is not None:
@@ -227,12 +227,12 @@ def admit(key: str, files: DeviceCopyFiles, nbytes: int, memory: tuple[int, int]
         if in_use + nbytes > gpu_budget:
             holders = "; ".join(f"{c.key} {format_size(c.nbytes)} (pids {', '.join(map(str, c.holders))})"
                                 for c in held) or "nothing"
-            raise MemoryBudgetExceeded(
+            raise GpuMemoryExceeded(
                 f"model {key!r} needs {format_size(nbytes)} on {device}; the GPU budget there is "
                 f"{format_size(gpu_budget)} and {format_size(in_use)} of it is held: {holders}. Release a model on "
                 f"{device}, raise the budget, or put this model on another GPU")
     free, total = memory
     if nbytes > free:
-        raise MemoryBudgetExceeded(
+        raise GpuMemoryExceeded(
             f"model {key!r} needs {format_size(nbytes)} on {device}, which has {format_size(free)} free of "
             f"{format_size(total)}; free memory on that GPU (other processes, other models) or use another GPU")

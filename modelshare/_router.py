@@ -30,8 +30,12 @@ How the budget holds across every process that routes through the same directory
   or ``modelshare gc`` after a SIGKILL, evicts them). Loads stay single-flight per machine
   (``SharedModel``'s own locks).
 
-Models share the router's directory and ``share="processes"``. GPU budgets need models that live
-on GPUs and are refused for now with a clear error.
+Models share the router's directory and ``share="processes"``. GPU budgets
+(``Budget(gpu={0: "20GiB"})``) apply to the models placed on a GPU (``SharedModel(device=...)``):
+a GPU copy lives only while some process holds the model (``_device_copy``), so nothing needs
+evicting there -- a copy that does not fit waits, like a full host budget, for copies in use to be
+released, then :class:`MemoryBudgetExceeded` names them. Their host segments stay warm under the
+host budget, so a model coming back to a GPU is copied from memory, not loaded again.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import psutil
 
 from . import _segment
-from ._budget import Budget, MemoryBudgetExceeded, Size, format_size, parse_size
+from ._budget import Budget, GpuMemoryExceeded, MemoryBudgetExceeded, Size, format_size, parse_size
 from ._shared import SharedModel
 
 __all__ = ["ModelRouter", "KeyStats"]
@@ -185,9 +189,6 @@ class ModelRouter:
                  load_overhead: Optional[float] = None) -> None:
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a modelshare.Budget, e.g. Budget(host='4GiB'), not {budget!r}")
-        if budget.gpu:
-            raise ValueError("GPU budgets need models that live on GPUs, which SharedModel does not place yet; "
-                             "give a host budget: Budget(host=...)")
         self.budget = budget
         self.wait = float(wait)
         if load_overhead is not None and load_overhead < 1:
@@ -217,6 +218,10 @@ class ModelRouter:
             raise ValueError(f"the model for {key!r} lives in {shared.directory}, the router in {self._directory}: "
                              "a budget is kept per directory, give every model the same one")
         shared.keep_warm = True  # a released model stays loaded until the budget needs its room
+        if shared.device is not None:  # its GPU copy counts against that GPU's budget (see _device_copy)
+            gpu = self.budget.gpu.get(int(shared.device.partition(":")[2]))
+            if gpu is not None:
+                shared.gpu_budget = gpu if shared.gpu_budget is None else min(gpu, shared.gpu_budget)
         self._models[key] = shared
         return shared
 
@@ -276,14 +281,15 @@ class ModelRouter:
             entry = state["models"].setdefault(name.stem, {"key": key, "loads": 0, "hits": 0, "evictions": 0,
                                                            "bytes": 0, "last_used": 0.0})
             if name.seg_path.exists():  # a hit: attach under the ledger lock, so it cannot be evicted first
+                model = _acquire_within_gpu_budget(shared)
                 entry["hits"] += 1
                 entry["last_used"] = time.time()
-                return shared, shared.acquire()
+                return shared, model
             reserved = self._admit(state, key, name)
             entry["last_used"] = time.time()
         try:
             with _AnonPeak() as peak:  # what the load costs this process beside the segment, if it loads
-                model = shared.acquire()  # single-flight per machine; may take a while: the ledger is free meanwhile
+                model = _acquire_within_gpu_budget(shared)  # single-flight per machine; the ledger is free meanwhile
         except BaseException:
             with ledger.locked() as state:
                 state["reservations"].pop(name.stem, None)
@@ -419,6 +425,15 @@ class ModelRouter:
     def held_bytes(self) -> int:
         """Bytes of models held in the router's directory now."""
         return sum(info.nbytes for info in _segment.list_segments(self.directory))
+
+
+def _acquire_within_gpu_budget(shared: SharedModel[Any]) -> Any:
+    """``shared.acquire()``; a GPU copy that does not fit (its budget, or the GPU's free memory) is
+    waited for like a full host budget: GPU copies go with their last holder, so room comes back."""
+    try:
+        return shared.acquire()
+    except GpuMemoryExceeded as exc:
+        raise _NoRoom(str(exc)) from None
 
 
 class _AnonPeak:

@@ -90,3 +90,26 @@ def test_a_write_into_the_shared_weights_fails_in_the_writer(model_file: Path, s
     holder.join(120)
     assert outcome[0] == "refused", outcome
     assert timed[0] == "timed" and timed[3]  # the holder's outputs never changed
+
+
+def test_a_router_waits_for_a_gpu_copy_in_use_then_names_it(shm_dir: Path, tmp_path: Path) -> None:
+    from modelshare import Budget, ModelRouter
+
+    paths = {}
+    for key, seed in (("a", 1), ("b", 2)):
+        paths[key] = tmp_path / f"{key}.pt"
+        torch.save(torch_mlp(256, 2048, seed=seed), paths[key])
+    router = ModelRouter(factory=lambda key: _gpu_workers.shared_model(str(paths[key]), str(shm_dir), key=key),
+                         budget=Budget(gpu={0: "300MiB"}), wait=1.0)
+    held_model = router.acquire("a")[1]
+    with pytest.raises(MemoryBudgetExceeded, match=r"'b' needs 256\.0 MiB on cuda:0.*a 256\.0 MiB \(pids"):
+        router.acquire("b")  # "a" is in use: waited a second for it, then named it
+    router.model("a").release(held_model)
+    del held_model  # the GPU copy goes with the last tensor on it
+    shared_b, model_b = router.acquire("b")  # now it fits
+    assert next(model_b.parameters()).is_cuda
+    shared_b.release(model_b)
+    del model_b
+    from tests.test_router import _clear
+
+    _clear(router, ["a", "b"])  # the router keeps released models warm on purpose
