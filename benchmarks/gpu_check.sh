@@ -14,6 +14,7 @@ if [ -d .whl ]; then
 fi
 python3 -c "import torch, pynvml; print(torch.__version__, torch.cuda.get_device_name(0))"
 python3 -c "import apache_beam.utils.multi_process_shared as m; print('beam', m.__name__)" 2>&1 | tail -1
+python3 -m benchmarks.gpu_probe 2>&1 | tee "$out/gpu-probe.json"
 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_device_copies.py \
   tests/test_torch_codec.py 2>&1 | tee "$out/gpu-tests.log"
 python3 -m benchmarks.gpu --out "$out" 2>&1 | tee "$out/gpu-bench.log"
