@@ -38,7 +38,7 @@ def _expected(nbytes: int) -> np.ndarray:
     return np.arange(nbytes // 4, dtype=np.float32)
 
 
-def mapper(directory: str, stem: str, results: Any, again: Any) -> None:
+def mapper(directory: str, stem: str, gpu: str, results: Any, again: Any) -> None:
     """Map the copy through its keeper, read it as a torch tensor; again after the maker let go."""
     import torch
 
@@ -48,7 +48,7 @@ def mapper(directory: str, stem: str, results: Any, again: Any) -> None:
     from modelshare.codecs._torch_storage import _DeviceBytes
 
     try:
-        lease, about, fd = request_copy(DeviceCopyFiles(SegmentName(Path(directory), stem), 0))
+        lease, about, fd = request_copy(DeviceCopyFiles(SegmentName(Path(directory), stem), gpu))
         address = driver("probe").import_mapped(0, fd, about["nbytes"], about["read_only"])
         os.close(fd)
         torch.cuda.init()
@@ -73,6 +73,8 @@ def main() -> int:
     try:
         cuda = driver("probe")
         report["devices"] = cuda.device_count
+        gpu = cuda.uuid(0)
+        report["uuid"], report["uuid_matches_nvml"] = gpu, gpu == memory.gpus()[0].uuid
         report["before"] = _nvml([os.getpid()])
         nbytes = cuda.rounded(0, 64 * MiB)
         address, fd = cuda.create(0, nbytes)
@@ -85,14 +87,14 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001
             report["read_only_access"] = f"{type(exc).__name__}: {exc}"
         report["after_create"] = _nvml([os.getpid()])
-        files = DeviceCopyFiles(SegmentName(directory, "probe--0"), 0)
+        files = DeviceCopyFiles(SegmentName(directory, "probe--0"), gpu)
         with files.starting():
             lease = start_keeper(files, fd, nbytes=nbytes, fingerprint="0" * 64,
                                  read_only=report["read_only_access"] is True, key="probe")
         os.close(fd)
         ctx = multiprocessing.get_context("spawn")
         results, again = ctx.Queue(), ctx.Event()
-        child = ctx.Process(target=mapper, args=(str(directory), "probe--0", results, again))
+        child = ctx.Process(target=mapper, args=(str(directory), "probe--0", gpu, results, again))
         child.start()
         report["mapper"] = results.get(timeout=120)
         report["both_mapped"] = _nvml([os.getpid(), child.pid])

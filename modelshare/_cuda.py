@@ -47,6 +47,10 @@ class _AllocationProp(ctypes.Structure):
                 ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", _AllocFlags)]
 
 
+class _Uuid(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]
+
+
 class _AccessDesc(ctypes.Structure):
     _fields_ = [("location", _Location), ("flags", ctypes.c_int)]
 
@@ -60,6 +64,7 @@ _SIGNATURES = {
     "cuInit": [ctypes.c_uint],
     "cuDeviceGetCount": [ctypes.POINTER(ctypes.c_int)],
     "cuDeviceGet": [ctypes.POINTER(ctypes.c_int), ctypes.c_int],
+    "cuDeviceGetUuid_v2": [ctypes.POINTER(_Uuid), ctypes.c_int],
     "cuDevicePrimaryCtxRetain": [ctypes.POINTER(_ptr), ctypes.c_int],
     "cuCtxPushCurrent_v2": [_ptr],
     "cuCtxPopCurrent_v2": [ctypes.POINTER(_ptr)],
@@ -118,6 +123,14 @@ class Driver:
             yield
         finally:
             self._lib.cuCtxPopCurrent_v2(ctypes.byref(_ptr()))
+
+    def uuid(self, index: int) -> str:
+        """Device ``index``'s UUID as hex: which physical GPU it is, whatever ``CUDA_VISIBLE_DEVICES``
+        made its index in this process (NVML's ``GPU-...`` UUID, without the prefix and dashes)."""
+        device, raw = ctypes.c_int(), _Uuid()
+        self._check("cuDeviceGet", ctypes.byref(device), index)
+        self._check("cuDeviceGetUuid_v2", ctypes.byref(raw), device)
+        return bytes(raw.bytes).hex()
 
     def memory_info(self, index: int) -> tuple[int, int]:
         """(free, total) bytes of device ``index``, as its driver sees them now."""
@@ -217,7 +230,7 @@ def driver(for_what: str) -> Driver:
         if _driver is None:
             try:
                 _driver = Driver(ctypes.CDLL("libcuda.so.1"))
-            except (OSError, CudaError) as exc:
+            except (OSError, AttributeError, CudaError) as exc:  # AttributeError: a driver older than CUDA 11.4
                 raise DeviceUnavailableError(
                     f"{for_what} needs an NVIDIA GPU and its driver, and this machine has none usable "
                     f"({exc}). Run it where a GPU is, or leave device= out to share the weights in host memory"

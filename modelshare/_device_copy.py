@@ -146,7 +146,7 @@ def open_device_copy(mapping: Mapping, name: SegmentName, device: str, *, key: s
         raise EncodeError(f"device={device!r} puts a model's torch tensors on the GPU, and model {key!r} "
                           f"(codec {mapping.header.get('codec')!r}) holds none; leave device= out to share it in "
                           "host memory")
-    files = DeviceCopyFiles(name, index)
+    files = DeviceCopyFiles(name, cuda.uuid(index), index)
     deadline = time.monotonic() + (timeout if timeout is not None else 600.0)
     while True:
         found = _attach(cuda, files, layout, mapping.header["fingerprint"], key)
@@ -222,7 +222,7 @@ def admit(key: str, files: DeviceCopyFiles, nbytes: int, memory: tuple[int, int]
     (``memory``: free, total) and ``gpu_budget`` (with this directory's live copies on that GPU)."""
     device = f"cuda:{files.index}"
     if gpu_budget is not None:
-        held = [c for c in list_device_copies(files.name.directory) if c.index == files.index and c.alive]
+        held = [c for c in list_device_copies(files.name.directory) if c.uuid == files.gpu and c.alive]
         in_use = sum(c.nbytes for c in held)
         if in_use + nbytes > gpu_budget:
             holders = "; ".join(f"{c.key} {format_size(c.nbytes)} (pids {', '.join(map(str, c.holders))})"

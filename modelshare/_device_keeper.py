@@ -45,14 +45,20 @@ __all__ = ["DeviceCopyFiles", "DeviceCopyInfo", "start_keeper", "request_copy", 
 
 @dataclass(frozen=True)
 class DeviceCopyFiles(OwnerFiles):
-    """Where the keeper of model version ``name``'s copy on GPU ``index`` keeps its files."""
+    """Where the keeper of model version ``name``'s copy on the GPU with UUID ``gpu`` keeps its files.
 
-    index: int = 0
+    Copies are named by the physical GPU, not by an index: processes pinned to different GPUs
+    with ``CUDA_VISIBLE_DEVICES`` number them differently. ``index`` is this process's number for it.
+    """
+
+    gpu: str = ""
+    index: int = field(default=0, compare=False)
     STATUS_SUFFIX: ClassVar[str] = ".gpu"
+    TAG_PREFIX: ClassVar[str] = "gpu-"
 
     @property
     def tag(self) -> str:
-        return f"cuda{self.index}"
+        return f"{self.TAG_PREFIX}{self.gpu[:12]}"
 
 
 @dataclass
@@ -61,8 +67,9 @@ class DeviceCopyInfo:
 
     key: str
     version: str
-    device: str
+    device: str  # as the maker numbered it (cuda:<index>)
     index: int
+    uuid: str
     nbytes: int
     keeper: int
     creator: int
@@ -89,9 +96,9 @@ def read_status(files: DeviceCopyFiles) -> Optional[DeviceCopyInfo]:
 def _copy_files(directory: Path) -> list[DeviceCopyFiles]:
     found = []
     for path in sorted(directory.glob("*" + DeviceCopyFiles.STATUS_SUFFIX)):
-        stem, _, index = path.name[: -len(DeviceCopyFiles.STATUS_SUFFIX)].rpartition(".cuda")
-        if index.isdigit():
-            found.append(DeviceCopyFiles(SegmentName(directory, stem), int(index)))
+        stem, _, gpu = path.name[: -len(DeviceCopyFiles.STATUS_SUFFIX)].rpartition("." + DeviceCopyFiles.TAG_PREFIX)
+        if stem and gpu:
+            found.append(DeviceCopyFiles(SegmentName(directory, stem), gpu))
     return found
 
 
@@ -120,7 +127,7 @@ def start_keeper(files: DeviceCopyFiles, memory_fd: int, *, nbytes: int, fingerp
     The keeper takes over its own duplicate of ``memory_fd``; the caller may close its own.
     """
     here, there = socket.socketpair()
-    orders = {"directory": str(files.name.directory), "stem": files.name.stem, "index": files.index,
+    orders = {"directory": str(files.name.directory), "stem": files.name.stem, "gpu": files.gpu, "index": files.index,
               "nbytes": nbytes, "fingerprint": fingerprint, "read_only": read_only, "key": key,
               "creator": os.getpid(), "memory_fd": memory_fd, "lease_fd": there.fileno()}
     try:
@@ -159,7 +166,8 @@ class _Keeper:
         self.memory_fd = orders["memory_fd"]
         self.hello = json.dumps({k: orders[k] for k in ("nbytes", "fingerprint", "read_only")}).encode()
         self.status = {"key": orders["key"], "version": files.name.stem.rpartition("--")[2],
-                       "device": f"cuda:{files.index}", "index": files.index, "nbytes": orders["nbytes"],
+                       "device": f"cuda:{files.index}", "index": files.index, "uuid": files.gpu,
+                       "nbytes": orders["nbytes"],
                        "keeper": os.getpid(), "creator": orders["creator"], "created": time.time(),
                        "read_only": orders["read_only"]}
         self.status_fd = status_fd
@@ -243,7 +251,7 @@ def main() -> int:
     """Entry point: read the orders (JSON) on stdin, keep the descriptor, serve holders, exit."""
     orders = json.loads(sys.stdin.buffer.read())
     detach()
-    files = DeviceCopyFiles(SegmentName(Path(orders["directory"]), orders["stem"]), orders["index"])
+    files = DeviceCopyFiles(SegmentName(Path(orders["directory"]), orders["stem"]), orders["gpu"], orders["index"])
     keeper = _Keeper(orders, files, files.hold_status())
 
     def terminate(*_: Any) -> None:

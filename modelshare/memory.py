@@ -115,6 +115,7 @@ class GpuMemory:
     used: int
     free: int
     processes: dict[int, int] = field(default_factory=dict)
+    uuid: str = ""  # hex, as modelshare names GPU copies (NVML's "GPU-..." without prefix and dashes)
 
 
 def gpus() -> list[GpuMemory]:
@@ -135,14 +136,17 @@ def gpus() -> list[GpuMemory]:
             info = pynvml.nvmlDeviceGetMemoryInfo(handle)
             processes = {int(p.pid): int(p.usedGpuMemory or 0)
                          for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
-            found.append(GpuMemory(index, int(info.total), int(info.used), int(info.free), processes))
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            uuid = (uuid.decode() if isinstance(uuid, bytes) else uuid).removeprefix("GPU-").replace("-", "").lower()
+            found.append(GpuMemory(index, int(info.total), int(info.used), int(info.free), processes, uuid))
         return found
     finally:
         pynvml.nvmlShutdown()
 
 
 def gpu_usage(pids: Iterable[int], index: int = 0, directory: Union[str, os.PathLike[str], None] = None) -> int:
-    """GPU memory that the processes ``pids`` cost GPU ``index``, each GPU copy they hold counted once.
+    """GPU memory that the processes ``pids`` cost GPU ``index`` (NVML's numbering), each GPU copy they
+    hold counted once.
 
     NVML charges a copy's memory to the process that allocated it, and to nobody once that process
     is gone (the memory lives on for the others); so a copy held by the set is added unless its
@@ -154,11 +158,11 @@ def gpu_usage(pids: Iterable[int], index: int = 0, directory: Union[str, os.Path
     found = [g for g in gpus() if g.index == index]
     if not found:
         return 0
-    listed = found[0].processes
+    listed, uuid = found[0].processes, found[0].uuid
     total = sum(listed.get(pid, 0) for pid in wanted)
     seg_dir = Path(directory) if directory is not None else _segment.default_directory()
     for copy in list_device_copies(seg_dir):
-        if copy.index == index and copy.alive and wanted & set(copy.holders):
+        if copy.uuid == uuid and copy.alive and wanted & set(copy.holders):
             if not (copy.creator in wanted and copy.creator in listed):
                 total += copy.nbytes
     return total

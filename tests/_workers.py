@@ -265,6 +265,9 @@ def hold_routed_and_wait(directory: str, budget: int, keys: list[str], mib: int,
     assert held
 
 
+FAKE_GPU = "0123456789abcdef0123456789abcdef"  # the UUID a copy in the keeper tests claims to live on
+
+
 def memfd_with(nbytes: int, pattern: bytes) -> int:
     """A memfd of ``nbytes`` filled with ``pattern``: what an exported GPU copy is to its keeper."""
     fd = os.memfd_create("modelshare-test-copy")
@@ -278,7 +281,7 @@ def make_copy_and_hold(directory: str, stem: str, nbytes: int, pattern: bytes, r
     from modelshare._device_keeper import DeviceCopyFiles, start_keeper
     from modelshare._segment import SegmentName
 
-    files = DeviceCopyFiles(SegmentName(Path(directory), stem), 0)
+    files = DeviceCopyFiles(SegmentName(Path(directory), stem), FAKE_GPU)
     fd = memfd_with(nbytes, pattern)
     with files.starting():
         lease = start_keeper(files, fd, nbytes=nbytes, fingerprint="f" * 64, read_only=True, key=stem)
@@ -296,7 +299,7 @@ def map_copy_and_check(directory: str, stem: str, pattern: bytes, results: Any, 
     from modelshare._device_keeper import DeviceCopyFiles, request_copy
     from modelshare._segment import SegmentName
 
-    found = request_copy(DeviceCopyFiles(SegmentName(Path(directory), stem), 0))
+    found = request_copy(DeviceCopyFiles(SegmentName(Path(directory), stem), FAKE_GPU))
     if found is None:
         results.put(("none", os.getpid()))
         return

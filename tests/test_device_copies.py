@@ -119,7 +119,7 @@ def test_layout_puts_each_torch_storage_once_at_aligned_offsets() -> None:
 
 def test_the_keeper_serves_each_holder_and_leaves_with_the_last(shm_dir: Path, spawn) -> None:
     shm_dir.mkdir(mode=0o700)
-    files = DeviceCopyFiles(SegmentName(shm_dir, "mlp--0123"), 0)
+    files = DeviceCopyFiles(SegmentName(shm_dir, "mlp--0123"), _workers.FAKE_GPU)
     fd = _workers.memfd_with(4 * MiB, b"weights!")
     with files.starting():
         lease = start_keeper(files, fd, nbytes=4 * MiB, fingerprint="f" * 64, read_only=True, key="mlp")
@@ -153,7 +153,7 @@ def test_the_keeper_serves_each_holder_and_leaves_with_the_last(shm_dir: Path, s
 def test_sigkill_of_the_process_that_made_the_copy_keeps_it_for_the_others(shm_dir: Path, spawn) -> None:
     shm_dir.mkdir(mode=0o700)
     stem = "big--4567"
-    files = DeviceCopyFiles(SegmentName(shm_dir, stem), 0)
+    files = DeviceCopyFiles(SegmentName(shm_dir, stem), _workers.FAKE_GPU)
     results, check, done, maker_done = spawn.Queue(), spawn.Event(), spawn.Event(), spawn.Event()
     maker = spawn.Process(target=_workers.make_copy_and_hold,
                           args=(str(shm_dir), stem, 8 * MiB, b"tensor", results, maker_done))
@@ -182,7 +182,7 @@ def test_sigkill_of_the_process_that_made_the_copy_keeps_it_for_the_others(shm_d
 
 def test_a_sigkilled_keeper_leaves_files_that_gc_removes(shm_dir: Path, spawn) -> None:
     shm_dir.mkdir(mode=0o700)
-    files = DeviceCopyFiles(SegmentName(shm_dir, "m--89ab"), 0)
+    files = DeviceCopyFiles(SegmentName(shm_dir, "m--89ab"), _workers.FAKE_GPU)
     fd = _workers.memfd_with(MiB, b"w")
     with files.starting():
         lease = start_keeper(files, fd, nbytes=MiB, fingerprint="f" * 64, read_only=True, key="m")
@@ -202,13 +202,13 @@ def test_a_sigkilled_keeper_leaves_files_that_gc_removes(shm_dir: Path, spawn) -
 
 def test_admission_names_the_model_its_size_and_what_holds_the_gpu(shm_dir: Path) -> None:
     shm_dir.mkdir(mode=0o700)
-    held = DeviceCopyFiles(SegmentName(shm_dir, "ranker--aaaa"), 0)
+    held = DeviceCopyFiles(SegmentName(shm_dir, "ranker--aaaa"), _workers.FAKE_GPU)
     fd = _workers.memfd_with(MiB, b"w")
     with held.starting():
         lease = start_keeper(held, fd, nbytes=64 * MiB, fingerprint="f" * 64, read_only=True, key="ranker")
     os.close(fd)
     try:
-        other = DeviceCopyFiles(SegmentName(shm_dir, "scorer--bbbb"), 0)
+        other = DeviceCopyFiles(SegmentName(shm_dir, "scorer--bbbb"), _workers.FAKE_GPU)
         plenty = (80 << 30, 80 << 30)
         with pytest.raises(MemoryBudgetExceeded) as refused:
             admit("scorer", other, 32 * MiB, plenty, gpu_budget=80 * MiB)
@@ -216,7 +216,8 @@ def test_admission_names_the_model_its_size_and_what_holds_the_gpu(shm_dir: Path
         assert "'scorer' needs 32.0 MiB on cuda:0" in message and "budget there is 80.0 MiB" in message
         assert f"ranker 64.0 MiB (pids {os.getpid()})" in message
         admit("scorer", other, 16 * MiB, plenty, gpu_budget=80 * MiB)  # fits with what is held
-        admit("scorer", DeviceCopyFiles(other.name, 1), 32 * MiB, plenty, gpu_budget=80 * MiB)  # another GPU
+        another_gpu = DeviceCopyFiles(other.name, "f" * 32, index=1)
+        admit("scorer", another_gpu, 32 * MiB, plenty, gpu_budget=80 * MiB)  # nothing held on that one
         with pytest.raises(MemoryBudgetExceeded, match=r"needs 32.0 MiB on cuda:0, which has 16.0 MiB free of 80"):
             admit("scorer", other, 32 * MiB, (16 * MiB, 80 << 30), gpu_budget=None)
     finally:
@@ -226,14 +227,15 @@ def test_admission_names_the_model_its_size_and_what_holds_the_gpu(shm_dir: Path
 
 def test_keeper_status_is_json_a_reader_can_use(shm_dir: Path) -> None:
     shm_dir.mkdir(mode=0o700)
-    files = DeviceCopyFiles(SegmentName(shm_dir, "m--cdef"), 2)
+    files = DeviceCopyFiles(SegmentName(shm_dir, "m--cdef"), "ab" * 16, index=2)
     fd = _workers.memfd_with(MiB, b"w")
     with files.starting():
         lease = start_keeper(files, fd, nbytes=MiB, fingerprint="f" * 64, read_only=False, key="m")
     os.close(fd)
     try:
         status = json.loads(files.status.read_bytes())
-        assert status["device"] == "cuda:2" and status["holders"] == [os.getpid()]
+        assert status["device"] == "cuda:2" and status["uuid"] == "ab" * 16 and status["holders"] == [os.getpid()]
+        assert files.status.name == "m--cdef.gpu-abababababab.gpu"  # named by the physical GPU
         out = subprocess.run([sys.executable, "-m", "modelshare", "--dir", str(shm_dir), "ls", "--json", "--gpu"],
                              capture_output=True, text=True, check=True).stdout
         assert json.loads(out)[0]["holders"] == [os.getpid()]
