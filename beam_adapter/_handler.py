@@ -34,7 +34,6 @@ process's USS) -- reported from the first batch, since Beam drops metrics set ou
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -44,7 +43,6 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from modelshare import (
     Budget,
-    DeviceUnavailableError,
     EncodeError,
     HoldInfo,
     ModelRouter,
@@ -57,6 +55,7 @@ from modelshare._segment import key_from
 from modelshare.threads import Threads, ThreadShare
 
 from ._batches import BatchRunner, Ragged
+from ._devices import handler_device, usable_device
 from ._keyed import is_multi_model, keyed_router, run_keyed
 from ._lean_loaders import CpuLoader, lean_loader
 
@@ -65,30 +64,6 @@ __all__ = ["SharedModelHandler", "release_all"]
 
 def _default_key(handler: ModelHandler) -> str:
     return key_from(f"beam-{type(handler).__name__}", "beam-model")
-
-
-def _placement(handler: ModelHandler, device: Optional[str]) -> Optional[str]:
-    """The GPU to put the model on: ``device``, else a PyTorch handler's own GPU; checked against it."""
-    handler_device = getattr(handler, "_device", None)
-    if type(handler).__module__ != "apache_beam.ml.inference.pytorch_inference" or handler_device is None:
-        return device
-    on_gpu = getattr(handler_device, "type", str(handler_device)) == "cuda"
-    if device is None:
-        return f"cuda:{handler_device.index or 0}" if on_gpu else None
-    if not on_gpu:
-        raise ValueError(f"device={device!r}, but the wrapped {type(handler).__name__} runs on {handler_device} and "
-                         "sends its batches there; build it with device='GPU'")
-    return device
-
-
-def _gpu_usable(device: str, key: str) -> bool:
-    from modelshare._device_copy import device_driver
-
-    try:
-        device_driver(device, key)
-    except DeviceUnavailableError:
-        return False
-    return True
 
 
 def _is_onnx_handler(handler: ModelHandler) -> bool:
@@ -155,8 +130,8 @@ class SharedModelHandler(ModelHandler):
             raise ValueError(f"share must be 'processes', 'threads' or 'server', not {share!r}")
         if copies is not None and share not in (None, "server"):
             raise ValueError("copies=N is for share='server' (exactly N model instances on the machine)")
-        self._device_from_handler = device is None
-        device = _placement(handler, device)
+        self._device_asked = device is not None
+        device = handler_device(handler, device)
         if device is not None and (share not in (None, "processes") or budget is not None):
             raise ValueError("device= puts one copy of the model on a GPU for every worker process (share='processes', "
                              "no budget=); for a model that cannot be split, use share='server'")
@@ -240,14 +215,7 @@ class SharedModelHandler(ModelHandler):
             return SharedModel(self._handler.load_model, key=self._key, share="server", copies=self._copies,
                                version=version, directory=self._directory)
         loader = (lean_loader(self._handler) if self._share == "processes" else None) or self._handler.load_model
-        if self._device is not None and self._device_from_handler and not _gpu_usable(self._device, self._key):
-            # Beam's PyTorch handler runs on the CPU where GPUs are not available; so does its model here
-            logging.warning("%s asked for a GPU, but none is usable here: the model stays on the CPU",
-                            type(self._handler).__name__)
-            self._device = None
-            import torch
-
-            self._handler._device = torch.device("cpu")
+        self._device = usable_device(self._handler, self._device, self._device_asked, self._key)
         if self._device is not None:
             loader = lean_loader(self._handler, on_cpu=True) or CpuLoader(self._handler.load_model)
         return SharedModel(loader, key=self._key, share=self._share, version=version, directory=self._directory,

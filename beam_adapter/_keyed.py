@@ -7,7 +7,8 @@ a ``SharedModel`` in one directory and the router keeps the bytes held by all of
 machine within ``budget``: the least recently used model no process is using is evicted to make
 room, and a model in use is never evicted. Inference is the wrapped handler's: the batch is
 grouped by key as ``KeyedModelHandler`` groups it, and each group runs through its own model
-handler's ``run_inference``, so the keyed results are the same as unwrapped.
+handler's ``run_inference``, so the keyed results are the same as unwrapped. Models of PyTorch
+handlers built for the GPU get one copy on it each (``_devices``), under ``Budget(gpu=...)``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from modelshare import Budget, ModelRouter, SharedModel
 from modelshare._fingerprint import loader_fingerprint
 from modelshare._segment import key_from
 
-from ._lean_loaders import lean_loader
+from ._devices import handler_device, usable_device
+from ._lean_loaders import CpuLoader, lean_loader
 
 __all__ = ["is_multi_model", "keyed_router", "run_keyed"]
 
@@ -35,11 +37,14 @@ def keyed_router(handler: KeyedModelHandler, budget: Budget, directory: Optional
     """A router over the models of ``handler``'s mappings, one ``SharedModel`` per mapping."""
     models, lean = {}, True
     for model_id, mh in handler._id_to_mh_map.items():
-        loader = lean_loader(mh)
-        lean = lean and loader is not None
         key = key_from(f"beam-keyed-{model_id}", "beam-keyed-model")
-        models[model_id] = SharedModel(loader or mh.load_model, key=key, version=loader_fingerprint(mh.load_model),
-                                       directory=directory)
+        device = usable_device(mh, handler_device(mh, None), False, key)  # a PyTorch handler built for the GPU
+        loader = lean_loader(mh, on_cpu=device is not None)
+        lean = lean and loader is not None
+        if loader is None:
+            loader = CpuLoader(mh.load_model) if device is not None else mh.load_model
+        models[model_id] = SharedModel(loader, key=key, version=loader_fingerprint(mh.load_model),
+                                       directory=directory, device=device)
     # a load holds the handler's private copy beside the segment (measured), unless every loader maps its file
     return ModelRouter(models, budget=budget, load_overhead=1.0 if lean else None)
 

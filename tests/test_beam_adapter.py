@@ -466,6 +466,15 @@ def test_device_placement_follows_the_pytorch_handler_and_is_checked(tmp_path: P
     model = wrapped_gpu.load_model()  # no GPU: like Beam's handler, the model and batches stay on the CPU
     assert wrapped_gpu._device is None and asked_gpu._device == torch.device("cpu")
     assert next(model.parameters()).device.type == "cpu"
+    from apache_beam.ml.inference.base import KeyedModelHandler, KeyModelMapping
+
+    from beam_adapter._keyed import keyed_router
+    from modelshare import Budget
+
+    keyed_gpu = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=_TorchMLP,
+                                          model_params={"width": 128}, device="GPU")
+    router = keyed_router(KeyedModelHandler([KeyModelMapping(["a"], keyed_gpu)]), Budget(host="1GiB"), None)
+    assert [router.model(k).device for k in ("a",)] == [None] and keyed_gpu._device == torch.device("cpu")
     wrapped = SharedModelHandler(sklearn_handler, device="cuda:0")
     with pytest.raises(DeviceUnavailableError, match="needs an NVIDIA GPU"):
         wrapped.load_model()
