@@ -240,9 +240,10 @@ class ModelRouter:
     def use(self, key: str) -> Iterator[Any]:
         """``with router.use(key) as model:`` -- the model for ``key``, loaded within the budget.
 
-        Drop the ``model`` name after the block (``del model``, or use ``router(key, x)``) before
-        asking for another key: a released model's memory goes, once evicted, only when nothing in
-        this process still refers to it -- and the budget counts what the segments hold."""
+        A released model that a process still refers to stays held there (it is still mapped): other
+        processes' routers wait for it instead of evicting memory in use. This process's own
+        leftovers -- a ``model`` name still bound after the block while the next key is admitted --
+        do not count: drop them (``del model``, or use ``router(key, x)``) and the memory goes."""
         shared, model = self.acquire(key)
         try:
             yield model
@@ -389,6 +390,7 @@ class ModelRouter:
             if self._fits(held, size, available):
                 return
             name = _segment.SegmentName(self.directory, stem)
+            _segment.forget_lingering(name)  # this process's leftover references do not count as use
             if _segment.evict(name):
                 held -= sizes[stem]
                 available += sizes[stem]

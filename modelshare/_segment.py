@@ -306,28 +306,76 @@ def _remove_temporaries(name: SegmentName) -> None:
         path.unlink(missing_ok=True)
 
 
+class _Hold:
+    """A shared lock that outlives ``release`` while the model still maps the segment."""
+
+    def __init__(self, name: SegmentName, lock_fd: int, keep_warm: bool) -> None:
+        self.name, self.lock_fd, self.keep_warm = name, lock_fd, keep_warm
+
+    def drop(self) -> bool:
+        """Give up the lock; unlink the segment if this was the last holder (unless kept warm)."""
+        _lingering.pop(id(self), None)
+        removed = False
+        try:
+            if not self.keep_warm:
+                try:
+                    fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass  # someone else holds it; our shared lock goes with the close below
+                else:
+                    if _same_file(self.lock_fd, self.name.lock_path):
+                        self.name.seg_path.unlink(missing_ok=True)
+                        self.name.lock_path.unlink(missing_ok=True)
+                        removed = True
+        finally:
+            os.close(self.lock_fd)
+        return removed
+
+
+_lingering: dict[int, _Hold] = {}  # holds released while something in this process still maps the segment
+
+
+def _relock_lingering_in_child() -> None:
+    """A forked child shares its parent's lock descriptions: take shared locks of its own."""
+    for hold in list(_lingering.values()):
+        fd = lock_file(hold.name.lock_path, fcntl.LOCK_SH | fcntl.LOCK_NB, create=False)
+        os.close(hold.lock_fd)  # the parent's lock survives: it has its own descriptor
+        if fd is None:  # nothing to hold any more
+            _lingering.pop(id(hold), None)
+            hold.lock_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            hold.keep_warm = True  # never unlink anything on its account
+        else:
+            hold.lock_fd = fd
+
+
+os.register_at_fork(after_in_child=_relock_lingering_in_child)
+
+
+def forget_lingering(name: SegmentName) -> None:
+    """Give up this process's released-but-still-mapped holds on ``name`` (so that it can be
+    evicted): for a caller whose own leftover references are about to die, e.g. a loop variable
+    still bound to the previous model while the next one is admitted."""
+    for hold in [h for h in _lingering.values() if h.name == name]:
+        _lingering.pop(id(hold), None)
+        os.close(hold.lock_fd)
+        hold.lock_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # what its finalizer will close
+        hold.keep_warm = True  # and never unlink anything on its account
+
+
 def release(handle: SegmentHandle) -> bool:
     """Give up this process's hold; unlink the segment if it was the last holder.
 
-    Returns whether the segment was removed. A segment published with keep warm stays.
+    Returns whether the segment was removed. A segment published with keep warm stays. While the
+    model built on it is still referenced in this process (arrays, tensors on its pages), the
+    hold lasts until the last such reference dies: a segment that is still mapped is never
+    unlinked or evicted, and memory counted as free is free.
     """
-    keep_warm = handle.mapping.keep_warm
-    handle.mapping.close()
-    removed = False
-    try:
-        if not keep_warm:
-            try:
-                fcntl.flock(handle.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass  # someone else holds it; our shared lock goes with the close below
-            else:
-                if _same_file(handle.lock_fd, handle.name.lock_path):
-                    handle.name.seg_path.unlink(missing_ok=True)
-                    handle.name.lock_path.unlink(missing_ok=True)
-                    removed = True
-    finally:
-        os.close(handle.lock_fd)
-    return removed
+    hold = _Hold(handle.name, handle.lock_fd, handle.mapping.keep_warm)
+    if handle.mapping.close():
+        return hold.drop()
+    _lingering[id(hold)] = hold
+    handle.mapping.when_unmapped(hold.drop)
+    return False
 
 # ---------------------------------------------------------------------------------------------
 # Inspection and garbage collection

@@ -26,9 +26,10 @@ import mmap
 import os
 import secrets
 import struct
+import weakref
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .codecs import Encoded, SegmentBuffers
 from .errors import SegmentCorruptedError, SegmentDirectoryError
@@ -173,11 +174,10 @@ class Mapping:
                     "(`modelshare gc --all`, once no process uses it) and load again"
                 )
 
-    def close(self) -> None:
-        """Drop this mapping's own views and unmap, unless the model still uses them.
-
-        Arrays built on the buffers keep the mapping alive; it is unmapped when the last dies.
-        """
+    def close(self) -> bool:
+        """Drop this mapping's own views and unmap, unless the model still uses them; whether it
+        unmapped now. Arrays built on the buffers keep the mapping alive until the last dies
+        (``when_unmapped`` says when)."""
         for view in [self.skeleton, *self.buffers, self._whole]:
             try:
                 view.release()
@@ -187,7 +187,13 @@ class Mapping:
         try:
             self._mmap.close()
         except BufferError:
-            pass
+            return False
+        return True
+
+    def when_unmapped(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the mapping is gone: when the last array or tensor on it dies
+        (or at exit)."""
+        weakref.finalize(self._mmap, callback)
 
 
 def _corrupt(path: Path, why: str) -> SegmentCorruptedError:

@@ -17,8 +17,10 @@ Lifetime rules:
 * ``acquire()`` returns the model and counts a hold; ``release(model)`` gives it back;
   ``use()`` does both around a ``with`` block. Within a process every acquire of the same model
   (by any thread, through any unpickled copy of the same SharedModel) returns the same object.
-* When a process's last hold is released, it unmaps (once the caller drops its own references)
-  and drops its shared lock; the last process on the machine unlinks the segment. A process that
+* When a process's last hold is released and the caller's own references to the model are gone
+  too, it unmaps and drops its shared lock; the last process on the machine unlinks the segment.
+  (A released model still referenced is still mapped, so it still counts as held: nothing
+  unlinks or evicts memory in use.) A process that
   exits without releasing is released at exit; one killed by SIGKILL is released by the kernel,
   and ``modelshare gc`` (or the next process to attach in the directory) removes what it left.
 * ``keep_warm=True`` keeps the segment after its last holder (``share="processes"``), or the

@@ -314,3 +314,11 @@ def map_copy_and_check(directory: str, stem: str, pattern: bytes, results: Any, 
             results.put(("checked", os.getpid(), view[:] == expected))
     view.close()
     lease.close()
+
+
+def drop_lingering_holds(results: Any) -> None:
+    """In a forked child: give up every released-but-still-mapped hold inherited from the parent."""
+    from modelshare import _segment
+
+    removed = [hold.drop() for hold in list(_segment._lingering.values())]
+    results.put(removed)

@@ -113,6 +113,7 @@ def test_corrupted_segment(shm_dir: Path, damage: str) -> None:
     assert path in gc_segments(shm_dir, include_warm=True)
     with shared.use() as model:  # reloaded from the loader
         assert model["w"][-1] == 99_999.0
+    del model
     gc_segments(shm_dir, include_warm=True)
 
 
@@ -152,6 +153,7 @@ def test_directory_without_room(tiny_tmpfs: Path) -> None:
     small = SharedModel(lambda: {"w": np.ones(1024)}, key="small", directory=directory)
     with small.use() as model:  # the directory still works for what fits
         assert model["w"].sum() == 1024
+    del model  # released and no longer referenced: only then unmapped, and the segment unlinked
     assert list(directory.iterdir()) == []
 
 

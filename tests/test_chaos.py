@@ -82,6 +82,7 @@ def test_sigkill_attached_process_mid_use(shm_dir: Path, spawn) -> None:
     np.testing.assert_array_equal(model(x), expected)
     np.testing.assert_array_equal(got[survivor.pid], expected)
     shared.release(model)
+    del model
     assert shared.segment_name.seg_path.exists(), "the survivor still holds the segment"
     done.set()
     survivor.join(60)

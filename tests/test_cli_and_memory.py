@@ -67,6 +67,7 @@ def test_memory_figures_count_a_segment_once(shm_dir: Path) -> None:
         assert mine.segment_pss >= size * 0.99, "this process maps and touches the whole segment"
         assert mine.pss >= mine.segment_pss and mine.rss >= mine.uss
         assert memory.segment_bytes(shm_dir) >= size
+    del model
     assert memory.segment_bytes(shm_dir) == 0
     host = memory.host()
     assert 0 < host.available <= host.total and host.used == host.total - host.available

@@ -45,6 +45,7 @@ def test_not_thread_safe_model_needs_instances(shm_dir: Path) -> None:
             assert pool.weights.shape == (256, 256)  # a plain attribute is the first instance's
             with pool.instance() as one:
                 assert one in pool.instances
+    del pool, one
     assert list(shm_dir.iterdir()) == []
 
 

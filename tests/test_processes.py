@@ -107,6 +107,37 @@ def test_forked_child_holds_its_own_lock(shm_dir: Path) -> None:
     assert shared.segment_name.seg_path.exists(), "the child's exit must not release the parent's hold"
     np.testing.assert_array_equal(model(sample_input(512)), make_mlp(4, width=512)(sample_input(512)))
     shared.release(model)
+    del model
+    assert list(shm_dir.iterdir()) == []
+
+
+def test_a_released_model_still_referenced_keeps_its_hold_until_it_dies(shm_dir: Path) -> None:
+    from modelshare import _segment
+
+    shared = SharedModel(lambda: {"w": np.ones(50_000)}, key="linger")
+    model = shared.acquire()
+    shared.release(model)
+    assert shared.holders() == [os.getpid()], "still mapped here: still held"
+    assert not _segment.evict(shared.segment_name), "so nothing evicts it from under the model"
+    assert model["w"].sum() == 50_000
+    del model
+    assert list(shm_dir.iterdir()) == [], "the last reference gone: unmapped, and unlinked by its last holder"
+
+
+def test_a_forked_child_cannot_give_up_its_parents_lingering_hold(shm_dir: Path) -> None:
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    shared = SharedModel(lambda: {"w": np.ones(50_000)}, key="linger-fork")
+    model = shared.acquire()
+    shared.release(model)
+    results = fork.Queue()
+    child = fork.Process(target=_workers.drop_lingering_holds, args=(results,))
+    child.start()
+    assert results.get(timeout=60) == [False], "the child held a lock of its own, not the parent's"
+    child.join(60)
+    assert shared.segment_name.seg_path.exists() and shared.holders() == [os.getpid()]
+    del model
     assert list(shm_dir.iterdir()) == []
 
 

@@ -72,6 +72,7 @@ def test_processes_mode_in_one_process_unlinks_on_last_release(shm_dir: Path) ->
     with shared.use() as model:
         assert shared.segment_name.seg_path.exists()
         assert model["w"].sum() == 50_000
+    del model
     assert list(shm_dir.iterdir()) == []
 
 
