@@ -322,3 +322,15 @@ def drop_lingering_holds(results: Any) -> None:
 
     removed = [hold.drop() for hold in list(_segment._lingering.values())]
     results.put(removed)
+
+
+def publish_and_measure(shared: Any, results: Any) -> None:
+    """Acquire ``shared`` (this process loads and publishes it); report the peak of this process's
+    anonymous memory over the acquire, in bytes (what loading cost beside the segment)."""
+    from modelshare._router import _AnonPeak
+
+    with _AnonPeak() as peak:
+        model = shared.acquire()
+    info = shared.hold_info()
+    results.put((peak.bytes, bool(info and info.loaded_here)))
+    shared.release(model)

@@ -161,6 +161,7 @@ def codec_for(model: Any) -> Codec:
 
 register_codec("modelshare.codecs.generic:GenericCodec", name="generic")
 register_codec("modelshare.codecs.torch:TorchCodec", name="torch", types=["torch.nn.modules.module.Module"])
-register_codec("modelshare.codecs.onnx:OnnxCodec", name="onnx", types=["onnx.onnx_ml_pb2.ModelProto"])
+register_codec("modelshare.codecs.onnx:OnnxCodec", name="onnx",
+               types=["onnx.onnx_ml_pb2.ModelProto", "modelshare.codecs._onnx_file.MappedOnnxModel"])
 register_codec("modelshare.codecs.tensorrt:TensorRTCodec", name="tensorrt",
                types=["modelshare.codecs.tensorrt.EnginePlan", "tensorrt.tensorrt.ICudaEngine"])

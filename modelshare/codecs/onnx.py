@@ -154,10 +154,17 @@ def _strip(tensor: Any, index: int, nbytes: int) -> None:
 
 
 def load_onnx_file(path: Path) -> Any:
-    """An ``onnx.ModelProto`` from a file, external data beside it included."""
-    import onnx
+    """The model in an ONNX file, its weights left in the file's pages until they are encoded
+    (``_onnx_file``); external data beside it included. A file the wire-level reader cannot take
+    is loaded whole with ``onnx.load``."""
+    from ._onnx_file import MappedOnnxModel
 
-    return onnx.load(str(path), load_external_data=True)
+    try:
+        return MappedOnnxModel(path)
+    except (ValueError, IndexError, OSError):
+        import onnx
+
+        return onnx.load(str(path), load_external_data=True)
 
 
 def load_onnx_bytes(data: bytes) -> Any:
@@ -167,11 +174,23 @@ def load_onnx_bytes(data: bytes) -> Any:
     return onnx.load_from_string(data)
 
 
-def _require_model_proto(model: Any) -> None:
+def _model_proto(model: Any) -> Any:
+    """The ``onnx.ModelProto`` of ``model`` (a ModelProto, or a file read by ``load_onnx_file``)."""
     import onnx
 
-    if not isinstance(model, onnx.ModelProto):
+    from ._onnx_file import MappedOnnxModel
+
+    proto = model.proto if isinstance(model, MappedOnnxModel) else model
+    if not isinstance(proto, onnx.ModelProto):
         raise EncodeError(f"the ONNX codec takes an onnx.ModelProto, not {type(model).__qualname__}")
+    return proto
+
+
+def _data_of(model: Any, tensor: Any) -> memoryview:
+    """An initializer's bytes: from the mapped file where ``model`` is one, else from the proto."""
+    mapped = getattr(model, "initializer_bytes", None)
+    found = mapped(tensor) if mapped is not None else None
+    return found if found is not None else _initializer_bytes(tensor)
 
 
 class OnnxCodec(Codec):
@@ -188,13 +207,13 @@ class OnnxCodec(Codec):
 
     def encode(self, model: Any) -> Encoded:
         """Split ``model``; its large initializers are moved out (the ModelProto is consumed)."""
-        _require_model_proto(model)
+        proto = _model_proto(model)
         encoded = Encoded(b"", [], [], views="copy-on-write")
         specs = []
-        for tensor in model.graph.initializer:
+        for tensor in proto.graph.initializer:
             if tensor.data_type not in _ELEMENT_TYPES:
                 continue  # strings and packed 4-bit types stay in the skeleton
-            data = _initializer_bytes(tensor)
+            data = _data_of(model, tensor)
             if data.nbytes < self.min_shared_bytes:
                 continue
             specs.append((tensor.name, tensor.data_type, list(tensor.dims)))
@@ -202,7 +221,7 @@ class OnnxCodec(Codec):
             encoded.buffer_info.append({"initializer": tensor.name, "dims": list(tensor.dims),
                                         "data_type": tensor.data_type})
             _strip(tensor, len(encoded.buffers) - 1, data.nbytes)
-        encoded.skeleton = pickle.dumps((model.SerializeToString(), specs), protocol=5)
+        encoded.skeleton = pickle.dumps((proto.SerializeToString(), specs), protocol=5)
         return encoded
 
     def decode(self, skeleton: memoryview, buffers: Sequence[memoryview]) -> "ort.InferenceSession":
@@ -244,8 +263,11 @@ class OnnxCodec(Codec):
     def private_session(self, model: Any) -> "ort.InferenceSession":
         """A session that owns its weights (``share="threads"``, or a private baseline)."""
         options = _build_session_options(self.session_options, self.prepack)
-        return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=self.providers)
+        path = getattr(model, "path", None)
+        source = str(path) if path is not None else model.SerializeToString()  # ORT reads a file itself
+        return ort.InferenceSession(source, sess_options=options, providers=self.providers)
 
     def estimate(self, model: Any) -> int:
-        _require_model_proto(model)
-        return model.ByteSize()
+        proto = _model_proto(model)
+        return proto.ByteSize() + sum(len(view) for view in map(getattr(model, "initializer_bytes", lambda t: None),
+                                                                  proto.graph.initializer) if view is not None)
