@@ -28,8 +28,9 @@ let go of it unlinks its segment.
 What the wrapper adds around ``run_inference``: ragged batches (``ragged=``) and out-of-memory
 splitting (``_batches``), intra-op threads shared out among the processes that hold the model
 (``modelshare.threads``), and Beam metrics -- ``modelshare_loads`` / ``modelshare_attaches``, their latency
-distributions, and gauges of bytes shared (the segment) and private (what loading added to this
-process's USS) -- reported from the first batch, since Beam drops metrics set outside a bundle.
+distributions, and gauges of bytes shared (the segment), on the GPU (its copy, with ``device=``) and
+private (what loading added to this process's USS) -- reported from the first batch, since Beam
+drops metrics set outside a bundle.
 """
 
 from __future__ import annotations
@@ -261,6 +262,8 @@ class SharedModelHandler(ModelHandler):
         Metrics.distribution(namespace, f"modelshare_{kind}_latency_ms").update(int(info.seconds * 1000))
         Metrics.gauge(namespace, "modelshare_shared_bytes").set(info.shared_bytes)
         Metrics.gauge(namespace, "modelshare_private_bytes").set(private_bytes)
+        if info.device_bytes:
+            Metrics.gauge(namespace, "modelshare_gpu_bytes").set(info.device_bytes)
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         return self._handler.get_num_bytes(batch)

@@ -73,13 +73,28 @@ def _settle(baseline: int, seconds: float = 30.0) -> int:
     return _used()
 
 
+def receive(results: Any, procs: list[Any], timeout: float = 180.0) -> Any:
+    """The next message from the workers; raises at once if one of them died (a CUDA error, say)
+    instead of waiting out the timeout -- GPU time is short."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"worker {dead[0].pid} died with exit code {dead[0].exitcode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no word from the workers in {timeout:.0f} s") from None
+
+
 def bare_process_bytes(width: int, batch: int) -> int:
     """NVML's figure for a bare CUDA process (see ``_gpu_workers.bare_cuda_worker``)."""
     ctx = multiprocessing.get_context("spawn")
     results, done = ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=_gpu_workers.bare_cuda_worker, args=(width, batch, results, done))
     proc.start()
-    results.get(timeout=120)
+    receive(results, [proc])
     time.sleep(0.5)
     figure = memory.gpus()[0].processes.get(proc.pid, 0)
     done.set()
@@ -97,16 +112,35 @@ def run_set(approach: str, path: str, directory: str, x: Any, processes: int, ca
     sampler = _PeakUsed()
     procs = [ctx.Process(target=_gpu_workers.compute_worker,
                          args=(approach, path, directory, x, calls, results, start, done)) for _ in range(processes)]
-    began = time.perf_counter()
     for proc in procs:
         proc.start()
-    ready = [results.get(timeout=600) for _ in procs]
+    try:
+        row = _measure(approach, procs, results, start, baseline, calls, kill_loader, directory)
+    finally:
+        done.set()
+        start.set()
+        for proc in procs:
+            proc.join(60)
+            if proc.exitcode is None:
+                proc.kill()
+        peak = sampler.stop()
+    row["peak_used_mib"] = (peak - baseline) / MiB
+    row["after_exit_mib"] = (_settle(baseline) - baseline) / MiB
+    return row
+
+
+def _measure(approach: str, procs: list[Any], results: Any, start: Any, baseline: int, calls: int,
+             kill_loader: bool, directory: str) -> dict[str, Any]:
+    """The timed part of ``run_set``, while the workers run."""
+    processes = len(procs)
+    began = time.perf_counter()
+    ready = [receive(results, procs) for _ in procs]
     load_seconds = time.perf_counter() - began
     start.set()
     began = time.perf_counter()
     timed: list[Any] = []
     while len(timed) < len(procs):  # a fast worker's "running" reports may come before the others' "timed"
-        message = results.get(timeout=600)
+        message = receive(results, procs)
         if message[0] == "timed":
             timed.append(message)
     wall = time.perf_counter() - began
@@ -130,11 +164,6 @@ def run_set(approach: str, path: str, directory: str, x: Any, processes: int, ca
         row["copies"] = [c.__dict__ for c in _list_copies(directory)]
     if kill_loader:
         row.update(_kill_the_loader(ready, procs, results))
-    done.set()
-    for proc in procs:
-        proc.join(120)
-    row["peak_used_mib"] = (sampler.stop() - baseline) / MiB
-    row["after_exit_mib"] = (_settle(baseline) - baseline) / MiB
     return row
 
 

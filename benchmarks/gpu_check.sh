@@ -2,6 +2,7 @@
 # Every GPU check of the "GPU copies" issue in one run, for a machine with an NVIDIA GPU, torch with
 # CUDA and nvidia-ml-py (results in $OUT, else benchmarks/results). Beam's peer needs apache-beam:
 # carried wheels in .whl/ are installed first where present (see benchmarks/RESULTS.md, "GPU").
+# Each step has its own time limit (about 8 minutes in all), so a hang costs one step, not the run.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ if [ -d .whl ]; then
 fi
 python3 -c "import torch, pynvml; print(torch.__version__, torch.cuda.get_device_name(0))"
 python3 -c "import apache_beam.utils.multi_process_shared as m; print('beam', m.__name__)" 2>&1 | tail -1
-python3 -m benchmarks.gpu_probe 2>&1 | tee "$out/gpu-probe.json"
-python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_device_copies.py \
+timeout 90 python3 -m benchmarks.gpu_probe 2>&1 | tee "$out/gpu-probe.json"
+timeout 210 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_device_copies.py \
   tests/test_torch_codec.py 2>&1 | tee "$out/gpu-tests.log"
-python3 -m benchmarks.gpu --out "$out" 2>&1 | tee "$out/gpu-bench.log"
+timeout 180 python3 -m benchmarks.gpu --out "$out" 2>&1 | tee "$out/gpu-bench.log"

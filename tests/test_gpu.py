@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and memory.gpus()
                                 reason="needs an NVIDIA GPU, torch with CUDA and nvidia-ml-py (none here)")
 
 from benchmarks import _gpu_workers  # noqa: E402
-from benchmarks.gpu import bare_process_bytes, run_set  # noqa: E402
+from benchmarks.gpu import bare_process_bytes, receive, run_set  # noqa: E402
 from benchmarks.models import MiB, torch_input, torch_mlp  # noqa: E402
 
 WIDTH, BATCH = 4096, 64
@@ -72,7 +72,7 @@ def test_a_write_into_the_shared_weights_fails_in_the_writer(model_file: Path, s
     holder = ctx.Process(target=_gpu_workers.compute_worker,
                          args=("modelshare", str(model_file), str(shm_dir), x, 2, results, start, done))
     holder.start()
-    results.get(timeout=600)
+    receive(results, [holder])
     from modelshare._device_keeper import list_device_copies
 
     if not list_device_copies(shm_dir)[0].read_only:
@@ -82,10 +82,13 @@ def test_a_write_into_the_shared_weights_fails_in_the_writer(model_file: Path, s
         pytest.skip("this driver maps device memory read-write only: writes are not refused")
     writer = ctx.Process(target=_gpu_workers.write_worker, args=(str(model_file), str(shm_dir), results))
     writer.start()
-    outcome = results.get(timeout=600)
+    try:
+        outcome = receive(results, [writer])
+    except RuntimeError as died:  # killed by its own illegal write: refused too, and only there
+        outcome = ("refused", str(died))
     writer.join(60)
     start.set()
-    timed = results.get(timeout=600)
+    timed = receive(results, [holder])
     done.set()
     holder.join(120)
     assert outcome[0] == "refused", outcome
