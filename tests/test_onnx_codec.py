@@ -77,9 +77,9 @@ def test_any_graph_gives_the_outputs_of_a_private_session(case: Any, min_shared:
         assert len(mapping.buffers) == len({t.name for t in model.graph.initializer})
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=graphs(), external=st.booleans())
-def test_a_model_file_read_at_the_wire_level_gives_the_same_outputs(case: Any, external: bool,
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=graphs(), external=st.sampled_from([None, 0, 64]), min_shared=st.sampled_from([0, 16, 1024]))
+def test_a_model_file_read_at_the_wire_level_gives_the_same_outputs(case: Any, external: Any, min_shared: int,
                                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
     from modelshare.codecs._onnx_file import MappedOnnxModel
     from modelshare.codecs.onnx import load_onnx_file
@@ -87,10 +87,13 @@ def test_a_model_file_read_at_the_wire_level_gives_the_same_outputs(case: Any, e
     model, feeds = case
     expected = OnnxCodec().private_session(model).run(None, feeds)[0]
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    onnx.save(model, path, save_as_external_data=external, location="model.data", size_threshold=64)
+    # external: None = weights inside the .onnx; else external data for initializers of that many bytes and up
+    onnx.save(model, path, save_as_external_data=external is not None, location="model.data",
+              size_threshold=external or 0)
     loaded = load_onnx_file(path)
     assert isinstance(loaded, MappedOnnxModel)
-    session, _ = roundtrip(loaded, path.with_suffix(".seg"), OnnxCodec(min_shared_bytes=0))
+    # the segment lives in another directory than the model: nothing may still point at the model's files
+    session, _ = roundtrip(loaded, tmp_path_factory.mktemp("segment") / "seg", OnnxCodec(min_shared_bytes=min_shared))
     np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
 
 

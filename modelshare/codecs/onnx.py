@@ -139,6 +139,19 @@ def _initializer_bytes(tensor: Any) -> memoryview:
     return memoryview(numpy_helper.to_array(tensor).tobytes())
 
 
+def _embed(model: Any, tensor: Any) -> None:
+    """Put back into the skeleton the bytes of an initializer that stays there, where ``model`` is a
+    file whose reader left them in the file (``MappedOnnxModel``)."""
+    mapped = getattr(model, "initializer_bytes", None)
+    data = mapped(tensor) if mapped is not None else None
+    if data is not None:
+        from onnx import TensorProto
+
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+        tensor.raw_data = bytes(data)
+
+
 def _strip(tensor: Any, index: int, nbytes: int) -> None:
     """Replace an initializer's data with placeholders for segment buffer ``index``."""
     from onnx import TensorProto
@@ -211,10 +224,12 @@ class OnnxCodec(Codec):
         encoded = Encoded(b"", [], [], views="copy-on-write")
         specs = []
         for tensor in proto.graph.initializer:
-            if tensor.data_type not in _ELEMENT_TYPES:
-                continue  # strings and packed 4-bit types stay in the skeleton
+            if tensor.data_type not in _ELEMENT_TYPES:  # strings and packed 4-bit types stay in the skeleton
+                _embed(model, tensor)
+                continue
             data = _data_of(model, tensor)
             if data.nbytes < self.min_shared_bytes:
+                _embed(model, tensor)
                 continue
             specs.append((tensor.name, tensor.data_type, list(tensor.dims)))
             encoded.buffers.append(data)
