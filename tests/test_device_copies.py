@@ -147,7 +147,7 @@ def test_the_keeper_serves_each_holder_and_leaves_with_the_last(shm_dir: Path, s
         p.join(30)
     assert _wait_for(lambda: not files.status.exists() and not files.sock.exists() and not files.start.exists())
     assert _wait_for(lambda: not _pid_alive(info.keeper))
-    assert _processes_holding("modelshare-test-copy") == []  # the memory itself is gone
+    assert _wait_for(lambda: _processes_holding("modelshare-test-copy") == [])  # the memory itself is gone
 
 
 def test_sigkill_of_the_process_that_made_the_copy_keeps_it_for_the_others(shm_dir: Path, spawn) -> None:
@@ -177,7 +177,7 @@ def test_sigkill_of_the_process_that_made_the_copy_keeps_it_for_the_others(shm_d
     for p in (first, late):
         p.join(30)
     assert _wait_for(lambda: not files.status.exists() and not files.start.exists())
-    assert _processes_holding("modelshare-test-copy") == []
+    assert _wait_for(lambda: _processes_holding("modelshare-test-copy") == [])  # the keeper has exited too
 
 
 def test_a_sigkilled_keeper_leaves_files_that_gc_removes(shm_dir: Path, spawn) -> None:
