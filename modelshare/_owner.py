@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import ClassVar, Iterator, Sequence
 
 from ._segment import SegmentName, lock_file
+from .errors import ModelShareError
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_MAX_SOCKET_PATH = 107  # a Unix socket address holds 108 bytes, the terminating NUL included
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class OwnerFiles:
 
     name: SegmentName
     STATUS_SUFFIX: ClassVar[str] = ".status"
+
+    def __post_init__(self) -> None:
+        length = len(os.fsencode(self.sock))
+        if length > _MAX_SOCKET_PATH:
+            raise ModelShareError(
+                f"the socket {self.sock} would be {length} bytes long, and Unix sockets allow "
+                f"{_MAX_SOCKET_PATH}: use a shorter key, or a shorter segment directory (MODELSHARE_DIR)")
 
     @property
     def tag(self) -> str:

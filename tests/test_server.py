@@ -211,6 +211,15 @@ def test_only_the_same_user_can_connect(shm_dir: Path) -> None:
     assert _gone(shm_dir) == []
 
 
+def test_a_socket_path_too_long_for_unix_sockets_says_what_to_do(tmp_path: Path) -> None:
+    from modelshare import ModelShareError
+
+    shared = SharedModel(dict, key="k" * 100, share="server", directory=tmp_path)
+    with pytest.raises(ModelShareError, match=r"Unix sockets allow 107: use a shorter key"):
+        shared.acquire()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_server_options_are_checked() -> None:
     with pytest.raises(ValueError, match="devices and retries are for share='server'"):
         SharedModel(Unsplittable, key="x", share="processes", devices=["cpu"])
