@@ -10,7 +10,7 @@ figures, whether outputs equal those of a private GPU load, and the used memory 
 The memory bound checked for modelshare is the issue's: weights once + N x a bare CUDA process
 (CUDA initialised, one layer's kernels run, tensors freed) + 10%.
 
-Then the crash check: N processes compute on the shared copy, the one that ran the loader is
+First the crash check: N processes compute on the shared copy, the one that ran the loader is
 SIGKILLed mid-computation, the others keep computing (every output still equal to their first),
 and once all exit the GPU's used memory is back where it started.
 
@@ -220,28 +220,38 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "weights_mib": weights / MiB, "processes": args.processes, "batch": args.batch,
                               "command": " ".join(["python -m benchmarks.gpu", *(argv or sys.argv[1:])])}
     started_at = _used()
+
+    def save() -> None:  # after every stage: what ran comes back even if a later stage hangs
+        (args.out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
+
     report["bare_process_mib"] = bare_process_bytes(args.width, args.batch) / MiB
+    bound = (weights + args.processes * report["bare_process_mib"] * MiB) * 1.10 / MiB
+    report["modelshare_bound_mib"] = bound
+    try:
+        crash = run_set("modelshare", path, str(directory), x, args.processes, 10, kill_loader=True)
+        crash.pop("first_output")
+    except Exception as exc:  # reported; the runs below still say what works
+        crash = {"error": f"{type(exc).__name__}: {exc}"}
+    report["crash"] = crash
+    save()
     rows, reference = [], None
-    for approach in args.approaches:
+    report["runs"] = rows
+    for approach in args.approaches:  # Beam's last: the one that may not be installed
         try:
             row = run_set(approach, path, str(directory), x, args.processes, args.calls)
         except Exception as exc:  # Beam missing, say: report it and go on with the others
             rows.append({"approach": approach, "error": f"{type(exc).__name__}: {exc}"})
+            save()
             continue
         first = row.pop("first_output")
         reference = first if reference is None else reference
         row["outputs_equal_first_approach"] = bool(torch.equal(first, reference))
         rows.append(row)
-    report["runs"] = rows
-    bound = (weights + args.processes * report["bare_process_mib"] * MiB) * 1.10 / MiB
-    report["modelshare_bound_mib"] = bound
-    crash = run_set("modelshare", path, str(directory), x, args.processes, 10, kill_loader=True)
-    crash.pop("first_output")
-    report["crash"] = crash
+        save()
     report["back_to_start_mib"] = (_settle(started_at) - started_at) / MiB
+    save()
     shutil.rmtree(directory, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
     print("\n| approach | calls/s | GPU used above start (peak) | per process | loaders | outputs equal |")
     print("| --- | --- | --- | --- | --- | --- |")
