@@ -30,7 +30,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -38,30 +37,12 @@ from typing import Any, Optional
 from modelshare import memory
 
 from . import _gpu_workers
+from ._sampling import Peak
 from .models import MiB, torch_input, torch_mlp
 
 
 def _used() -> int:
     return memory.gpus()[0].used
-
-
-class _PeakUsed:
-    """The GPU's used memory, sampled every 20 ms in a thread; the peak."""
-
-    def __init__(self) -> None:
-        self.peak = _used()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _used())
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
 
 
 def _settle(baseline: int, seconds: float = 30.0) -> int:
@@ -109,22 +90,21 @@ def run_set(approach: str, path: str, directory: str, x: Any, processes: int, ca
     ctx = multiprocessing.get_context("spawn")
     results, start, done = ctx.Queue(), ctx.Event(), ctx.Event()
     baseline = _used()
-    sampler = _PeakUsed()
     procs = [ctx.Process(target=_gpu_workers.compute_worker,
                          args=(approach, path, directory, x, calls, results, start, done)) for _ in range(processes)]
-    for proc in procs:
-        proc.start()
-    try:
-        row = _measure(approach, procs, results, start, baseline, calls, kill_loader, directory)
-    finally:
-        done.set()
-        start.set()
+    with Peak(_used, every=0.02) as peak:
         for proc in procs:
-            proc.join(60)
-            if proc.exitcode is None:
-                proc.kill()
-        peak = sampler.stop()
-    row["peak_used_mib"] = (peak - baseline) / MiB
+            proc.start()
+        try:
+            row = _measure(approach, procs, results, start, baseline, calls, kill_loader, directory)
+        finally:
+            done.set()
+            start.set()
+            for proc in procs:
+                proc.join(60)
+                if proc.exitcode is None:
+                    proc.kill()
+    row["peak_used_mib"] = (peak.value - baseline) / MiB
     row["after_exit_mib"] = (_settle(baseline) - baseline) / MiB
     return row
 

@@ -83,15 +83,12 @@ _live: "weakref.WeakSet[DeviceCopy]" = weakref.WeakSet()
 class DeviceCopy:
     """This process's mapping of one GPU copy (see the module docstring for its lifetime)."""
 
-    def __init__(self, index: int, address: int, nbytes: int, layout: DeviceLayout, lease: socket.socket,
-                 read_only: bool, made_here: bool) -> None:
+    def __init__(self, index: int, address: int, nbytes: int, layout: DeviceLayout, lease: socket.socket) -> None:
         self.index = index
         self.device = f"cuda:{index}"
         self.address = address
         self.nbytes = nbytes
         self.layout = layout
-        self.read_only = read_only
-        self.made_here = made_here
         self._lease = lease
         self._finalizer = weakref.finalize(self, _let_go, index, address, nbytes, lease)
         self._finalizer.atexit = False  # at exit the driver unmaps and the kernel closes the lease
@@ -100,10 +97,6 @@ class DeviceCopy:
     def address_of(self, buffer: int) -> int:
         """The device address of segment buffer ``buffer`` in this mapping."""
         return self.address + self.layout.offsets[buffer]
-
-    def close(self) -> None:
-        """Unmap now (only once no tensor uses the copy any more) and give up the hold."""
-        self._finalizer()
 
     def _forget_in_child(self) -> None:
         # a forked child cannot use CUDA and must not keep the parent's hold alive
@@ -182,7 +175,7 @@ def _attach(cuda: _cuda.Driver, files: DeviceCopyFiles, layout: DeviceLayout, fi
         raise
     finally:
         os.close(memory_fd)
-    return DeviceCopy(files.index, address, about["nbytes"], layout, lease, about["read_only"], made_here=False)
+    return DeviceCopy(files.index, address, about["nbytes"], layout, lease)
 
 
 def _holders(files: DeviceCopyFiles) -> str:
@@ -214,7 +207,7 @@ def _make(cuda: _cuda.Driver, files: DeviceCopyFiles, layout: DeviceLayout, mapp
         raise
     finally:
         os.close(memory_fd)
-    return DeviceCopy(files.index, address, nbytes, layout, lease, read_only, made_here=True)
+    return DeviceCopy(files.index, address, nbytes, layout, lease)
 
 
 def admit(key: str, files: DeviceCopyFiles, nbytes: int, memory: tuple[int, int], gpu_budget: Optional[int]) -> None:

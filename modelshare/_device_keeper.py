@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import signal
 import socket
 import sys
 import time
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from ._owner import OwnerFiles, OwnerStartError, announce_ready, detach, launch, peer_credentials
+from ._owner import OwnerFiles, OwnerStartError, detach, launch, peer_credentials, serve
 from ._segment import SegmentName
 from .errors import ModelShareError
 
@@ -253,15 +252,7 @@ def main() -> int:
     detach()
     files = DeviceCopyFiles(SegmentName(Path(orders["directory"]), orders["stem"]), orders["gpu"], orders["index"])
     keeper = _Keeper(orders, files, files.hold_status())
-
-    def terminate(*_: Any) -> None:
-        keeper.shutdown()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, terminate)
-    announce_ready()
-    keeper.serve()
-    return 0
+    return serve(keeper.shutdown, keeper.serve)
 
 
 if __name__ == "__main__":

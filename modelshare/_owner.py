@@ -22,13 +22,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import Callable, ClassVar, Iterator, Sequence
 
 from ._segment import SegmentName, lock_file
 from .errors import ModelShareError
@@ -167,9 +168,18 @@ def detach() -> None:
     os.setsid()
 
 
-def announce_ready() -> None:
-    """In the owner: tell the starter it serves, then stop writing to the starter's pipes."""
+def serve(shutdown: Callable[[], None], serve_forever: Callable[[], None]) -> int:
+    """In the owner, once it can serve: exit cleanly on SIGTERM (``shutdown`` first), tell the
+    starter it is ready, stop writing to the starter's pipes, and serve."""
+
+    def terminate(*_: object) -> None:
+        shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
     print("ready", flush=True)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    serve_forever()
+    return 0

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
 
-from ._owner import OwnerFiles, announce_ready, detach, peer_credentials
+from ._owner import OwnerFiles, detach, peer_credentials, serve
 from ._segment import SegmentName
 from ._wire import Channel
 
@@ -315,15 +315,7 @@ def main() -> int:
         traceback.print_exc()
         return 1
     server = _Server(model, files, device, idle_exit, stats_fd)
-
-    def terminate(*_: Any) -> None:
-        server.shutdown()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, terminate)
-    announce_ready()
-    server.serve_forever()
-    return 0
+    return serve(server.shutdown, server.serve_forever)
 
 
 if __name__ == "__main__":

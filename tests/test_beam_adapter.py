@@ -24,6 +24,7 @@ from apache_beam.ml.inference.base import (  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from beam_adapter import SharedModelHandler, release_all  # noqa: E402
+from benchmarks._sampling import Peak  # noqa: E402
 from modelshare import ModelShareError, list_segments  # noqa: E402
 
 
@@ -409,23 +410,10 @@ def test_keyed_models_route_under_a_byte_budget(tmp_path: Path, shm_dir: Path) -
         files = tmp_path.glob(out.name + "*")
         return sorted(tuple(json.loads(line)) for f in files for line in f.read_text().splitlines())
 
-    samples: list[int] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            samples.append(memory.segment_bytes(shm_dir))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with Peak(lambda: memory.segment_bytes(shm_dir), every=0.005) as held:
         got = run_keyed(SharedModelHandler(keyed, budget=budget))
-    finally:
-        stop.set()
-        sampler.join()
     assert got == run_keyed(keyed) and len(got) == 48
-    assert max(samples) <= budget.host, f"held {max(samples)} bytes under a {budget.host}-byte budget"
+    assert held.value <= budget.host, f"held {held.value} bytes under a {budget.host}-byte budget"
     with pytest.raises(ValueError, match="budget= routes the models of a KeyedModelHandler"):
         SharedModelHandler(_sklearn_handler(tmp_path), budget=budget)
     from modelshare._router import LEDGER, USERS, sweep_router

@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from benchmarks._sampling import Peak
 from modelshare import Budget, MemoryBudgetExceeded, ModelRouter, SharedModel, memory
 from modelshare._budget import parse_size
 
@@ -123,28 +124,17 @@ def test_factory_resolves_open_ended_keys(shm_dir: Path) -> None:
 def test_two_processes_cycling_six_models_never_exceed_the_budget(shm_dir: Path, spawn) -> None:
     keys = [f"m{i}" for i in range(6)]
     budget = 50 * MiB  # six models of 20 MiB: at most two at a time
-    samples: list[int] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            samples.append(memory.segment_bytes(shm_dir))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    results = spawn.Queue()
-    procs = [spawn.Process(target=_workers.route_worker, args=(str(shm_dir), budget, keys, 20, 40, seed, results))
-             for seed in (1, 2)]
-    for proc in procs:
-        proc.start()
-    got = [results.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(60)
-    stop.set()
-    sampler.join()
+    with Peak(lambda: memory.segment_bytes(shm_dir), every=0.002) as held:
+        results = spawn.Queue()
+        procs = [spawn.Process(target=_workers.route_worker, args=(str(shm_dir), budget, keys, 20, 40, seed, results))
+                 for seed in (1, 2)]
+        for proc in procs:
+            proc.start()
+        got = [results.get(timeout=300) for _ in procs]
+        for proc in procs:
+            proc.join(60)
     assert all(errors == [] for _, _, errors, _, _ in got), got
-    assert max(samples) <= budget, f"held {max(samples) / MiB:.0f} MiB under a {budget / MiB:.0f} MiB budget"
+    assert held.value <= budget, f"held {held.value / MiB:.0f} MiB under a {budget / MiB:.0f} MiB budget"
     assert max(uses for *_, uses, _ in got) == 80 and max(evictions for *_, evictions in got) > 0
     assert not list(shm_dir.glob("*.seg")), "the last router user to exit evicted what the routers kept warm"
     _clear(_router(shm_dir, 50, keys, 20), keys)
