@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from modelshare import batching
+from ._ragged import crop, group_by_shape, pad
 
 _log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class BatchRunner:
             return self._padded(call, batch, model, inference_args)
         if self.ragged == "bucket" and batch and hasattr(batch[0], "shape"):
             results: list[Any] = [None] * len(batch)
-            for group in batching.group_by_shape(batch):
+            for group in group_by_shape(batch):
                 for index, result in zip(group, self._bounded(call, [batch[i] for i in group], model, inference_args)):
                     results[index] = result
             return results
@@ -89,13 +89,13 @@ class BatchRunner:
                 inference_args: Optional[dict[str, Any]]) -> list[Any]:
         policy = self.ragged
         assert isinstance(policy, Pad)
-        padded, masks = batching.pad(batch, policy.value)
+        padded, masks = pad(batch, policy.value)
         results = self._bounded(call, padded, model, inference_args, masks if policy.mask_arg else None)
         fixed = []
         for original, grown, result in zip(batch, padded, results):
             inference = result.inference
             if policy.crop:
-                inference = batching.crop(inference, tuple(original.shape), tuple(grown.shape))
+                inference = crop(inference, tuple(original.shape), tuple(grown.shape))
             fixed.append(result._replace(example=original, inference=inference)
                          if hasattr(result, "_replace") else result)
         return fixed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+import modelshare
 from modelshare import DeviceUnavailableError
 
 __all__ = ["handler_device", "usable_device"]
@@ -41,10 +42,8 @@ def usable_device(handler: Any, device: Optional[str], asked: bool, key: str) ->
     ``asked`` for), None -- the CPU, as Beam's handler falls back -- with the handler moved there too."""
     if device is None or asked:
         return device
-    from modelshare._device_copy import device_driver
-
     try:
-        device_driver(device, key)
+        modelshare.check_device(device, key=key)
     except DeviceUnavailableError:
         logging.warning("%s asked for a GPU, but none is usable here: the model stays on the CPU",
                         type(handler).__name__)

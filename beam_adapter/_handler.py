@@ -35,7 +35,6 @@ drops metrics set outside a bundle.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -47,24 +46,25 @@ from modelshare import (
     EncodeError,
     HoldInfo,
     ModelRouter,
-    ModelShareError,
+    Processes,
+    Server,
     SharedModel,
+    loader_fingerprint,
+    make_key,
     memory,
 )
-from modelshare._fingerprint import loader_fingerprint
-from modelshare._segment import key_from
 from modelshare.threads import Threads, ThreadShare
 
 from ._batches import BatchRunner, Ragged
 from ._devices import handler_device, usable_device
 from ._keyed import is_multi_model, keyed_router, run_keyed
-from ._lean_loaders import CpuLoader, lean_loader
+from ._loaders import cpu_loader, lean_loader
 
 __all__ = ["SharedModelHandler", "release_all"]
 
 
 def _default_key(handler: ModelHandler) -> str:
-    return key_from(f"beam-{type(handler).__name__}", "beam-model")
+    return make_key(f"beam-{type(handler).__name__}", "beam-model")
 
 
 def _is_onnx_handler(handler: ModelHandler) -> bool:
@@ -174,7 +174,7 @@ class SharedModelHandler(ModelHandler):
                 model = shared.acquire()
             except EncodeError as exc:
                 if not self._server_fallback:
-                    raise ModelShareError(
+                    raise EncodeError(
                         f"the model that {type(self._handler).__name__}.load_model() returns cannot be split into "
                         f"shared weights ({exc}). Use SharedModelHandler(handler, share='server') for one copy per "
                         "machine in a server process, or share='threads' for one copy per process"
@@ -203,24 +203,26 @@ class SharedModelHandler(ModelHandler):
             options = session_options_dict(handler._session_options)
             shared = SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
                                            directory=self._directory, providers=providers, session_options=options)
-            if "intra_op_num_threads" in options or self._threads.threads is None:
+            threads = self._threads.count(shared, joining=True)
+            if "intra_op_num_threads" in options or threads is None:
                 return shared
             # ORT fixes its pool at session creation: take the share of the processes holding the
             # model now, this one included
-            holders = len(shared.holders()) + 1
-            options["intra_op_num_threads"] = (self._threads.threads if isinstance(self._threads.threads, int)
-                                               else max(1, (os.cpu_count() or 1) // holders))
+            options["intra_op_num_threads"] = threads
             return SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
                                          directory=self._directory, providers=providers, session_options=options)
         if self._share == "server":
-            return SharedModel(self._handler.load_model, key=self._key, share="server", copies=self._copies,
+            return SharedModel(self._handler.load_model, key=self._key, share=Server(copies=self._copies),
                                version=version, directory=self._directory)
-        loader = (lean_loader(self._handler) if self._share == "processes" else None) or self._handler.load_model
+        if self._share == "threads":
+            return SharedModel(self._handler.load_model, key=self._key, share="threads", version=version,
+                               directory=self._directory)
+        loader = lean_loader(self._handler) or self._handler.load_model
         self._device = usable_device(self._handler, self._device, self._device_asked, self._key)
         if self._device is not None:
-            loader = lean_loader(self._handler, on_cpu=True) or CpuLoader(self._handler.load_model)
-        return SharedModel(loader, key=self._key, share=self._share, version=version, directory=self._directory,
-                           device=self._device)
+            loader = cpu_loader(self._handler)
+        return SharedModel(loader, key=self._key, share=Processes(device=self._device), version=version,
+                           directory=self._directory)
 
     def update_model_path(self, model_path: Optional[str] = None) -> None:
         self._handler.update_model_path(model_path)

@@ -18,12 +18,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler
 
-from modelshare import Budget, ModelRouter, SharedModel
-from modelshare._fingerprint import loader_fingerprint
-from modelshare._segment import key_from
+from modelshare import Budget, ModelRouter, Processes, SharedModel, loader_fingerprint, make_key
 
 from ._devices import handler_device, usable_device
-from ._lean_loaders import CpuLoader, lean_loader
+from ._loaders import cpu_loader, lean_loader
 
 __all__ = ["is_multi_model", "keyed_router", "run_keyed"]
 
@@ -37,14 +35,14 @@ def keyed_router(handler: KeyedModelHandler, budget: Budget, directory: Optional
     """A router over the models of ``handler``'s mappings, one ``SharedModel`` per mapping."""
     models, lean = {}, True
     for model_id, mh in handler._id_to_mh_map.items():
-        key = key_from(f"beam-keyed-{model_id}", "beam-keyed-model")
+        key = make_key(f"beam-keyed-{model_id}", "beam-keyed-model")
         device = usable_device(mh, handler_device(mh, None), False, key)  # a PyTorch handler built for the GPU
         loader = lean_loader(mh, on_cpu=device is not None)
         lean = lean and loader is not None
         if loader is None:
-            loader = CpuLoader(mh.load_model) if device is not None else mh.load_model
+            loader = cpu_loader(mh) if device is not None else mh.load_model
         models[model_id] = SharedModel(loader, key=key, version=loader_fingerprint(mh.load_model),
-                                       directory=directory, device=device)
+                                       directory=directory, share=Processes(device=device))
     # a load holds the handler's private copy beside the segment (measured), unless every loader maps its file
     return ModelRouter(models, budget=budget, load_overhead=1.0 if lean else None)
 

@@ -4,50 +4,74 @@ Public API (everything else is private)::
 
     from modelshare import SharedModel
 
-    shared = SharedModel(load_model, key="ranker", share="processes")
+    shared = SharedModel(load_model, key="ranker")          # share="processes": one copy per machine
     with shared.use() as model:
         model.predict(batch)
 
-See ``SharedModel`` for the lifetime rules, ``modelshare.codecs`` to teach it a new framework,
-``modelshare.memory`` for USS/PSS accounting, ``modelshare.threads`` to share the cores out among the
-processes computing on one model, and ``modelshare ls`` / ``modelshare gc`` to
-inspect and clean the segment directory.
+See ``SharedModel`` for the lifetime rules; ``Threads``, ``Processes`` and ``Server`` for the ways to
+share (``share=``) and their options; ``ModelRouter`` and ``Budget`` for many models under a byte
+budget; ``modelshare.codecs`` to teach it a new framework; ``modelshare.memory`` for USS/PSS
+accounting; ``modelshare.threads`` to share the cores out among the processes computing on one
+model; ``modelshare.loaders`` for loaders that keep no private copy of the weights; ``modelshare.errors``
+for every exception; and ``modelshare ls`` / ``modelshare gc`` to inspect and clean the segment
+directory. GPU names (``check_device``, ``list_gpu_copies``, ``GpuCopyInfo``) load the GPU code on
+first use: ``import modelshare`` loads none of it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
-from . import _segment, memory
-from ._budget import Budget, GpuMemoryExceeded, MemoryBudgetExceeded
-from ._router import KeyStats, ModelRouter
-from ._segment import SegmentInfo, default_directory
-from ._shared import HoldInfo, SharedModel
+from . import errors, memory
+from ._fingerprint import loader_fingerprint
+from ._host import inventory
+from ._host.directory import default_directory, make_key
+from ._host.inventory import SegmentInfo
+from ._modes import HoldInfo
+from ._modes.pool import InstancePool
+from ._modes.processes import Processes
+from ._modes.server import Server
+from ._modes.threads import Threads
+from ._router.router import KeyStats, ModelRouter
+from ._shared import SharedModel
+from .budget import Budget
 from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
-from .codecs.generic import CopiedOnLoadWarning
 from .errors import (
     AcquireTimeoutError,
+    CopiedOnLoadWarning,
+    CudaError,
+    DeviceCopyMismatchError,
     DeviceUnavailableError,
     EncodeError,
+    GpuMemoryExceeded,
     InvalidKeyError,
     LoaderError,
+    MemoryBudgetExceeded,
+    ModelReleasedError,
     ModelShareError,
+    OwnerStartError,
+    RemoteError,
+    RemoteTraceback,
     SegmentCorruptedError,
     SegmentDirectoryError,
+    ServerDiedError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SharedModel",
+    "Threads",
+    "Processes",
+    "Server",
     "HoldInfo",
+    "InstancePool",
     "ModelRouter",
     "Budget",
     "KeyStats",
-    "MemoryBudgetExceeded",
-    "GpuMemoryExceeded",
     "Codec",
     "Encoded",
     "register_codec",
@@ -57,7 +81,13 @@ __all__ = [
     "list_segments",
     "gc_segments",
     "default_directory",
+    "make_key",
+    "loader_fingerprint",
+    "check_device",
+    "list_gpu_copies",
+    "GpuCopyInfo",
     "memory",
+    "errors",
     "ModelShareError",
     "InvalidKeyError",
     "LoaderError",
@@ -65,14 +95,39 @@ __all__ = [
     "SegmentCorruptedError",
     "SegmentDirectoryError",
     "AcquireTimeoutError",
+    "ModelReleasedError",
+    "MemoryBudgetExceeded",
+    "GpuMemoryExceeded",
+    "ServerDiedError",
+    "RemoteError",
+    "OwnerStartError",
     "DeviceUnavailableError",
+    "DeviceCopyMismatchError",
+    "CudaError",
+    "RemoteTraceback",
     "CopiedOnLoadWarning",
 ]
+
+_GPU_NAMES = {
+    "check_device": ("._gpu.copies", "check_device"),
+    "list_gpu_copies": ("._gpu.keeper", "list_device_copies"),
+    "GpuCopyInfo": ("._gpu.keeper", "DeviceCopyInfo"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The GPU names, imported on first use (``import modelshare`` loads no GPU code)."""
+    if name not in _GPU_NAMES:
+        raise AttributeError(f"module 'modelshare' has no attribute {name!r}")
+    module, attribute = _GPU_NAMES[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
 
 
 def list_segments(directory: Union[str, os.PathLike[str], None] = None) -> list[SegmentInfo]:
     """Every segment in ``directory`` (default: the default directory) with its holders' pids."""
-    return _segment.list_segments(Path(directory) if directory is not None else default_directory())
+    return inventory.list_segments(Path(directory) if directory is not None else default_directory())
 
 
 def gc_segments(
@@ -82,6 +137,6 @@ def gc_segments(
 
     Segments published with ``keep_warm=True`` stay unless ``include_warm``.
     """
-    return _segment.sweep(
+    return inventory.sweep(
         Path(directory) if directory is not None else default_directory(), include_warm=include_warm, dry_run=dry_run
     )

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from ._segment import key_from
+from ._host.directory import make_key
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 _LARGE_BYTES = 64 << 20
@@ -41,7 +41,7 @@ class FileOrBytes:
     def default_key(self, prefix: str) -> str:
         """The file's stem made key-safe, or ``<prefix>-<hash of the bytes>``."""
         if self.path is not None:
-            return key_from(self.path.stem, prefix)
+            return make_key(self.path.stem, prefix)
         return f"{prefix}-{hashlib.blake2b(self.data, digest_size=6).hexdigest()}"
 
     def version(self) -> str:

@@ -18,18 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import default_directory, gc_segments, list_segments, memory
-from ._device_keeper import list_device_copies, sweep_device_copies
-from ._router import sweep_router
-from ._server import list_servers, sweep_servers
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+from . import memory
+from ._gpu.keeper import list_device_copies, sweep_device_copies
+from ._host.directory import default_directory
+from ._host.inventory import list_segments, sweep
+from ._owners.server import list_servers, sweep_servers
+from ._router.ledger import Ledger
+from ._router.membership import sweep_router
+from .budget import format_size
 
 
 def _age(seconds: float) -> str:
@@ -61,10 +57,10 @@ def _ls(directory: Path, as_json: bool, servers: bool, gpu: bool = False) -> int
         for i in infos:
             holders = ",".join(map(str, i.holders)) or "-"
             state = i.state + (" (keep warm)" if i.keep_warm else "")
-            rows.append((i.key, i.version or i.path.stem.rsplit("--", 1)[-1], i.codec, _size(i.nbytes),
+            rows.append((i.key, i.version or i.version_hash, i.codec, format_size(i.nbytes),
                          holders, _age(now - i.created), state))
         _table(rows)
-        print(f"{len(infos)} segment(s), {_size(sum(i.nbytes for i in infos))} in {directory}")
+        print(f"{len(infos)} segment(s), {format_size(sum(i.nbytes for i in infos))} in {directory}")
     else:
         print(f"no segments in {directory}")
     if running:
@@ -78,28 +74,27 @@ def _ls(directory: Path, as_json: bool, servers: bool, gpu: bool = False) -> int
     if copies:
         rows = [("GPU COPY", "DEVICE", "SIZE", "KEEPER", "MADE BY", "HOLDERS", "AGE", "STATE")]
         for c in copies:
-            rows.append((c.key, c.device, _size(c.nbytes), str(c.keeper), str(c.creator),
+            rows.append((c.key, c.device, format_size(c.nbytes), str(c.keeper), str(c.creator),
                          ",".join(map(str, c.holders)) or "-", _age(now - c.created),
                          "held" if c.alive else "keeper dead (modelshare gc)"))
         print()
         _table(rows)
-        print(f"{len(copies)} GPU cop{'y' if len(copies) == 1 else 'ies'}, {_size(sum(c.nbytes for c in copies))}")
+        total = format_size(sum(c.nbytes for c in copies))
+        print(f"{len(copies)} GPU cop{'y' if len(copies) == 1 else 'ies'}, {total}")
     return 0
 
 
 def _router_rows(directory: Path) -> list[tuple[str, ...]]:
-    from ._router import LEDGER, _Ledger
-
-    if not (directory / LEDGER).exists():
+    ledger = Ledger(directory)
+    if not ledger.exists():
         return []
-    with _Ledger(directory).locked() as state:
-        models = sorted(state["models"].values(), key=lambda m: -m.get("last_used", 0))
+    models = sorted(ledger.read().models.values(), key=lambda m: -m.last_used)
     rows = [("ROUTED KEY", "LOADS", "HITS", "HIT RATE", "EVICTIONS", "SIZE", "LAST USED")]
     now = time.time()
     for m in models:
-        uses = m["loads"] + m["hits"]
-        rows.append((m["key"], str(m["loads"]), str(m["hits"]), f"{m['hits'] / uses:.0%}" if uses else "-",
-                     str(m["evictions"]), _size(m["bytes"]), _age(now - m["last_used"]) + " ago"))
+        uses = m.loads + m.hits
+        rows.append((m.key, str(m.loads), str(m.hits), f"{m.hits / uses:.0%}" if uses else "-",
+                     str(m.evictions), format_size(m.bytes), _age(now - m.last_used) + " ago"))
     return rows
 
 
@@ -109,7 +104,7 @@ def _top(directory: Path, interval: float, once: bool) -> int:
             if not once:
                 print("\033[H\033[J", end="")  # home and clear: the view refreshes in place
             print(f"modelshare top -- {directory} -- {time.strftime('%H:%M:%S')}  host: "
-                  f"{_size(memory.host().available)} available of {_size(memory.host().total)}\n")
+                  f"{format_size(memory.host().available)} available of {format_size(memory.host().total)}\n")
             _ls(directory, as_json=False, servers=False)
             rows = _router_rows(directory)
             if rows:
@@ -123,7 +118,7 @@ def _top(directory: Path, interval: float, once: bool) -> int:
 
 
 def _gc(directory: Path, include_warm: bool, dry_run: bool) -> int:
-    removed = gc_segments(directory, include_warm=include_warm, dry_run=dry_run)
+    removed = sweep(directory, include_warm=include_warm, dry_run=dry_run)
     removed += sweep_servers(directory, dry_run=dry_run)
     removed += sweep_device_copies(directory, dry_run=dry_run)
     if not dry_run:

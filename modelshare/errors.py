@@ -1,12 +1,53 @@
-"""The exceptions modelshare raises: each one names what went wrong and what to do about it.
+"""Every exception and warning modelshare raises: each one names what went wrong and what to do.
 
-All derive from :class:`ModelShareError`, so ``except modelshare.ModelShareError`` catches every
-failure that is modelshare's to report. Where a built-in exception type fits too (a bad key is a
-``ValueError``, a full directory an ``OSError``), the class derives from both, so code written
-against the built-in keeps working.
+All errors derive from :class:`ModelShareError`, so ``except modelshare.ModelShareError`` catches
+every failure that is modelshare's to report. Where a built-in exception type fits too (a bad key
+is a ``ValueError``, a full directory an ``OSError``, a budget a ``MemoryError``), the class derives
+from both, so code written against the built-in keeps working. The tree::
+
+    ModelShareError
+    ├── InvalidKeyError (ValueError)          a key that cannot name a segment file
+    ├── LoaderError                           the user's loader raised; nothing was published
+    ├── EncodeError (TypeError)               a codec cannot split the model into skeleton + buffers
+    ├── SegmentCorruptedError                 a segment file that is not a complete, valid segment
+    ├── SegmentDirectoryError (OSError)       the segment directory cannot be used
+    ├── AcquireTimeoutError (TimeoutError)    waited longer than ``timeout`` for a model
+    ├── ModelReleasedError (RuntimeError)     a model used after its release
+    ├── MemoryBudgetExceeded (MemoryError)    a model does not fit its budget
+    │   └── GpuMemoryExceeded                 ... on a GPU
+    ├── ServerDiedError                       a model server died during a call
+    ├── RemoteError                           a server-side exception that could not travel as is
+    ├── OwnerStartError (RuntimeError)        a server or GPU-copy keeper exited before it served
+    ├── DeviceUnavailableError (RuntimeError) a GPU this machine does not have
+    ├── DeviceCopyMismatchError               a GPU copy made from other weights than the segment
+    └── CudaError                             a CUDA driver call failed
+
+    RemoteTraceback       the server-side traceback, set as ``__cause__`` of a model's exception
+    CopiedOnLoadWarning   a model whose weights are copied when rebuilt: sharing saves nothing
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "ModelShareError",
+    "InvalidKeyError",
+    "LoaderError",
+    "EncodeError",
+    "SegmentCorruptedError",
+    "SegmentDirectoryError",
+    "AcquireTimeoutError",
+    "ModelReleasedError",
+    "MemoryBudgetExceeded",
+    "GpuMemoryExceeded",
+    "ServerDiedError",
+    "RemoteError",
+    "OwnerStartError",
+    "DeviceUnavailableError",
+    "DeviceCopyMismatchError",
+    "CudaError",
+    "RemoteTraceback",
+    "CopiedOnLoadWarning",
+]
 
 
 class ModelShareError(Exception):
@@ -26,7 +67,13 @@ class EncodeError(ModelShareError, TypeError):
 
 
 class SegmentCorruptedError(ModelShareError):
-    """A segment file exists but is not a complete, valid segment (truncated or overwritten)."""
+    """A segment file exists but is not a complete, valid segment (truncated or overwritten).
+
+    ``reason`` says in a few words what is wrong with it (for ``modelshare ls``)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class SegmentDirectoryError(ModelShareError, OSError):
@@ -34,8 +81,55 @@ class SegmentDirectoryError(ModelShareError, OSError):
 
 
 class AcquireTimeoutError(ModelShareError, TimeoutError):
-    """Waiting for another process to finish loading a model took longer than ``timeout``."""
+    """Waiting for a model (another process's load, a server's start) took longer than ``timeout``."""
+
+
+class ModelReleasedError(ModelShareError, RuntimeError):
+    """A model (a server client) was used after ``release()``; ``acquire()`` it again."""
+
+
+class MemoryBudgetExceeded(ModelShareError, MemoryError):
+    """A model does not fit the budget, and nothing that could be evicted would make room."""
+
+
+class GpuMemoryExceeded(MemoryBudgetExceeded):
+    """A model's GPU copy does not fit the GPU's budget or its free memory (``Processes(device=...)``)."""
+
+
+class ServerDiedError(ModelShareError):
+    """The server running a call died before answering it."""
+
+
+class RemoteError(ModelShareError):
+    """A model server raised an exception that could not be sent back as is (it does not pickle)."""
+
+
+class OwnerStartError(ModelShareError, RuntimeError):
+    """A model server or GPU-copy keeper exited before it served; ``stderr`` is what it printed."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
 
 
 class DeviceUnavailableError(ModelShareError, RuntimeError):
     """A model was asked for on a GPU that this machine does not have (no driver, no device)."""
+
+
+class DeviceCopyMismatchError(ModelShareError):
+    """A GPU copy was made from other weights than the segment this process maps."""
+
+
+class CudaError(ModelShareError):
+    """A CUDA driver call failed; the message names the call and the driver's error."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised inside a model server (set as the ``__cause__``)."""
+
+    def __str__(self) -> str:
+        return "\n\n" + str(self.args[0])
+
+
+class CopiedOnLoadWarning(UserWarning):
+    """The model holds objects that copy their weights when rebuilt: sharing them saves nothing."""

@@ -8,8 +8,9 @@ it, so N processes on one segment look like N copies; the figures here avoid tha
   processes that map it. Summed over processes, a segment is counted once.
 * **segment bytes**: what the files in a segment directory occupy in tmpfs (memory, not disk).
 * **GPUs**: used and free per device, and per process, through NVML, where ``nvidia-ml-py`` and a
-  GPU are present; ``gpu_usage`` counts a GPU copy (``SharedModel(device=...)``) once for the
+  GPU are present; ``gpu_usage`` counts a GPU copy (``Processes(device=...)``) once for the
   processes that share it.
+* **peaks**: ``Peak(read)`` samples any of these in the background and keeps the largest.
 
 Example::
 
@@ -21,16 +22,17 @@ Example::
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import psutil
 
-from . import _segment
+from ._host.directory import default_directory
 
-__all__ = ["HostMemory", "ProcessMemory", "GpuMemory", "host", "process", "total_pss", "segment_bytes", "gpus",
-           "gpu_usage"]
+__all__ = ["HostMemory", "ProcessMemory", "GpuMemory", "Peak", "host", "process", "total_pss", "anonymous_bytes",
+           "segment_bytes", "gpus", "gpu_usage"]
 
 
 @dataclass(frozen=True)
@@ -81,18 +83,70 @@ def process(pid: Optional[int] = None, directory: Union[str, os.PathLike[str], N
     """RSS, USS, PSS of process ``pid`` (default: this one), and its PSS in segments."""
     pid = os.getpid() if pid is None else pid
     info = psutil.Process(pid).memory_full_info()
-    seg_dir = Path(directory) if directory is not None else _segment.default_directory()
+    seg_dir = Path(directory) if directory is not None else default_directory()
     return ProcessMemory(pid=pid, rss=info.rss, uss=info.uss, pss=info.pss, segment_pss=_segment_pss(pid, seg_dir))
 
 
-def total_pss(pids: Iterable[int]) -> int:
-    """Sum of PSS over ``pids``: what this set of processes costs the machine, shared pages once."""
-    return sum(psutil.Process(pid).memory_full_info().pss for pid in pids)
+def total_pss(pids: Iterable[int], *, descendants: bool = False) -> int:
+    """Sum of PSS over ``pids`` (with ``descendants``: and every process below them, each once):
+    what this set of processes costs the machine, shared pages once. Processes that exit
+    meanwhile are skipped."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *(root.children(recursive=True) if descendants else [])]:
+                procs[proc.pid] = proc
+        except psutil.NoSuchProcess:
+            if not descendants:
+                raise
+    total = 0
+    for proc in procs.values():
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if not descendants:
+                raise
+    return total
+
+
+def anonymous_bytes(pid: Optional[int] = None) -> int:
+    """Resident anonymous memory of process ``pid`` (default: this one): its heap and private
+    copies, not mapped files or segments (``RssAnon`` in ``/proc/<pid>/status``)."""
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Peak:
+    """``with Peak(read, every=0.1) as peak:`` -- ``peak.value`` is the largest ``read()`` seen,
+    sampled every ``every`` seconds in a background thread."""
+
+    def __init__(self, read: Callable[[], int], every: float = 0.1) -> None:
+        self.read, self.every, self.value = read, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.value = max(self.value, self.read())
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> "Peak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def segment_bytes(directory: Union[str, os.PathLike[str], None] = None) -> int:
     """Bytes of memory the files in a segment directory occupy (allocated blocks, not sizes)."""
-    seg_dir = Path(directory) if directory is not None else _segment.default_directory()
+    seg_dir = Path(directory) if directory is not None else default_directory()
     total = 0
     try:
         entries = list(os.scandir(seg_dir))
@@ -152,7 +206,7 @@ def gpu_usage(pids: Iterable[int], index: int = 0, directory: Union[str, os.Path
     is gone (the memory lives on for the others); so a copy held by the set is added unless its
     maker is in the set and still listed by NVML.
     """
-    from ._device_keeper import list_device_copies
+    from ._gpu.keeper import list_device_copies
 
     wanted = set(pids)
     found = [g for g in gpus() if g.index == index]
@@ -160,7 +214,7 @@ def gpu_usage(pids: Iterable[int], index: int = 0, directory: Union[str, os.Path
         return 0
     listed, uuid = found[0].processes, found[0].uuid
     total = sum(listed.get(pid, 0) for pid in wanted)
-    seg_dir = Path(directory) if directory is not None else _segment.default_directory()
+    seg_dir = Path(directory) if directory is not None else default_directory()
     for copy in list_device_copies(seg_dir):
         if copy.uuid == uuid and copy.alive and wanted & set(copy.holders):
             if not (copy.creator in wanted and copy.creator in listed):

@@ -38,12 +38,13 @@ class ThreadShare:
         self._next_check = 0.0
         self._applied: Optional[int] = None
 
-    def count(self, shared: Any) -> Optional[int]:
-        """The threads this process should use for ``shared``'s model now."""
+    def count(self, shared: Any, *, joining: bool = False) -> Optional[int]:
+        """The threads this process should use for ``shared``'s model now. ``joining``: this
+        process does not hold the model yet and is about to (it counts as one more holder)."""
         if self.threads is None or isinstance(self.threads, int):
             return self.threads
-        holders = len(shared.holders()) or 1
-        return max(1, (os.cpu_count() or 1) // holders)
+        holders = len(shared.holders()) + (1 if joining else 0)
+        return max(1, (os.cpu_count() or 1) // max(1, holders))
 
     def apply(self, shared: Any) -> None:
         """Resize the pools in use here (rate-limited): PyTorch's intra-op pool, and the BLAS

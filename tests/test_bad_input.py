@@ -20,6 +20,7 @@ from modelshare import (
     SegmentCorruptedError,
     SegmentDirectoryError,
     SharedModel,
+    Threads,
     gc_segments,
 )
 
@@ -66,10 +67,14 @@ def test_key_with_path_characters(key) -> None:
 
 
 def test_share_and_loader_checked() -> None:
-    with pytest.raises(ValueError, match="share must be 'threads', 'processes' or 'server'"):
+    with pytest.raises(ValueError, match="share must be 'threads', 'processes', 'server', or modelshare.Threads"):
         SharedModel(lambda: 1, key="k", share="machine")
     with pytest.raises(TypeError, match="loader must be a zero-argument callable"):
         SharedModel(np.ones(3), key="k")
+    with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0, or None"):
+        SharedModel(lambda: 1, key="k", timeout=-1)
+    with pytest.raises(ValueError, match="instances must be a positive int"):
+        Threads(instances=0)
 
 
 def test_release_of_foreign_object(shm_dir: Path) -> None:
@@ -118,14 +123,14 @@ def test_corrupted_segment(shm_dir: Path, damage: str) -> None:
 
 
 def test_verify_names_the_damaged_buffer(shm_dir: Path) -> None:
-    from modelshare import _segment_file
+    from modelshare._host.format import try_map
 
     shared = _warm_segment(shm_dir)
     path = shared.segment_name.seg_path
     with open(path, "r+b") as f:
         f.seek(-64, os.SEEK_END)
         f.write(b"\x01" * 8)
-    mapping = _segment_file.try_map(path)
+    mapping = try_map(path)
     with pytest.raises(SegmentCorruptedError, match=r"buffer 0 \(800000 bytes\) does not match its checksum"):
         mapping.verify()
     mapping.close()
@@ -200,7 +205,7 @@ def test_waiting_longer_than_timeout(shm_dir: Path, tmp_path: Path, spawn) -> No
 
     from modelshare import AcquireTimeoutError
 
-    from . import _workers
+    from .support import workers as _workers
 
     counter = str(tmp_path / "loads")
     slow = SharedModel(functools.partial(_workers.make_mlp, 4, width=512, counter=counter, delay=30),
@@ -228,9 +233,12 @@ def test_files_are_private_to_the_user(shm_dir: Path) -> None:
         assert modes == {"seg": 0o600, "lock": 0o600}
 
 
-def test_key_from_any_text_is_a_valid_key() -> None:
-    from modelshare._segment import key_from, validate_key
+def test_make_key_from_any_text_is_a_valid_key() -> None:
+    from modelshare import make_key
+    from modelshare._host.directory import validate_key
 
     for text in ["my model.v2", "a---b", "--x", ".hidden", "=+", "ü" * 300, ""]:
-        assert validate_key(key_from(text, "fallback"))
-    assert key_from("my model.v2", "f") == "my_model.v2" and key_from("", "f") == "f"
+        assert validate_key(make_key(text, "fallback"))
+    assert make_key("my model.v2", "f") == "my_model.v2" and make_key("", "f") == "f"
+    with pytest.raises(InvalidKeyError):
+        make_key("", "no/fallback")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from modelshare._fingerprint import loader_fingerprint
+from modelshare import loader_fingerprint
 
-from ._workers import make_mlp
+from .support import ROOT
+from .support.workers import make_mlp
 
 WEIGHTS = "v1.npz"
 
@@ -52,11 +52,11 @@ def test_callable_object_state_counts() -> None:
 
 
 def test_same_loader_same_fingerprint_in_another_process() -> None:
-    code = ("import functools; from modelshare._fingerprint import loader_fingerprint; "
-            "from tests._workers import make_mlp; from tests.test_fingerprint import load_weights; "
+    code = ("import functools; from modelshare import loader_fingerprint; "
+            "from tests.support.workers import make_mlp; from tests.test_fingerprint import load_weights; "
             "print(loader_fingerprint(functools.partial(make_mlp, 8)), loader_fingerprint(load_weights))")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           cwd=Path(__file__).parent.parent, env={"PYTHONHASHSEED": str(seed)}).stdout
+                           cwd=ROOT, env={"PYTHONHASHSEED": str(seed)}).stdout
             for seed in (1, 2)]
     assert runs[0] == runs[1]
     assert runs[0].split() == [loader_fingerprint(functools.partial(make_mlp, 8)), loader_fingerprint(load_weights)]

@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import cloudpickle
 import numpy as np
 
-from ..errors import EncodeError
+from ..errors import CopiedOnLoadWarning, EncodeError
 from . import Codec, Encoded
 
-__all__ = ["GenericCodec", "CopiedOnLoadWarning"]
+__all__ = ["GenericCodec"]
 
 _TORCH_STORAGE = "torch-storage"
 
@@ -52,10 +52,6 @@ _COPIED_ON_LOAD = {
     "sklearn.tree._tree.Tree": "scikit-learn trees (forests, gradient boosting, decision trees) copy their node "
                                "arrays into private memory when unpickled",
 }
-
-
-class CopiedOnLoadWarning(UserWarning):
-    """The model holds objects that copy their weights when rebuilt: sharing them saves nothing."""
 
 
 def _torch_storage_module() -> Any:

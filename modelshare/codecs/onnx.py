@@ -38,17 +38,15 @@ copied into one, since it cannot be pickled to other processes) -- attribute nam
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
-from .._segment_file import TEMPORARY_INFIX
+from .._host.directory import temporary_beside
 from ..errors import EncodeError
 from . import Codec, Encoded
 
@@ -257,7 +255,7 @@ class OnnxCodec(Codec):
     def _session_beside(self, path: Path, model_bytes: bytes, options: "ort.SessionOptions") -> "ort.InferenceSession":
         """Create the session from a model file written next to the segment file, then remove it."""
         # a ".tmp-" name: if this process dies right here, `modelshare gc` removes it with the segment
-        beside = path.with_name(f"{path.name}{TEMPORARY_INFIX}onnx-{os.getpid()}-{secrets.token_hex(4)}")
+        beside = temporary_beside(path, "onnx")
         try:
             with open(beside, "xb") as f:
                 f.write(model_bytes)

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.gpu``: the GPU benchmark (``benchmark``)."""
+
+from .benchmark import main
+
+raise SystemExit(main())

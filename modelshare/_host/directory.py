@@ -1,0 +1,200 @@
+"""The segment directory and the names of the files in it: the one place that makes and reads them.
+
+Every file modelshare keeps for a model version is named after it -- ``<key>--<version hash>``,
+the *stem* -- plus a suffix::
+
+    <stem>.seg                           the segment (see ``format``)
+    <stem>.lock                          its lock file: holders share it, publishers exclude
+    <stem>.seg.tmp-<...>                 a segment being written, or a file a codec writes beside it
+    <stem>.<owner>.{sock,srv,gpu,start}  an owner process's socket, status and start lock, where
+                                         ``<owner>`` is ``copy<N>`` (a model server) or
+                                         ``gpu-<uuid>`` (the keeper of a GPU copy)
+    <stem>.<owner>.sock.<pid>            an owner's socket, bound but not yet in place
+
+Keys never contain ``--`` and versions are lowercase hex, so a name splits one way only:
+:func:`parse` reads it back, and a name it cannot read is not modelshare's and is never touched.
+Beside these, routers keep ``router.*`` files (``_router.ledger``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..errors import InvalidKeyError, SegmentDirectoryError
+
+__all__ = ["default_directory", "ensure_directory", "directory_error", "validate_key", "make_key", "SegmentName",
+           "DirEntry", "parse", "scan", "temporary_beside"]
+
+_KEY = r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}"
+_KEY_RE = re.compile(_KEY)
+SEGMENT, LOCK, TEMPORARY = ".seg", ".lock", ".seg.tmp-"
+_NAME_RE = re.compile(
+    rf"(?P<stem>(?P<key>{_KEY})--(?P<version>[0-9a-f]+))"
+    r"(?:(?P<segment>\.seg)|(?P<lock>\.lock)|(?P<temporary>\.seg\.tmp-[A-Za-z0-9-]+)"
+    r"|\.(?P<owner>copy[0-9]+|gpu-[0-9a-f]+)(?P<kind>\.sock|\.srv|\.gpu|\.start)(?P<binding>\.[0-9]+)?)"
+)
+
+Kind = Literal["segment", "lock", "temporary", "owner"]
+
+
+def default_directory() -> Path:
+    """``$MODELSHARE_DIR`` if set, else ``/dev/shm/modelshare-<uid>`` (tmpfs: memory, not disk)."""
+    env = os.environ.get("MODELSHARE_DIR")
+    if env:
+        return Path(env)
+    return Path("/dev/shm") / f"modelshare-{os.getuid()}"
+
+
+def ensure_directory(directory: Path) -> Path:
+    """Create ``directory`` (mode 0700) if needed and check that this process can use it."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SegmentDirectoryError(
+            exc.errno,
+            f"cannot create the segment directory {directory} ({exc.strerror}); pass "
+            "directory=... or set MODELSHARE_DIR to a writable directory on tmpfs (e.g. /dev/shm)",
+        ) from exc
+    if not directory.is_dir():
+        raise SegmentDirectoryError(
+            errno.ENOTDIR, f"{directory} is not a directory; point MODELSHARE_DIR at a directory"
+        )
+    if directory.stat().st_uid != os.getuid() and directory == default_directory():
+        raise SegmentDirectoryError(
+            errno.EPERM,
+            f"{directory} belongs to uid {directory.stat().st_uid}, not to this user "
+            f"({os.getuid()}); remove it or set MODELSHARE_DIR to a directory of your own",
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise SegmentDirectoryError(
+            errno.EACCES,
+            f"no permission to write in the segment directory {directory}; fix its permissions "
+            "or set MODELSHARE_DIR to a directory this user can write",
+        )
+    return directory
+
+
+def directory_error(exc: OSError, directory: Path, needed: int = 0) -> SegmentDirectoryError:
+    """``exc``, raised writing in ``directory``, as an error that says what to do about it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        try:
+            free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+        except OSError:
+            free = -1
+        return SegmentDirectoryError(
+            exc.errno,
+            f"no room for a {needed / 2**20:.1f} MiB segment in {directory} "
+            f"({free / 2**20:.1f} MiB free); free memory there (modelshare gc), enlarge the tmpfs, "
+            "or set MODELSHARE_DIR to a directory with room",
+        )
+    return SegmentDirectoryError(
+        exc.errno,
+        f"cannot write a segment in {directory} ({exc.strerror}); fix the directory's "
+        "permissions or set MODELSHARE_DIR to a directory this user can write",
+    )
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it can name a segment file, else raise :class:`InvalidKeyError`."""
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or "--" in key:
+        raise InvalidKeyError(
+            f"model key {key!r} cannot name a segment: use 1-128 characters from letters, digits "
+            "and '_.=+-', starting with a letter, digit or '_', without '--' (no '/', no spaces)"
+        )
+    return key
+
+
+def make_key(text: str, fallback: str = "model") -> str:
+    """``text`` made into a valid model key (other characters become ``_``), or ``fallback``."""
+    key = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)[:100]).lstrip(".-=+")
+    return key if key and _KEY_RE.fullmatch(key) else validate_key(fallback)
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """One model version in a directory, and the paths of every file modelshare keeps for it."""
+
+    directory: Path
+    stem: str
+
+    @classmethod
+    def for_model(cls, directory: Path, key: str, version_hash: str) -> "SegmentName":
+        return cls(Path(directory), f"{validate_key(key)}--{version_hash}")
+
+    @property
+    def key(self) -> str:
+        return self.stem.rpartition("--")[0]
+
+    @property
+    def version(self) -> str:
+        return self.stem.rpartition("--")[2]
+
+    @property
+    def seg_path(self) -> Path:
+        return self.directory / (self.stem + SEGMENT)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory / (self.stem + LOCK)
+
+    def temporary_path(self) -> Path:
+        """A fresh name for a segment while it is written (renamed to ``seg_path`` when complete)."""
+        return temporary_beside(self.seg_path)
+
+    def owner_path(self, owner: str, kind: str) -> Path:
+        """The socket (``.sock``), status (``.srv``, ``.gpu``) or start lock (``.start``) of one owner."""
+        return self.directory / f"{self.stem}.{owner}{kind}"
+
+    def temporaries(self) -> list[Path]:
+        """This version's temporary files: segments being written, files codecs wrote beside them."""
+        return [entry.path for entry in scan(self.directory) if entry.kind == "temporary" and entry.name == self]
+
+
+def temporary_beside(seg_path: Path, purpose: str = "") -> Path:
+    """A fresh temporary name beside the segment ``seg_path``: ``<stem>.seg.tmp-[<purpose>-]<pid>-<hex>``.
+    Whoever next holds the segment's exclusive lock (a publisher, ``gc``) removes it if its writer died."""
+    prefix = f"{purpose}-" if purpose else ""
+    return seg_path.with_name(f"{seg_path.name}{TEMPORARY[len(SEGMENT):]}{prefix}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """A file of modelshare's in a segment directory, as :func:`parse` read its name."""
+
+    path: Path
+    name: SegmentName
+    kind: Kind
+    owner: str = ""  # for kind "owner": copy<N> or gpu-<uuid>
+    owner_kind: str = ""  # for kind "owner": .sock, .srv, .gpu or .start
+    binding: bool = False  # an owner's socket bound under a temporary name
+
+
+def parse(directory: Path, filename: str) -> Optional[DirEntry]:
+    """What ``filename`` in ``directory`` is, or None if it is not a name modelshare makes."""
+    match = _NAME_RE.fullmatch(filename)
+    if match is None or "--" in match["key"]:
+        return None
+    name = SegmentName(directory, match["stem"])
+    path = directory / filename
+    if match["segment"]:
+        return DirEntry(path, name, "segment")
+    if match["lock"]:
+        return DirEntry(path, name, "lock")
+    if match["temporary"]:
+        return DirEntry(path, name, "temporary")
+    return DirEntry(path, name, "owner", match["owner"], match["kind"], bool(match["binding"]))
+
+
+def scan(directory: Path) -> list[DirEntry]:
+    """Every file of modelshare's in ``directory`` (one listing), in name order; [] if there is none."""
+    try:
+        filenames = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [entry for filename in filenames if (entry := parse(directory, filename)) is not None]

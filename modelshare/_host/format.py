@@ -1,0 +1,235 @@
+"""The segment file format: write one atomically, validate and map one read-only.
+
+A segment is one file (little-endian), small enough to describe in a paragraph::
+
+    [0, 64)            preamble: magic b"MODLSHR\\0", format version (u32), flags (u32; bit 0 =
+                       keep warm), header length (u64), data offset (u64), file size (u64),
+                       CRC-32 of the header (u32), zero padding
+    [64, 64+hlen)      header: UTF-8 JSON -- key, version, codec, created, loader pid, skeleton
+                       {offset, nbytes}, manifest [{offset, nbytes, crc32, info}], fingerprint
+    [data offset, ...) data, page-aligned: the skeleton, then each buffer at a 64-byte-aligned
+                       offset (offsets in the header are relative to the data offset)
+
+The fingerprint is a SHA-256 over the skeleton and each buffer's size and CRC-32, so
+``Mapping.verify()`` can say which buffer is damaged; a file whose size, preamble or header is
+wrong is rejected when mapped, with :class:`SegmentCorruptedError`. The writer fills a temporary
+file next to the final name and renames it: a reader never sees half a segment. Who may write and
+when is ``segments``' business, not this module's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import weakref
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..codecs import Encoded, SegmentBuffers
+from ..errors import SegmentCorruptedError
+from .directory import directory_error
+
+MAGIC = b"MODLSHR\x00"
+FORMAT_VERSION = 1
+FLAG_KEEP_WARM = 1
+_PREAMBLE = struct.Struct("<8sIIQQQI")
+PREAMBLE_SIZE = 64
+DATA_ALIGN = 4096
+BUFFER_ALIGN = 64
+MAX_HEADER = 64 << 20
+_WRITE_CHUNK = 1 << 30
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done : done + _WRITE_CHUNK], offset + done)
+
+
+def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: Encoded, *, keep_warm: bool) -> None:
+    """Write ``encoded`` as the segment ``path``: into ``temporary`` first, then an atomic rename.
+
+    The caller makes sure it is the only writer of ``path`` (``segments`` holds a lock).
+    """
+    skeleton = memoryview(encoded.skeleton)
+    offset = _align(len(skeleton), BUFFER_ALIGN)
+    manifest = []
+    for i, buf in enumerate(encoded.buffers):
+        manifest.append({"offset": offset, "nbytes": buf.nbytes, "crc32": 0,
+                         "info": encoded.buffer_info[i] if i < len(encoded.buffer_info) else {}})
+        offset = _align(offset + buf.nbytes, BUFFER_ALIGN)
+    data_size = offset
+    header = dict(fields, skeleton={"offset": 0, "nbytes": len(skeleton)}, manifest=manifest,
+                  fingerprint="0" * 64)
+    header_len = len(json.dumps(header).encode()) + 32 * len(manifest) + 64
+    data_offset = _align(PREAMBLE_SIZE + header_len, DATA_ALIGN)
+    size = data_offset + data_size
+
+    try:
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise directory_error(exc, path.parent, size) from exc
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            raise directory_error(exc, path.parent, size) from exc
+        fingerprint = hashlib.sha256(bytes(skeleton))
+        _pwrite_all(fd, skeleton, data_offset)
+        for entry, buf in zip(manifest, encoded.buffers):
+            view = memoryview(buf)
+            entry["crc32"] = zlib.crc32(view)
+            fingerprint.update(struct.pack("<QI", entry["nbytes"], entry["crc32"]))
+            _pwrite_all(fd, view, data_offset + entry["offset"])
+        header["fingerprint"] = fingerprint.hexdigest()
+        header_bytes = json.dumps(header).encode()
+        if PREAMBLE_SIZE + len(header_bytes) > data_offset:  # pragma: no cover - sized above
+            raise AssertionError("segment header outgrew its reserved room")
+        os.pwrite(fd, header_bytes, PREAMBLE_SIZE)
+        preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, FLAG_KEEP_WARM if keep_warm else 0,
+                                  len(header_bytes), data_offset, size, zlib.crc32(header_bytes))
+        os.pwrite(fd, preamble, 0)
+        os.close(fd)
+        fd = -1
+        os.rename(temporary, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+VIEWS_READ_ONLY = "read-only"
+VIEWS_COPY_ON_WRITE = "copy-on-write"
+
+
+class Mapping:
+    """A segment mapped into this process: its header, skeleton and buffer views.
+
+    The header's ``views`` says how: ``read-only`` (a write raises, as numpy does) or
+    ``copy-on-write`` (for frameworks whose tensors cannot be read-only: a write copies the
+    touched pages into this process, never into the segment other processes see).
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        st = os.fstat(fd)
+        self.inode = (st.st_dev, st.st_ino)
+        self.header, data_offset, self.flags = read_header(path, fd, st.st_size)
+        if self.header.get("views", VIEWS_READ_ONLY) == VIEWS_COPY_ON_WRITE:
+            self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        else:
+            self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        whole = memoryview(self._mmap)
+        sk = self.header["skeleton"]
+        self.skeleton = whole[data_offset + sk["offset"] : data_offset + sk["offset"] + sk["nbytes"]]
+        manifest = self.header["manifest"]
+        self.buffers = SegmentBuffers([whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]]
+                                       for e in manifest], path, [data_offset + e["offset"] for e in manifest])
+        self._whole = whole
+        self.nbytes = st.st_size
+
+    @property
+    def keep_warm(self) -> bool:
+        return bool(self.flags & FLAG_KEEP_WARM)
+
+    def verify(self) -> None:
+        """Recompute every buffer's CRC-32; raise :class:`SegmentCorruptedError` on a mismatch."""
+        for i, (entry, buf) in enumerate(zip(self.header["manifest"], self.buffers)):
+            if zlib.crc32(buf) != entry["crc32"]:
+                raise SegmentCorruptedError(
+                    f"segment {self.path}: buffer {i} ({entry['nbytes']} bytes) does not match its "
+                    "checksum; the file was modified after publishing. Remove it "
+                    "(`modelshare gc --all`, once no process uses it) and load again"
+                )
+
+    def close(self) -> bool:
+        """Drop this mapping's own views and unmap, unless the model still uses them; whether it
+        unmapped now. Arrays built on the buffers keep the mapping alive until the last dies
+        (``when_unmapped`` says when)."""
+        for view in [self.skeleton, *self.buffers, self._whole]:
+            try:
+                view.release()
+            except BufferError:
+                pass
+        self.buffers = SegmentBuffers([])
+        try:
+            self._mmap.close()
+        except BufferError:
+            return False
+        return True
+
+    def when_unmapped(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the mapping is gone: when the last array or tensor on it dies.
+        (Not at exit: what is still mapped then is given back by ``_process``'s exit hook.)"""
+        weakref.finalize(self._mmap, callback).atexit = False
+
+
+def _corrupt(path: Path, why: str) -> SegmentCorruptedError:
+    return SegmentCorruptedError(
+        f"segment file {path} is not a valid modelshare segment: {why}. It was truncated or "
+        "overwritten after publishing. Remove it with `modelshare gc --all` (or delete the file "
+        "once no process uses it) and acquire again to reload the model", reason=why)
+
+
+def read_header(path: Path, fd: int, file_size: int) -> tuple[dict[str, Any], int, int]:
+    """Validate a segment's preamble and header; return (header, data offset, flags)."""
+    raw = os.pread(fd, PREAMBLE_SIZE, 0)
+    if len(raw) < PREAMBLE_SIZE:
+        raise _corrupt(path, f"only {len(raw)} bytes long")
+    magic, version, flags, header_len, data_offset, size, crc = _PREAMBLE.unpack_from(raw)
+    if magic != MAGIC:
+        raise _corrupt(path, "bad magic number")
+    if version != FORMAT_VERSION:
+        raise SegmentCorruptedError(
+            f"segment file {path} has format version {version}, this modelshare reads version "
+            f"{FORMAT_VERSION}; remove it with `modelshare gc --all` or use a matching modelshare"
+        )
+    if size != file_size:
+        raise _corrupt(path, f"{file_size} bytes long, its header says {size}")
+    if not (0 < header_len <= MAX_HEADER and PREAMBLE_SIZE + header_len <= data_offset <= size):
+        raise _corrupt(path, "header length or data offset out of range")
+    header_bytes = os.pread(fd, header_len, PREAMBLE_SIZE)
+    if zlib.crc32(header_bytes) != crc:
+        raise _corrupt(path, "header checksum mismatch")
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        raise _corrupt(path, f"header is not JSON ({exc})") from exc
+    data_size = size - data_offset
+    regions = [header["skeleton"], *header["manifest"]]
+    if any(r["offset"] < 0 or r["nbytes"] < 0 or r["offset"] + r["nbytes"] > data_size for r in regions):
+        raise _corrupt(path, "a buffer lies outside the file")
+    return header, data_offset, flags
+
+
+def try_map(path: Path) -> Optional[Mapping]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return Mapping(path, fd)
+    finally:
+        os.close(fd)
+
+
+def is_warm(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(PREAMBLE_SIZE)
+    except FileNotFoundError:
+        return False
+    if len(raw) < PREAMBLE_SIZE:
+        return False
+    magic, _version, flags, *_ = _PREAMBLE.unpack_from(raw)
+    return magic == MAGIC and bool(flags & FLAG_KEEP_WARM)

@@ -1,0 +1,170 @@
+"""A process's hold on a segment, and giving it back.
+
+A hold is a *shared* ``flock`` on the segment's lock file plus the mapping. Giving it back:
+
+* The last holder to leave converts its lock to exclusive without blocking; if that succeeds
+  nobody else holds the segment, and it unlinks the segment and the lock file (unless the
+  segment was published with keep warm).
+* While the model built on the segment is still referenced in this process (arrays, tensors on
+  its pages), the mapping cannot close, and the hold *lingers* until the last such reference
+  dies: a segment that is still mapped is never unlinked or evicted, and memory counted as free
+  is free. A lingering hold is one of this process's resources (``_process``): a forked child
+  takes a shared lock of its own, and at exit it is given back like any other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass, field
+
+from .. import _process
+from .directory import SegmentName
+from .format import Mapping
+from .locks import lock_file, same_file
+
+__all__ = ["SegmentHandle", "release", "forget_lingering", "lingering_holds"]
+
+
+class _ForkedLock:
+    """The shared lock a forked child holds from its first instant (see ``_process``): the parent
+    takes it just before the fork, on a descriptor of its own that only the child keeps; the
+    child then locks once more under its own pid (what ``/proc/locks`` shows) and lets the
+    prepared one go -- at no moment is the child without a lock of its own."""
+
+    def __init__(self, name: SegmentName) -> None:
+        self.name, self.fd = name, -1
+
+    def prepare(self) -> None:
+        fd = lock_file(self.name.lock_path, fcntl.LOCK_SH | fcntl.LOCK_NB, create=False)
+        self.fd = -1 if fd is None else fd  # (cannot be refused while this process holds it)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def take(self, *, wait: bool) -> int:
+        """In the child: its own descriptor, locked; -1 when ``wait`` is false and nothing is left
+        to lock. Without a prepared lock (a hold taken while the fork was prepared) it is taken
+        now, which cannot block either: the parent's shared lock keeps every exclusive one out."""
+        prepared, self.fd = self.fd, -1
+        blocking = wait and prepared < 0
+        fd = lock_file(self.name.lock_path, fcntl.LOCK_SH | (0 if blocking else fcntl.LOCK_NB), create=blocking)
+        if prepared >= 0:
+            os.close(prepared)
+        return -1 if fd is None else fd
+
+
+@dataclass
+class SegmentHandle:
+    """This process's hold on a segment: its shared lock and its mapping."""
+
+    name: SegmentName
+    lock_fd: int
+    mapping: Mapping
+    _forked: _ForkedLock = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._forked = _ForkedLock(self.name)
+
+    def before_fork(self) -> None:
+        self._forked.prepare()
+
+    def fork_done(self) -> None:
+        self._forked.discard()
+
+    def after_fork_in_child(self) -> None:
+        """The child holds the segment on a lock of its own (``_ForkedLock``)."""
+        fd = self._forked.take(wait=True)
+        os.close(self.lock_fd)  # the parent's lock survives: it has its own descriptor
+        self.lock_fd = fd
+
+
+def _give_up(name: SegmentName, lock_fd: int, keep_warm: bool) -> bool:
+    """Close ``lock_fd``; first unlink the segment if this was its last holder (unless kept warm)."""
+    removed = False
+    try:
+        if not keep_warm:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # someone else holds it; our shared lock goes with the close below
+            else:
+                if same_file(lock_fd, name.lock_path):
+                    name.seg_path.unlink(missing_ok=True)
+                    name.lock_path.unlink(missing_ok=True)
+                    removed = True
+    finally:
+        os.close(lock_fd)
+    return removed
+
+
+class _LingeringHold(_process.Resource):
+    """A hold given back by ``release()`` while something in this process still maps the segment."""
+
+    exit_stage = 1
+
+    def __init__(self, name: SegmentName, lock_fd: int, keep_warm: bool) -> None:
+        self.name, self.lock_fd, self.keep_warm = name, lock_fd, keep_warm
+        self._forked = _ForkedLock(name)
+
+    def drop(self) -> bool:
+        """The mapping is gone: give the hold back (once); whether that unlinked the segment."""
+        if self.lock_fd < 0:
+            return False
+        _process.untrack(self)
+        lock_fd, self.lock_fd = self.lock_fd, -1
+        return _give_up(self.name, lock_fd, self.keep_warm)
+
+    def forget(self) -> None:
+        """Give up the lock without unlinking anything on its account."""
+        if self.lock_fd >= 0:
+            _process.untrack(self)
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def before_fork(self) -> None:
+        self._forked.prepare()
+
+    def fork_done(self) -> None:
+        self._forked.discard()
+
+    def after_fork_in_child(self) -> None:
+        fd = self._forked.take(wait=False)
+        if fd < 0:  # gone already: nothing to hold
+            self.forget()
+        else:
+            os.close(self.lock_fd)  # the parent's lock survives: it has its own descriptor
+            self.lock_fd = fd
+
+    def release_at_exit(self) -> None:
+        self.drop()
+
+
+def lingering_holds() -> list[_LingeringHold]:
+    """This process's lingering holds (for tests and inspection)."""
+    return _process.tracked(_LingeringHold)
+
+
+def release(handle: SegmentHandle) -> bool:
+    """Give up this process's hold; unlink the segment if it was the last holder.
+
+    Returns whether the segment was removed. A segment published with keep warm stays. While the
+    model built on it is still referenced, the hold lingers (see the module docstring).
+    """
+    if handle.mapping.close():
+        return _give_up(handle.name, handle.lock_fd, handle.mapping.keep_warm)
+    hold = _LingeringHold(handle.name, handle.lock_fd, handle.mapping.keep_warm)
+    _process.track(hold)
+    handle.mapping.when_unmapped(hold.drop)
+    return False
+
+
+def forget_lingering(name: SegmentName) -> None:
+    """Give up this process's lingering holds on ``name`` (so that it can be evicted): for a caller
+    whose own leftover references are about to die, e.g. a loop variable still bound to the
+    previous model while the next one is admitted."""
+    for hold in lingering_holds():
+        if hold.name == name:
+            hold.forget()

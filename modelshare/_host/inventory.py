@@ -1,0 +1,150 @@
+"""What a segment directory holds, and taking away what nobody holds.
+
+* :func:`list_segments`: every segment (and segment being published) with its holders' pids;
+* :func:`evict`: unlink one segment (kept warm or not) if no process holds it;
+* :func:`sweep`: unlink every segment no live process holds and every orphaned temporary file --
+  what SIGKILLed processes left (``modelshare gc``; each process also sweeps a directory the
+  first time it uses it).
+
+A segment is only ever unlinked under the exclusive lock of its lock file, which no holder's
+shared lock allows: what is in use is never taken away.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import SegmentCorruptedError
+from .directory import DirEntry, SegmentName, scan
+from .format import FLAG_KEEP_WARM, is_warm, read_header
+from .locks import lock_file, lock_holders
+
+__all__ = ["SegmentInfo", "segment_names", "list_segments", "evict", "sweep"]
+
+
+def segment_names(directory: Path) -> list[SegmentName]:
+    """Every model version with a segment, lock or temporary file in ``directory``."""
+    return list(_versions(directory))
+
+
+def _versions(directory: Path) -> dict[SegmentName, list[DirEntry]]:
+    """Each model version's segment, lock and temporary files, from one listing of ``directory``."""
+    found: dict[SegmentName, list[DirEntry]] = {}
+    for entry in scan(directory):
+        if entry.kind in ("segment", "lock", "temporary"):
+            found.setdefault(entry.name, []).append(entry)
+    return found
+
+
+def _temporaries(entries: list[DirEntry]) -> list[Path]:
+    return [entry.path for entry in entries if entry.kind == "temporary"]
+
+
+def evict(name: SegmentName) -> bool:
+    """Unlink ``name``'s segment (kept warm or not) if no process holds it; whether it did.
+
+    ``create=False``: a lock file that is gone cannot be locked anew, so a holder of a file unlinked
+    under it is never mistaken for no holder.
+    """
+    fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+    if fd is None:
+        return False  # in use (or being published): never evicted
+    try:
+        name.seg_path.unlink(missing_ok=True)
+        name.lock_path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False) -> list[Path]:
+    """Unlink every segment no live process holds, and every orphaned temporary file.
+
+    Segments published with keep warm stay unless ``include_warm``. Returns what was (or, with
+    ``dry_run``, would be) removed.
+    """
+    removed: list[Path] = []
+    for name, entries in _versions(directory).items():
+        fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:
+            continue  # held (or being published) by a live process
+        try:
+            doomed = _temporaries(entries)
+            seg = name.seg_path
+            keep_seg = seg.exists() and is_warm(seg) and not include_warm
+            if seg.exists() and not keep_seg:
+                doomed.append(seg)
+            if not keep_seg:
+                doomed.append(name.lock_path)
+            if not dry_run:
+                for path in doomed:
+                    path.unlink(missing_ok=True)
+            removed.extend(p for p in doomed if p != name.lock_path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@dataclass
+class SegmentInfo:
+    """What ``modelshare ls`` shows about one segment."""
+
+    path: Path
+    key: str
+    version: Optional[str]
+    codec: str
+    nbytes: int
+    created: float
+    holders: list[int]
+    keep_warm: bool
+    state: str  # "ready", "publishing", or "corrupt: <why>"
+    fingerprint: str = ""
+    stem: str = ""  # <key>--<version hash>: the model version's name in the directory
+
+    @property
+    def version_hash(self) -> str:
+        return SegmentName(self.path.parent, self.stem).version
+
+
+def list_segments(directory: Path) -> list[SegmentInfo]:
+    """Every segment (and segment being published) in ``directory``, with its holders."""
+    infos = []
+    for name, entries in _versions(directory).items():
+        info = _segment_info(name, _temporaries(entries))
+        if info is not None:
+            infos.append(info)
+    return infos
+
+
+def _segment_info(name: SegmentName, temporaries: list[Path]) -> Optional[SegmentInfo]:
+    holders = lock_holders(name.lock_path)
+    seg = name.seg_path
+    try:
+        fd = os.open(seg, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        temps = []
+        for path in temporaries:
+            try:
+                temps.append((path, path.stat()))
+            except FileNotFoundError:
+                pass  # renamed into place (or removed) since the listing: the next look sees it
+        if not temps:
+            return None
+        return SegmentInfo(temps[0][0], name.key, None, "?", sum(st.st_size for _, st in temps), temps[0][1].st_mtime,
+                           holders, False, "publishing", stem=name.stem)
+    try:
+        st = os.fstat(fd)
+        try:
+            header, _offset, flags = read_header(seg, fd, st.st_size)
+        except SegmentCorruptedError as exc:
+            return SegmentInfo(seg, name.key, None, "?", st.st_size, st.st_mtime, holders, False,
+                               f"corrupt: {exc.reason}", stem=name.stem)
+    finally:
+        os.close(fd)
+    return SegmentInfo(seg, header.get("key", name.key), header.get("version"), header.get("codec", "?"), st.st_size,
+                       header.get("created", st.st_mtime), holders, bool(flags & FLAG_KEEP_WARM), "ready",
+                       header.get("fingerprint", ""), stem=name.stem)

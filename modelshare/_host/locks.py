@@ -1,0 +1,104 @@
+"""``flock``s on files in the segment directory: who holds what, kept by the kernel.
+
+A shared lock is a hold (every process using a segment has one); an exclusive lock is the right
+to publish, unlink or start an owner. The kernel drops a process's locks when it dies, SIGKILL
+included, so nothing here can go stale. Whoever locks a file checks afterwards that its path
+still names the file it locked: a file unlinked and re-created meanwhile is locked anew, so two
+processes never hold locks on two different files of the same name.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from .directory import directory_error
+from .waiting import Deadline
+
+__all__ = ["same_file", "inode", "lock_file", "flock_until", "lock_holders"]
+
+
+def inode(path: Path) -> Optional[tuple[int, int]]:
+    """(device, inode) of ``path``, or None if there is no such file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` names the file open as ``fd`` now."""
+    own = os.fstat(fd)
+    return inode(path) == (own.st_dev, own.st_ino)
+
+
+def flock_until(fd: int, op: int, deadline: Deadline, timed_out: Callable[[], BaseException]) -> None:
+    """``flock(fd, op)``, waiting until ``deadline`` at most; then ``raise timed_out()``."""
+    if deadline.seconds is None:
+        fcntl.flock(fd, op)
+        return
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if deadline.expired():
+                raise timed_out() from None
+            deadline.sleep()
+
+
+def lock_file(path: Path, op: int, deadline: Optional[Deadline] = None,
+              timed_out: Optional[Callable[[], BaseException]] = None, *, create: bool = True) -> Optional[int]:
+    """Open and ``flock`` ``path``; return the fd once the path still names the locked file.
+
+    Returns None when ``create`` is false and the file does not exist, or when ``op`` includes
+    ``LOCK_NB`` and the lock is taken. A blocking ``op`` waits until ``deadline`` (default: as long as
+    it takes), then raises ``timed_out()``.
+    """
+    deadline = deadline or Deadline(None)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise directory_error(exc, path.parent) from exc
+        try:
+            if op & fcntl.LOCK_NB:
+                fcntl.flock(fd, op)
+            else:
+                flock_until(fd, op, deadline, timed_out or (lambda: TimeoutError(f"waited for the lock on {path}")))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if same_file(fd, path):
+            return fd
+        os.close(fd)
+        if not create:
+            return None
+
+
+def lock_holders(lock_path: Path) -> list[int]:
+    """Pids holding a ``flock`` on ``lock_path``, read from ``/proc/locks`` (no bookkeeping)."""
+    try:
+        st = os.stat(lock_path)
+        with open("/proc/locks") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    pids = []
+    for line in lines:
+        parts = line.split()
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        major, minor, ino = parts[5].split(":")
+        if (int(major, 16), int(minor, 16), int(ino)) == want:
+            pids.append(int(parts[4]))
+    return sorted(set(pids))

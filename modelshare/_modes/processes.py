@@ -1,0 +1,172 @@
+"""``share="processes"``: one copy of the weights per machine, zero-copy views in every process.
+
+The first process to ask runs the loader under the segment's exclusive lock, splits the model with
+a codec and publishes the buffers in a segment (``_host.segments``); every other process maps the
+segment and rebuilds the model over read-only views. Compute stays local: no call crosses a process.
+The loading process keeps only the shared copy: its private model dies with the publishing frame,
+and freed heap pages go back to the system (``malloc_trim``).
+
+``device="cuda:N"`` goes one step further for PyTorch models: the segment's torch buffers are
+copied once onto GPU N, and every process maps that copy and computes on it (``_gpu.copies``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+from .. import _process
+from .._host import inventory
+from .._host.directory import ensure_directory
+from .._host.holds import SegmentHandle, release
+from .._host.locks import lock_holders
+from .._host.segments import open_or_publish
+from ..budget import Size, parse_size
+from ..codecs import Encoded, SegmentBuffers
+from . import Hold, HoldInfo, Mode
+from .pool import check_instances, pooled
+
+if TYPE_CHECKING:
+    from .._gpu.copies import DeviceCopy
+    from .._host.format import Mapping
+    from .._shared import SharedModel
+
+__all__ = ["Processes", "parse_device"]
+
+
+def parse_device(device: Any) -> int:
+    """The GPU index in ``"cuda"``, ``"cuda:N"`` (or a ``torch.device`` of either); ValueError otherwise."""
+    text = str(device)
+    kind, _, index = text.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise ValueError(f"device must be 'cuda' or 'cuda:N' (a GPU of this machine), not {device!r}; leave it "
+                         "out to share the weights in host memory")
+    return int(index or 0)
+
+
+@dataclass(frozen=True)
+class Processes(Mode):
+    """One copy of the weights per machine, shared by every process (the default).
+
+    Args:
+        instances: N instances in each process over the one copy of the weights (an
+            ``InstancePool``), for models that are not thread-safe.
+        device: ``"cuda:N"`` puts the model's torch tensors in one copy on GPU N that every process
+            maps and computes on locally; the loader returns the model on the CPU. Default: the
+            weights stay in host memory.
+        gpu_budget: with ``device``: bytes (or ``"20GiB"``) that this directory's GPU copies may
+            take on that GPU together; a copy that would not fit raises ``GpuMemoryExceeded``.
+    """
+
+    instances: int = 1
+    device: Optional[str] = None
+    gpu_budget: Optional[Size] = None
+    name: ClassVar[str] = "processes"
+
+    def __post_init__(self) -> None:
+        check_instances(self.instances)
+        if self.device is not None:
+            object.__setattr__(self, "device", f"cuda:{parse_device(self.device)}")
+        if self.gpu_budget is not None:
+            if self.device is None:
+                raise ValueError("gpu_budget= limits the GPU copies of models placed with device='cuda:N'; "
+                                 "pass device= too")
+            object.__setattr__(self, "gpu_budget", parse_size(self.gpu_budget))
+
+    def ident(self, shared: "SharedModel[Any]") -> tuple[str, ...]:
+        return (*super().ident(shared), self.device or "")
+
+    def holders(self, shared: "SharedModel[Any]") -> list[int]:
+        return lock_holders(shared.segment_name.lock_path)
+
+    def hold(self, shared: "SharedModel[Any]") -> Hold:
+        start = time.perf_counter()
+        if self.device is not None:
+            from .._gpu.copies import device_driver
+
+            device_driver(self.device, shared.key)  # no GPU here: say so before loading anything
+        directory = ensure_directory(shared.directory)
+        _process.sweep_once(directory, inventory.sweep)
+        handle, published = open_or_publish(shared.segment_name, lambda: _produce(shared), timeout=shared.timeout)
+        if published:
+            _reclaim_heap()
+        try:
+            buffers = self._buffers(shared, handle.mapping)
+            codec = shared._decoder(handle.mapping.header["codec"])
+            model = pooled([codec.decode(handle.mapping.skeleton, buffers) for _ in range(self.instances)])
+        except BaseException:
+            release(handle)
+            raise
+        device_bytes = buffers.device.nbytes if buffers.device is not None else 0
+        info = HoldInfo(published, time.perf_counter() - start, handle.mapping.nbytes, device_bytes)
+        return _SegmentHold(model, info, handle, buffers.device)
+
+    def _buffers(self, shared: "SharedModel[Any]", mapping: "Mapping") -> SegmentBuffers:
+        """The segment's buffers, with the model's GPU copy where ``device`` asks for one (the copy
+        lives as long as the tensors built on it; see ``_gpu.copies``)."""
+        if self.device is None:
+            return mapping.buffers
+        from .._gpu.copies import open_device_copy
+
+        gpu_budget = None if self.gpu_budget is None else parse_size(self.gpu_budget)
+        placement = open_device_copy(mapping, shared.segment_name, self.device, key=shared.key,
+                                     gpu_budget=gpu_budget, timeout=shared.timeout)
+        return SegmentBuffers(mapping.buffers, mapping.buffers.path, mapping.buffers.offsets, device=placement)
+
+
+class _SegmentHold(Hold):
+    """A model rebuilt over a segment this process holds (and, with ``device``, a GPU copy)."""
+
+    def __init__(self, model: Any, info: HoldInfo, handle: SegmentHandle, device_copy: "Optional[DeviceCopy]") -> None:
+        super().__init__(model, info)
+        self.handle: Optional[SegmentHandle] = handle
+        self.device_copy = device_copy
+
+    def release(self) -> None:
+        super().release()
+        handle, self.handle, self.device_copy = self.handle, None, None
+        if handle is not None:
+            release(handle)
+
+    def before_fork(self) -> None:
+        if self.handle is not None:
+            self.handle.before_fork()
+
+    def fork_done(self) -> None:
+        if self.handle is not None:
+            self.handle.fork_done()
+
+    def after_fork_in_child(self) -> None:
+        if self.handle is not None:
+            self.handle.after_fork_in_child()
+
+
+def _produce(shared: "SharedModel[Any]") -> tuple[dict[str, Any], Encoded, bool]:
+    """Load and encode the model, for publishing (runs under the segment's exclusive lock)."""
+    inventory.sweep(shared.directory)  # reclaim what crashes left before using more memory
+    model = shared._load()
+    codec = shared._codec_for(model)
+    encoded = codec.encode(model)
+    fields = {
+        "key": shared.key,
+        "version": shared.version,
+        "version_hash": shared.version_hash,
+        "codec": codec.name,
+        "views": encoded.views,
+        "created": time.time(),
+        "loader_pid": os.getpid(),
+    }
+    return fields, encoded, shared.keep_warm
+
+
+def _reclaim_heap() -> None:
+    """Return freed memory to the system: glibc keeps freed heap pages until ``malloc_trim``."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

@@ -1,0 +1,44 @@
+"""``share="threads"``: one instance of the model per process, loaded once even when threads race.
+
+No segment, nothing across processes: the instance lives in this process (for as long as it is
+held, or for the life of the process with ``keep_warm``). Beam's default (``Shared``) does this.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from . import Hold, HoldInfo, Mode
+from .pool import check_instances, instances_of
+
+if TYPE_CHECKING:
+    from .._shared import SharedModel
+
+__all__ = ["Threads"]
+
+
+@dataclass(frozen=True)
+class Threads(Mode):
+    """One instance per process, shared by its threads.
+
+    ``instances``: N instances in the process (an ``InstancePool``: each call on a free one), for
+    models that are not thread-safe; rebuilt over the first one's buffers where its codec can.
+    """
+
+    instances: int = 1
+    name: ClassVar[str] = "threads"
+
+    def __post_init__(self) -> None:
+        check_instances(self.instances)
+
+    def ident(self, shared: "SharedModel[Any]") -> tuple[str, ...]:
+        return (self.name, shared.key, shared.version_hash)
+
+    def hold(self, shared: "SharedModel[Any]") -> Hold:
+        start = time.perf_counter()
+        model = instances_of(shared, shared._load(), self.instances)
+        hold = Hold(model, HoldInfo(True, time.perf_counter() - start, 0))
+        hold.stays_loaded = shared.keep_warm
+        return hold

@@ -1,0 +1,244 @@
+"""The client of ``share="server"``: an object that looks like the model and sends every call to
+the least busy of the model's N server copies on this machine.
+
+``client(x)`` and ``client.predict(x)`` become calls on the server (any method name; a plain
+attribute comes back as its value). Each thread of a process has its own connection to each
+copy, so calls from many threads and processes run in parallel up to the number of copies. The
+copy for a call is the one with the fewest calls in flight, read from the servers' status tables
+(machine-wide, not per process); ties rotate, so calls spread over the copies.
+
+Faults: a server that dies mid-call is seen at once (its socket closes) and the call raises
+:class:`ServerDiedError` -- or, with ``retries``, runs again on a restarted server; the next call
+starts a new server. An exception raised by the model is raised here, with the server-side
+traceback as its cause.
+
+Fork: a forked child (``os.fork``, a fork-start pool, gunicorn ``--preload``) must never speak on
+its parent's connections -- replies would go to whichever process reads first. The client is one
+of the process's resources (``_process``): in a child it forgets every inherited connection
+without closing it under the parent, and the child's first call opens connections of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import pickle
+import socket
+import threading
+from typing import TYPE_CHECKING, Any, Optional
+
+from .._host.waiting import Deadline
+from ..errors import (
+    AcquireTimeoutError,
+    LoaderError,
+    ModelReleasedError,
+    OwnerStartError,
+    RemoteError,
+    RemoteTraceback,
+    ServerDiedError,
+)
+from .owner import launch
+from .server import ServerFiles, StatsView, read_stats
+from .wire import Channel
+
+if TYPE_CHECKING:
+    from .._modes.server import Server
+
+__all__ = ["ServerClient"]
+
+
+class ServerClient:
+    """Looks like the model; calls run in the model's server processes (see the module docstring)."""
+
+    def __init__(self, shared: Any, mode: "Server") -> None:
+        self._shared = shared
+        self._mode = mode
+        self._files = [ServerFiles(shared.segment_name, i) for i in range(mode.copies or 1)]
+        self._local = threading.local()
+        self._all: list[Channel] = []
+        self._all_lock = threading.Lock()
+        self._rotation = itertools.count()
+        self._methods: set[str] = set()
+        self._stats: dict[int, StatsView] = {}
+        self._closed = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call("__call__", *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """A method of the model (called remotely), or the current value of a plain attribute."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._methods:
+            return functools.partial(self.call, name)
+        reply = self._request(("attr", name, (), {}), name)
+        if reply[0] == "callable":
+            self._methods.add(name)
+            return functools.partial(self.call, name)
+        return reply[1]
+
+    def __repr__(self) -> str:
+        return f"<ServerClient of {self._shared!r}, {len(self._files)} copies>"
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``model.method(*args, **kwargs)`` (``"__call__"``: the model itself) on the least busy copy."""
+        reply = self._request(("call", method, args, kwargs), method)
+        return reply[1]
+
+    def _request(self, request: tuple[Any, ...], what: str) -> tuple[Any, ...]:
+        """Send ``request`` to the least busy copy; its reply, or the model's exception raised here."""
+        if self._closed:
+            raise ModelReleasedError(f"{self!r} was released; acquire() the model again to call it")
+        for attempt in range(self._mode.retries + 1):
+            copy = self._least_busy()
+            channel = self._channel(copy)
+            if channel.peer_closed():  # its server died between calls: this call goes to a new one
+                self._forget(copy, channel)
+                channel = self._channel(copy)
+            try:
+                channel.send(request)
+                reply, _ = channel.receive(copy=True)
+            except (EOFError, OSError) as exc:
+                self._forget(copy, channel)
+                if attempt < self._mode.retries:
+                    continue
+                raise ServerDiedError(
+                    f"the server of model {self._shared.key!r} (copy {copy}) died during {what}(...); "
+                    "the next call starts a new one (Server(retries=N) retries by itself)"
+                ) from exc
+            if reply[0] == "error":
+                raise _remote_exception(reply)
+            return reply
+        raise AssertionError("unreachable")
+
+    def start(self) -> None:
+        """Connect to every copy now, starting those not running, all at once: the model is ready
+        when ``acquire()`` returns, and no later call waits for a copy to load."""
+        errors: list[BaseException] = []
+        channels: dict[int, Channel] = {}
+
+        def connect(copy: int) -> None:
+            try:
+                channels[copy] = self._connect(copy)
+            except BaseException as exc:  # noqa: BLE001 -- raised below, in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=connect, args=(copy,)) for copy in range(len(self._files))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self._local.__dict__.setdefault("channels", {}).update(channels)  # this thread's connections
+        with self._all_lock:
+            self._all.extend(channels.values())
+        if errors:
+            raise errors[0]
+
+    def _least_busy(self) -> int:
+        if len(self._files) == 1:
+            return 0
+        loads = []
+        for copy in range(len(self._files)):
+            view = self._stats.get(copy)
+            loads.append(view.in_flight() if view is not None else 0)  # not running yet: idle
+        low = min(loads)
+        candidates = [i for i, load in enumerate(loads) if load == low]
+        return candidates[next(self._rotation) % len(candidates)]
+
+    def _channel(self, copy: int) -> Channel:
+        channels: dict[int, Channel] = self._local.__dict__.setdefault("channels", {})
+        if copy not in channels:
+            channels[copy] = self._connect(copy)
+            with self._all_lock:
+                self._all.append(channels[copy])
+        return channels[copy]
+
+    def _forget(self, copy: int, channel: Channel) -> None:
+        self._local.__dict__.get("channels", {}).pop(copy, None)
+        with self._all_lock:
+            if channel in self._all:
+                self._all.remove(channel)
+        channel.close()
+
+    def _connect(self, copy: int) -> Channel:
+        """A connection to ``copy``'s server, starting one if none is running."""
+        files = self._files[copy]
+        timeout = self._shared.timeout
+        deadline = Deadline(timeout)
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(files.sock))
+                channel = Channel(sock)
+                (_, pid, _), _ = channel.receive(copy=True)  # the hello: this server has taken us on
+                with self._all_lock:
+                    view = self._stats.get(copy)
+                    if view is None or view.pid() != pid:  # a new (or restarted) server: a new table
+                        with contextlib.suppress(OSError):
+                            self._stats[copy] = StatsView(files.status)
+                return channel
+            except (FileNotFoundError, ConnectionRefusedError, EOFError, ConnectionResetError):
+                sock.close()
+            if deadline.expired():
+                raise AcquireTimeoutError(f"no server for model {self._shared.key!r} (copy {copy}) answered within "
+                                          f"{timeout:g} s; see `modelshare ls`")
+            with files.starting():
+                if not files.alive():
+                    files.remove_stale()
+                    try:
+                        self._start(copy)
+                    except BaseException:
+                        files.remove()
+                        raise
+                elif not files.sock.exists():
+                    deadline.sleep()  # a server exiting right now, or starting: look again
+
+    def _start(self, copy: int) -> None:
+        """Start ``copy``'s server and wait until it serves (call with its start lock held)."""
+        devices = self._mode.devices
+        device = devices[copy % len(devices)] if devices else ""
+        what = f"the server for model {self._shared.key!r} (copy {copy})"
+        try:
+            launch("modelshare._owners.server", pickle.dumps((self._shared, copy, device)), what)
+        except OwnerStartError as exc:
+            raise LoaderError(f"{what} failed to start; its loader or import raised:\n{exc.stderr}") from None
+
+    def close(self) -> None:
+        """Close every connection of this process; servers with no client left exit by themselves."""
+        self._closed = True
+        with self._all_lock:
+            channels, self._all = self._all, []
+            views, self._stats = list(self._stats.values()), {}
+        for channel in channels:
+            channel.close()
+        for view in views:
+            view.close()
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: forget the parent's connections without closing them under it (the
+        sockets stay open in the parent: only this process's descriptors close); the child's next
+        call connects anew. The status views are read-only mappings, valid in the child too."""
+        channels, self._all = self._all, []
+        self._local = threading.local()
+        self._all_lock = threading.Lock()
+        for channel in channels:
+            channel.close()  # close(2) of this process's descriptors only: no shutdown, the parent's stay
+
+    def servers(self) -> list[Optional[int]]:
+        """The pid serving each copy now, or None where none runs."""
+        return [stats.pid if files.alive() and (stats := read_stats(files.status)) else None for files in self._files]
+
+
+def _remote_exception(reply: tuple[Any, ...]) -> BaseException:
+    _, pickled, summary, text = reply
+    exc: Optional[BaseException] = None
+    if pickled is not None:
+        try:
+            exc = pickle.loads(pickled)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RemoteError(f"the model raised {summary} (its exception could not be sent back as is)")
+    exc.__cause__ = RemoteTraceback(text)
+    return exc

@@ -1,0 +1,209 @@
+"""This process's holds on shared models: one table, one at-fork hook, one exit hook.
+
+The problem: what a process holds for modelshare -- shared locks on segments and their mappings,
+connections to model servers, GPU copies, a directory's router membership -- belongs to the
+process, not to the object that took it. Two events touch all of it at once:
+
+* **fork**: the child inherits every descriptor, and an inherited descriptor shares its lock and
+  its socket with the parent's. Left alone, a child's calls would interleave with its parent's
+  on one connection (answers going to the wrong process), and a child letting go of a lock would
+  let go of the parent's. So every resource says what a forked child does instead: take a lock
+  of its own, or forget the parent's connection without disturbing it. A lock the child must
+  hold from the first instant is taken by the parent just before the fork, on a descriptor of
+  its own that only the child keeps: otherwise the parent, releasing right after the fork, would
+  find no other holder (the child's inherited lock is the parent's own) and unlink the segment.
+* **exit**: a process that leaves without ``release()`` gives its holds back, so that the last
+  holder still unlinks the segment and the last router user still evicts what routers kept warm.
+  (A SIGKILLed process cannot; the kernel drops its locks and ``modelshare gc`` does the rest.)
+
+Everything that needs either is in this module's table; nothing else in modelshare calls
+``os.register_at_fork`` or ``atexit``. The table has two parts:
+
+* models (:func:`model_entry`): one entry per model this process holds, met by every thread and
+  every unpickled copy of the same ``SharedModel``: a lock, a refcount, and the mode's hold;
+* resources (:func:`track`): what lives apart from a model's entry -- a released segment that a
+  live array still maps, a GPU copy that tensors still use, a directory's router membership.
+
+At exit, models are released first, then resources by ``exit_stage``: what a release leaves
+behind (stage 1) goes before what needs everything else gone (stage 2: the last router user's
+eviction).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing.util
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional, TypeVar
+
+if TYPE_CHECKING:
+    from ._modes import Hold
+
+__all__ = ["Resource", "ModelEntry", "model_entry", "track", "untrack", "tracked", "sweep_once"]
+
+
+class Resource:
+    """Something this process holds that a fork or the exit must deal with (see the module docstring)."""
+
+    exit_stage: ClassVar[int] = 1
+
+    def before_fork(self) -> None:
+        """In the parent, just before a fork: prepare what the child takes over (a lock of its own)."""
+
+    def fork_done(self) -> None:
+        """After the fork, where the preparation is not taken over: in the parent, and in a child
+        that no longer holds this resource (released by another thread meanwhile)."""
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child, right after the fork: take what is needed anew, or forget the parent's
+        without disturbing it (never close a lock or shut a socket the parent still uses)."""
+
+    def release_at_exit(self) -> None:
+        """At exit: give back what release() would have."""
+
+
+R = TypeVar("R", bound=Resource)
+
+
+class ModelEntry:
+    """One model in this process: the lock its acquires and releases take, how many holds, and
+    the mode's hold (``_modes.Hold``, itself a :class:`Resource`), or None when not held."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.refcount = 0
+        self.held: "Optional[Hold]" = None
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.models: dict[tuple[str, ...], ModelEntry] = {}
+        self.resources: dict[int, Resource] = {}
+        self.weak_resources: "weakref.WeakSet[Resource]" = weakref.WeakSet()
+        self.swept: set[Path] = set()
+        self.exited_pid = 0
+
+
+_table = _Table()
+
+
+def model_entry(ident: tuple[str, ...]) -> ModelEntry:
+    """The entry for the model named ``ident`` (made on first use; entries are never removed)."""
+    with _table.lock:
+        entry = _table.models.get(ident)
+        if entry is None:
+            entry = _table.models[ident] = ModelEntry()
+        return entry
+
+
+def track(resource: Resource, *, weak: bool = False) -> None:
+    """Count ``resource`` among this process's holds until :func:`untrack`. ``weak``: only while
+    something else keeps it alive (a GPU copy lives as long as the tensors built on it)."""
+    with _table.lock:
+        if weak:
+            _table.weak_resources.add(resource)
+        else:
+            _table.resources[id(resource)] = resource
+
+
+def untrack(resource: Resource) -> None:
+    with _table.lock:
+        _table.resources.pop(id(resource), None)
+        _table.weak_resources.discard(resource)
+
+
+def tracked(kind: type[R]) -> list[R]:
+    """The resources of type ``kind`` this process holds now."""
+    with _table.lock:
+        return [r for r in [*_table.resources.values(), *_table.weak_resources] if isinstance(r, kind)]
+
+
+def sweep_once(directory: Path, sweep: Callable[[Path], object]) -> None:
+    """Run ``sweep(directory)`` the first time this process uses ``directory`` (collecting what
+    crashed processes left before taking more memory there)."""
+    with _table.lock:
+        first = directory not in _table.swept
+        _table.swept.add(directory)
+    if first:
+        sweep(directory)
+
+
+def _resources() -> list[Resource]:
+    with _table.lock:
+        return sorted([*_table.resources.values(), *_table.weak_resources], key=lambda r: r.exit_stage)
+
+
+def _holds() -> list[Resource]:
+    """Every model's hold and every resource, held now."""
+    with _table.lock:
+        held: list[Resource] = [entry.held for entry in _table.models.values() if entry.held is not None]
+    return held + _resources()
+
+
+_prepared: list[Resource] = []  # what before_fork prepared, for the fork under way
+
+
+def _before_fork() -> None:
+    _prepared[:] = _holds()
+    for resource in _prepared:
+        resource.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for resource in _prepared:
+        resource.fork_done()
+    _prepared.clear()
+
+
+def _after_fork_in_child() -> None:
+    """In the child: every lock anew (a thread of the parent may have held one), then each
+    model's hold and each resource deals with the fork."""
+    _table.lock = threading.Lock()
+    _table.exited_pid = 0
+    for entry in _table.models.values():
+        entry.lock = threading.Lock()
+    held = _holds()
+    for resource in _prepared:
+        if not any(resource is h for h in held):
+            resource.fork_done()
+    _prepared.clear()
+    for resource in held:
+        resource.after_fork_in_child()
+
+
+def _release_all_at_exit() -> None:
+    """The exit hook (runs once per process): models first, then resources by stage."""
+    if _table.exited_pid == os.getpid():
+        return
+    _table.exited_pid = os.getpid()
+    with _table.lock:
+        entries = list(_table.models.values())
+    for entry in entries:
+        held, entry.held, entry.refcount = entry.held, None, 0
+        if held is not None:
+            _quietly(held.release_at_exit)
+    for resource in _resources():
+        _quietly(resource.release_at_exit)
+
+
+def _quietly(release: Callable[[], None]) -> None:
+    try:
+        release()
+    except Exception:  # noqa: BLE001 -- exiting: one failed release must not stop the others
+        pass
+
+
+def _hook_exit_of_multiprocessing_child(_: object = None) -> None:
+    # A child that multiprocessing forks leaves through os._exit, skipping atexit; it runs the
+    # finalizers registered after its start instead (it clears those inherited from the parent).
+    multiprocessing.util.Finalize(None, _release_all_at_exit, exitpriority=10)
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+atexit.register(_release_all_at_exit)
+_hook_exit_of_multiprocessing_child()
+multiprocessing.util.register_after_fork(_table, _hook_exit_of_multiprocessing_child)

@@ -1,0 +1,365 @@
+"""ModelRouter: many models by key, held under a byte budget per machine, evicting the least
+recently used model that no process is using.
+
+"Several models trained differently do the same task": each element goes to the model for its
+key. Counting models per process (Beam's ``max_models_per_worker_hint``) multiplies by the
+processes and ignores sizes; the router counts bytes, once per machine::
+
+    router = ModelRouter({"en": SharedModel(load_en, key="en"), "de": ...}, budget=Budget(host="4GiB"))
+    with router.use("de") as model:
+        model.predict(batch)
+
+How the budget holds across every process that routes through the same directory:
+
+* What is held is read from the directory itself: the sizes of the segments in it (and of those
+  being published), plus reservations of loads in progress by live processes. Segments are
+  shared and their holders are kernel locks, so a SIGKILLed process cannot leave the count wrong.
+* A small ledger beside the segments (``ledger``, locked for every decision) keeps what the
+  directory cannot: when each model was last used, its size from its last load (the estimate
+  before the next one), reservations, and counters (loads, hits, evictions).
+* Before a load (``admission``): its size (from the ledger, else ``sizes=``, else the largest known
+  size) times ``load_overhead`` (a loader's private copy beside the segment it writes, while it
+  loads) plus what is held must fit the budget and the machine's available memory; otherwise the
+  least recently used segments that no process holds are unlinked, oldest first; otherwise the
+  call waits for models in use to be released (``wait``), then :class:`MemoryBudgetExceeded`
+  names the model, its size, the budget and what holds it. A model larger than the whole budget
+  fails at once. A model in use is never evicted: using it holds its segment's shared lock, and
+  eviction needs the exclusive one.
+* Released models stay loaded (``keep_warm``) until evicted, or until the last process using a
+  router in the directory exits (``membership``; ``modelshare gc`` after a SIGKILL). Loads stay
+  single-flight per machine (``SharedModel``'s own locks).
+
+Models share the router's directory and ``share="processes"``. GPU budgets
+(``Budget(gpu={0: "20GiB"})``) apply to the models placed on a GPU (``Processes(device=...)``):
+a GPU copy lives only while some process holds the model (``_gpu.copies``), so nothing needs
+evicting there -- a copy that does not fit waits, like a full host budget, for copies in use to be
+released, then :class:`MemoryBudgetExceeded` names them. Their host segments stay warm under the
+host budget, so a model coming back to a GPU is copied from memory, not loaded again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+import psutil
+
+from .._host.directory import SegmentName, default_directory, ensure_directory
+from .._host.holds import forget_lingering
+from .._host.inventory import evict, list_segments
+from .._host.locks import lock_holders
+from .._host.waiting import Deadline
+from .._modes.processes import Processes
+from .._shared import SharedModel
+from ..budget import Budget, Size, format_size, parse_size
+from ..errors import GpuMemoryExceeded, MemoryBudgetExceeded
+from ..memory import Peak, anonymous_bytes
+from . import admission
+from .ledger import Ledger, LedgerState, Reservation
+from .membership import join
+
+__all__ = ["ModelRouter", "KeyStats"]
+
+
+@dataclass(frozen=True)
+class KeyStats:
+    """What the router has done for one key, machine-wide."""
+
+    key: str
+    loads: int
+    hits: int
+    evictions: int
+    nbytes: int
+    last_used: float
+    loaded: bool
+    holders: list[int]
+
+
+@dataclass(frozen=True)
+class _NoRoom:
+    """Why a model cannot be admitted now (models in use fill the budget): wait, or give up."""
+
+    reason: str
+
+
+class ModelRouter:
+    """Models by key under a machine-wide byte budget (see the module docstring).
+
+    Args:
+        models: key -> ``SharedModel`` (``share="processes"``, all in one directory).
+        budget: the byte budget (``Budget(host="4GiB")``).
+        factory: for keys not in ``models``: ``factory(key)`` returns its ``SharedModel``.
+        sizes: expected bytes per key (a mapping, or a function of the key returning a size or
+            None), used before a key's first load has measured it; without one, the largest size
+            measured for another version of the key, else the largest measured so far, else (the
+            very first load) the load runs alone.
+        wait: seconds to wait for models in use to be released when the budget is full, before
+            :class:`MemoryBudgetExceeded`.
+        load_overhead: how many times its size a model takes while it loads. None (the default):
+            measured -- the loading process's anonymous memory is sampled, and what a key's load cost
+            is reserved for its next load (other keys: the largest ratio measured; before any
+            measurement: 2, a loader that builds the model privately beside the segment it writes).
+            A number: that factor, always (1 for loaders that memory-map their file, such as
+            ``torch.load(mmap=True)`` or ``joblib.load(mmap_mode="r")``).
+        directory: the segment directory (default: the models', else the default directory).
+
+    The router keeps its own copy of each model (``keep_warm=True``; the GPU budget of its device
+    applied): the SharedModel objects passed in are not changed.
+    """
+
+    def __init__(self, models: Optional[Mapping[str, SharedModel[Any]]] = None, *, budget: Budget,
+                 factory: Optional[Callable[[str], SharedModel[Any]]] = None,
+                 sizes: Union[Mapping[str, Size], Callable[[str], Optional[Size]], None] = None,
+                 directory: Optional[os.PathLike[str]] = None, wait: float = 60.0,
+                 load_overhead: Optional[float] = None) -> None:
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a modelshare.Budget, e.g. Budget(host='4GiB'), not {budget!r}")
+        self.budget = budget
+        self.wait = float(wait)
+        if load_overhead is not None and load_overhead < 1:
+            raise ValueError(f"load_overhead is at least 1 (the segment itself), not {load_overhead}")
+        self.load_overhead = load_overhead
+        self._models: dict[str, SharedModel[Any]] = {}
+        self._factory = factory
+        self._sizes = sizes if callable(sizes) else {k: parse_size(v) for k, v in (sizes or {}).items()}
+        self._directory = Path(directory) if directory is not None else None
+        self._lock = threading.Lock()
+        for key, shared in (models or {}).items():
+            self._add(key, shared)
+
+    @property
+    def directory(self) -> Path:
+        if self._directory is None:
+            self._directory = default_directory()
+        return self._directory
+
+    def _add(self, key: str, shared: SharedModel[Any]) -> SharedModel[Any]:
+        if not isinstance(shared, SharedModel) or not isinstance(shared.mode, Processes):
+            raise TypeError(f"the router's model for {key!r} must be a SharedModel(share='processes'), "
+                            f"not {shared!r}")
+        if self._directory is None:
+            self._directory = shared.directory
+        if shared.directory != self._directory:
+            raise ValueError(f"the model for {key!r} lives in {shared.directory}, the router in {self._directory}: "
+                             "a budget is kept per directory, give every model the same one")
+        mode = shared.mode
+        if mode.device is not None:  # its GPU copy counts against that GPU's budget (see _gpu.copies)
+            gpu = self.budget.gpu.get(int(mode.device.partition(":")[2]))
+            if gpu is not None:
+                own = None if mode.gpu_budget is None else parse_size(mode.gpu_budget)
+                mode = dataclasses.replace(mode, gpu_budget=gpu if own is None else min(gpu, own))
+        # a released model stays loaded until the budget needs its room
+        self._models[key] = shared._with(keep_warm=True, mode=mode)
+        return self._models[key]
+
+    def model(self, key: str) -> SharedModel[Any]:
+        """The router's SharedModel for ``key`` (from ``models``, else made by ``factory``)."""
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            if self._factory is None:
+                raise KeyError(f"no model for key {key!r}: the router has {sorted(self._models)} and no factory")
+            return self._add(key, self._factory(key))
+
+    # -- use ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, key: str) -> Iterator[Any]:
+        """``with router.use(key) as model:`` -- the model for ``key``, loaded within the budget.
+
+        A released model that a process still refers to stays held there (it is still mapped): other
+        processes' routers wait for it instead of evicting memory in use. This process's own
+        leftovers -- a ``model`` name still bound after the block while the next key is admitted --
+        do not count: drop them (``del model``, or use ``router(key, x)``) and the memory goes."""
+        shared, model = self.acquire(key)
+        try:
+            yield model
+        finally:
+            shared.release(model)
+
+    def __call__(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        """``router(key, x)``: call the model for ``key`` once."""
+        with self.use(key) as model:
+            return model(*args, **kwargs)
+
+    def acquire(self, key: str) -> tuple[SharedModel[Any], Any]:
+        """The model for ``key`` and its SharedModel (``shared.release(model)`` when done).
+
+        When the budget is taken by models in use, waits (up to ``wait`` seconds) for them to be
+        released, then raises :class:`MemoryBudgetExceeded`.
+        """
+        shared = self.model(key)
+        name = shared.segment_name
+        ledger = Ledger(ensure_directory(self.directory))
+        join(self.directory)
+        deadline = Deadline(self.wait, longest=0.1)
+        while True:
+            outcome = self._try_acquire(key, shared, name, ledger)
+            if not isinstance(outcome, _NoRoom):
+                return outcome
+            if deadline.expired():
+                raise MemoryBudgetExceeded(f"{outcome.reason} (waited {self.wait:g} s for models in use to be "
+                                           "released)")
+            deadline.sleep()
+
+    def _try_acquire(self, key: str, shared: SharedModel[Any], name: SegmentName,
+                     ledger: Ledger) -> Union[tuple[SharedModel[Any], Any], _NoRoom]:
+        with ledger.locked() as state:
+            record = state.record(name.stem, key)
+            if name.seg_path.exists():  # a hit: attach under the ledger lock, so it cannot be evicted first
+                model = _acquire_within_gpu_budget(shared)
+                if isinstance(model, _NoRoom):
+                    return model
+                record.hits += 1
+                record.last_used = time.time()
+                return shared, model
+            admitted = self._admit(state, key, name)
+            if isinstance(admitted, _NoRoom):
+                return admitted
+            record.last_used = time.time()
+        start = anonymous_bytes()
+        try:
+            with Peak(anonymous_bytes, every=0.002) as peak:  # what the load costs this process beside the segment
+                model = _acquire_within_gpu_budget(shared)  # single-flight per machine; the ledger is free meanwhile
+        except BaseException:
+            with ledger.locked() as state:
+                state.reservations.pop(name.stem, None)
+            raise
+        info = shared.hold_info()
+        with ledger.locked() as state:
+            state.reservations.pop(name.stem, None)
+            if isinstance(model, _NoRoom):
+                return model
+            record = state.record(name.stem, key)
+            record.bytes = _file_size(name.seg_path) or admitted
+            record.loads += 1
+            if info is not None and info.loaded_here:
+                record.load_bytes = record.bytes + max(0, peak.value - start)  # its next load reserves this much
+            no_room = self._make_room(state, 0, exclude=name.stem, key=key, loaded=record.bytes)
+            if no_room is not None:
+                shared.release(model)  # larger than its estimate, and nothing else can go: undo, and wait
+                evict(name)
+                return no_room
+        return shared, model
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _admit(self, state: LedgerState, key: str, name: SegmentName) -> Union[int, _NoRoom]:
+        """Make room for ``key`` (evicting if needed) and reserve its estimated size; the size."""
+        reservation = state.live_reservations().get(name.stem)
+        if reservation is not None:
+            return reservation.bytes  # another process is loading it: this one will attach
+        hint = self._hint(key)
+        size = admission.size_estimate(state.models, name.stem, key, hint)
+        if size is None:  # nothing measured yet: this load runs alone, with all the room there is
+            held = sum(self._held(state, exclude=name.stem).values())
+            if held:
+                return _NoRoom(f"model {key!r} has no known size yet and waits for the budget to be free")
+            size = need = self.budget.host if self.budget.host is not None else 0
+        else:
+            need = admission.load_need(state.models, name.stem, size, self.load_overhead)
+        known = bool(state.models[name.stem].bytes) or hint is not None
+        if self.budget.host is not None and size > self.budget.host and known:
+            raise MemoryBudgetExceeded(
+                f"model {key!r} needs {format_size(size)}, more than the whole host budget of "
+                f"{format_size(self.budget.host)}: raise Budget(host=...) or make the model smaller")
+        if self.budget.host is not None:
+            need = min(need, self.budget.host)  # an estimate above the budget: this load runs alone
+        no_room = self._make_room(state, need, exclude=name.stem, key=key)
+        if no_room is not None:
+            return no_room
+        state.reservations[name.stem] = Reservation.here(need)
+        return size
+
+    def _hint(self, key: str) -> Optional[int]:
+        """The size ``sizes=`` gives for ``key``, if any."""
+        hint = self._sizes(key) if callable(self._sizes) else self._sizes.get(key)
+        return None if hint is None else parse_size(hint)
+
+    def _held(self, state: LedgerState, exclude: str = "") -> dict[str, int]:
+        """Bytes held in the directory by stem: segments (and segments being published) plus live
+        reservations; ``exclude`` left out."""
+        sizes: dict[str, int] = {}
+        for info in list_segments(self.directory):
+            sizes[info.stem] = sizes.get(info.stem, 0) + info.nbytes
+        for stem, reservation in state.live_reservations().items():
+            sizes[stem] = max(sizes.get(stem, 0), reservation.bytes)
+        sizes.pop(exclude, None)
+        return sizes
+
+    def _make_room(self, state: LedgerState, size: int, *, exclude: str, key: str,
+                   loaded: int = 0) -> Optional[_NoRoom]:
+        """Evict unheld models, least recently used first, until ``size`` more bytes fit (``loaded``:
+        the bytes of ``exclude``, just loaded, which count and stay); why not, if they cannot."""
+        held = self._held(state, exclude)
+        last_used = {stem: record.last_used for stem, record in state.models.items()}
+        in_use = {stem for stem in state.live_reservations() if stem != exclude}
+        while True:
+            available = psutil.virtual_memory().available
+            plan = admission.plan(size, {**held, exclude: loaded}, in_use | {exclude}, last_used, self.budget.host,
+                                  available)
+            if not plan.fits:
+                return self._no_room(state, key, size or loaded, held, loaded, available)
+            for stem in plan.evict:
+                name = SegmentName(self.directory, stem)
+                forget_lingering(name)  # this process's leftover references do not count as use
+                if not evict(name):
+                    in_use.add(stem)  # attached meanwhile: plan again without it
+                    break
+                del held[stem]
+                if stem in state.models:
+                    state.models[stem].evictions += 1
+            else:
+                return None
+
+    def _no_room(self, state: LedgerState, key: str, size: int, held: dict[str, int], loaded: int,
+                 available: int) -> _NoRoom:
+        holders = {state.models[stem].key if stem in state.models else stem:
+                   SegmentName(self.directory, stem) for stem in held}
+        in_use = ", ".join(f"{k} (pids {p})" for k, name in holders.items()
+                           if (p := lock_holders(name.lock_path))) or "nothing"
+        budget = format_size(self.budget.host) if self.budget.host is not None else "none"
+        return _NoRoom(
+            f"model {key!r} needs {format_size(size)}; the host budget is {budget}, "
+            f"{format_size(sum(held.values()) + loaded)} is held by models in use -- {in_use} -- and "
+            f"{format_size(available)} is available on the machine. Release models, raise Budget(host=...), or "
+            "route fewer keys at once")
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, KeyStats]:
+        """Per key, machine-wide: loads, hits, evictions, bytes, last use, loaded now, holders."""
+        state = Ledger(ensure_directory(self.directory)).read()
+        result = {}
+        for stem, r in state.models.items():
+            name = SegmentName(self.directory, stem)
+            result[r.key] = KeyStats(r.key, r.loads, r.hits, r.evictions, r.bytes, r.last_used,
+                                     name.seg_path.exists(), lock_holders(name.lock_path))
+        return result
+
+    def held_bytes(self) -> int:
+        """Bytes of models held in the router's directory now."""
+        return sum(info.nbytes for info in list_segments(self.directory))
+
+
+def _acquire_within_gpu_budget(shared: SharedModel[Any]) -> Any:
+    """``shared.acquire()``; a GPU copy that does not fit (its budget, or the GPU's free memory) is
+    waited for like a full host budget (``_NoRoom``): GPU copies go with their last holder, so room
+    comes back."""
+    try:
+        return shared.acquire()
+    except GpuMemoryExceeded as exc:
+        return _NoRoom(str(exc))
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

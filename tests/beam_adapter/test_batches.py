@@ -1,0 +1,215 @@
+"""Ragged batches, out-of-memory splitting and metrics of SharedModelHandler, in real pipelines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pytest
+
+beam = pytest.importorskip("apache_beam", reason="Apache Beam is not installed (pip install -e '.[beam]')")
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install -e '.[torch]')")
+
+from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference  # noqa: E402
+from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor  # noqa: E402
+
+from beam_adapter import Pad, SharedModelHandler, release_all  # noqa: E402
+from beam_adapter import _ragged as batching  # noqa: E402
+
+from ..support import ROOT  # noqa: E402
+
+WIDTH = 16
+
+
+class PerPosition(torch.nn.Module):
+    """[batch, length, width] -> [batch, length, 3]: any length works, one batch needs one length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(WIDTH, 3)
+
+    def forward(self, x: Any) -> Any:
+        return self.linear(x)
+
+
+class MaskedMean(torch.nn.Module):
+    """Mean over the real positions of each sequence, then a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.linear = torch.nn.Linear(WIDTH, 2)
+
+    def forward(self, x: Any, attention_mask: Any = None) -> Any:
+        mask = torch.ones_like(x) if attention_mask is None else attention_mask.to(x.dtype)
+        return self.linear((x * mask).sum(1) / mask.sum(1))
+
+
+@pytest.fixture(autouse=True)
+def _release(shm_dir: Path) -> Iterable[None]:
+    yield
+    release_all()
+
+
+def _sequences(n: int = 10) -> list[Any]:
+    rng = np.random.default_rng(0)
+    return [torch.from_numpy(rng.standard_normal((int(rng.integers(2, 7)), WIDTH)).astype(np.float32))
+            for _ in range(n)]
+
+
+def _handler(tmp_path: Path, model_class: type) -> PytorchModelHandlerTensor:
+    path = tmp_path / f"{model_class.__name__}.pt"
+    torch.save(model_class().state_dict(), path)
+    return PytorchModelHandlerTensor(state_dict_path=str(path), model_class=model_class, min_batch_size=5,
+                                     max_batch_size=5)
+
+
+def _run(handler: Any, examples: list[Any], tmp_path: Path) -> tuple[dict[int, Any], Any]:
+    """Run through RunInference; {index: inference as numpy}, and the pipeline's result (metrics)."""
+    out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+    pipeline = beam.Pipeline()
+    _ = (pipeline | beam.Create(list(enumerate(examples))) | RunInference(KeyedModelHandler(handler))
+         | beam.MapTuple(lambda i, r: json.dumps([i, r.inference.numpy().tolist()]))
+         | beam.io.WriteToText(str(out)))
+    outcome = pipeline.run()
+    outcome.wait_until_finish()
+    lines = [json.loads(line) for f in tmp_path.glob(out.name + "*") for line in f.read_text().splitlines()]
+    return {i: np.asarray(value, dtype=np.float32) for i, value in lines}, outcome
+
+
+def _one_by_one(model: Any, examples: list[Any], **kwargs: Any) -> list[Any]:
+    with torch.inference_mode():
+        return [model(e.unsqueeze(0), **kwargs)[0].numpy() for e in examples]
+
+
+def test_unwrapped_handler_fails_on_ragged_batches(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="stack expects each tensor to be equal size"):
+        _run(_handler(tmp_path, PerPosition), _sequences(), tmp_path)
+
+
+def test_bucket_by_shape_matches_one_by_one(tmp_path: Path) -> None:
+    examples = _sequences()
+    got, _ = _run(SharedModelHandler(_handler(tmp_path, PerPosition), ragged="bucket"), examples, tmp_path)
+    for i, expected in enumerate(_one_by_one(PerPosition().eval(), examples)):
+        assert got[i].shape == expected.shape
+        np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pad_with_mask_matches_one_by_one(tmp_path: Path) -> None:
+    examples = _sequences()
+    handler = SharedModelHandler(_handler(tmp_path, MaskedMean), ragged=Pad(value=0.0, mask_arg="attention_mask"))
+    got, _ = _run(handler, examples, tmp_path)
+    for i, expected in enumerate(_one_by_one(MaskedMean().eval(), examples)):
+        np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pad_crops_per_position_outputs(tmp_path: Path) -> None:
+    examples = _sequences()
+    got, _ = _run(SharedModelHandler(_handler(tmp_path, PerPosition), ragged="pad"), examples, tmp_path)
+    for i, expected in enumerate(_one_by_one(PerPosition().eval(), examples)):
+        assert got[i].shape == expected.shape == (examples[i].shape[0], 3)
+        np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_metrics_count_loads_and_shared_bytes(tmp_path: Path) -> None:
+    handler = _handler(tmp_path, PerPosition)
+    _, outcome = _run(SharedModelHandler(handler, ragged="bucket"), _sequences(), tmp_path)
+    metrics = outcome.metrics().query(MetricsFilter().with_namespace(handler.get_metrics_namespace()))
+    counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
+    gauges = {m.key.metric.name: m.committed.value for m in metrics["gauges"]}
+    assert counters.get("modelshare_loads") == 1 and "modelshare_attaches" not in counters
+    assert gauges["modelshare_shared_bytes"] > 0 and gauges["modelshare_private_bytes"] >= 0
+    assert any(m.key.metric.name == "modelshare_load_latency_ms" for m in metrics["distributions"])
+
+
+def test_batching_helpers() -> None:
+    a, b = np.ones((2, 3)), np.ones((4, 3))
+    assert batching.group_by_shape([a, b, a]) == [[0, 2], [1]]
+    padded, masks = batching.pad([a, b], value=-1)
+    assert padded[0].shape == (4, 3) and padded[0][3, 0] == -1 and masks[0].sum() == 6
+    assert batching.crop(np.zeros((4, 7)), (2, 3), (4, 3)).shape == (2, 7)
+    with pytest.raises(ValueError, match="different numbers of dimensions"):
+        batching.pad([np.ones(3), np.ones((2, 2))])
+
+
+OOM_PIPELINE = textwrap.dedent("""
+    import resource, sys, json
+    import numpy as np
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+    from beam_adapter import SharedModelHandler
+
+    class Hungry(ModelHandler):
+        '''Needs ~150 MiB of scratch memory per element in a batch.'''
+        def __init__(self):
+            super().__init__(min_batch_size=8, max_batch_size=8)
+        def load_model(self):
+            return np.arange(4.0)
+        def run_inference(self, batch, model, inference_args=None):
+            if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:
+                # a real limit, set once the runner's threads are up: 500 MiB more than now
+                vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+                resource.setrlimit(resource.RLIMIT_AS, (vm + (500 << 20), resource.RLIM_INFINITY))
+            scratch = np.ones((len(batch), 150 << 17))  # 150 MiB of float64 per element
+            return [PredictionResult(x, float(x) * scratch[i, 0] + model.sum()) for i, x in enumerate(batch)]
+
+    with beam.Pipeline() as p:
+        (p | beam.Create([(i, float(i)) for i in range(16)])
+           | RunInference(KeyedModelHandler(SharedModelHandler(Hungry())))
+           | beam.MapTuple(lambda i, r: print(json.dumps(["result", i, r.inference]), flush=True)))
+""")
+
+
+def test_batch_that_runs_out_of_memory_is_split(shm_dir: Path) -> None:
+    run = subprocess.run([sys.executable, "-c", OOM_PIPELINE], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=dict(os.environ))
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = dict(json.loads(line)[1:] for line in run.stdout.splitlines() if line.startswith('["result"'))
+    assert results == {i: float(i) + 6.0 for i in range(16)}, "every element survives, with its own result"
+    assert "a batch of 8 ran out of memory; splitting it, and capping batches at 4" in run.stderr
+
+
+def test_threads_are_shared_out_among_holders(shm_dir: Path, spawn) -> None:
+    import functools
+
+    from modelshare import SharedModel
+    from modelshare.threads import ThreadShare
+
+    from ..support import workers as _workers
+
+    cores = os.cpu_count() or 1
+    shared = SharedModel(functools.partial(_workers.make_mlp, 4, width=256), key="threads")
+    model = shared.acquire()
+    assert ThreadShare("auto").count(shared) == cores and ThreadShare(3).count(shared) == 3
+    assert ThreadShare(None).count(shared) is None
+    results, done = spawn.Queue(), spawn.Event()
+    other = spawn.Process(target=_workers.use_worker, args=(shared, _workers.sample_input(256), results, done),
+                          daemon=True)
+    other.start()
+    try:
+        results.get(timeout=120)  # the other process holds the model now
+        assert len(shared.holders()) == 2
+        assert ThreadShare("auto").count(shared) == max(1, cores // 2)
+    finally:
+        done.set()
+        other.join(60)
+        shared.release(model)
+    with pytest.raises(ValueError, match="threads must be a positive int, 'auto' or None"):
+        ThreadShare(0)
+
+
+def test_threads_applied_to_torch_in_a_pipeline(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        _run(SharedModelHandler(_handler(tmp_path, PerPosition), ragged="bucket", threads=1), _sequences(), tmp_path)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,131 @@
+"""SIGKILL at the worst moments: nobody else fails, nobody sees half a segment, nothing leaks."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from modelshare import SharedModel, gc_segments, list_segments
+
+from ..support import ROOT
+from ..support import workers as _workers
+from ..support.workers import loads_counted, make_mlp, sample_input
+
+
+def _wait_for(predicate, timeout=120.0, interval=0.001):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
+
+
+def test_sigkill_loader_mid_publish(shm_dir: Path, tmp_path: Path, spawn) -> None:
+    counter = str(tmp_path / "loads")
+    shared = SharedModel(functools.partial(make_mlp, 256, counter=counter), key="killed-loader")
+    x = sample_input()
+    results, done = spawn.Queue(), spawn.Event()
+
+    loader_proc = spawn.Process(target=_workers.use_worker, args=(shared, x, results, done), daemon=True)
+    loader_proc.start()
+    _wait_for(lambda: loads_counted(counter))  # the first process is inside the loader, holding the lock
+    waiter = spawn.Process(target=_workers.use_worker, args=(shared, x, results, done), daemon=True)
+    waiter.start()
+
+    seen = set()
+
+    def writing():
+        names = [p.name for p in shm_dir.iterdir()] if shm_dir.exists() else []
+        seen.update(names)
+        return any(".seg.tmp-" in n for n in names)
+
+    _wait_for(writing)
+    assert not shared.segment_name.seg_path.exists(), "a segment must not be visible before it is complete"
+    os.kill(loader_proc.pid, signal.SIGKILL)
+    loader_proc.join(30)
+    assert loader_proc.exitcode == -signal.SIGKILL
+
+    pid, out, _ = results.get(timeout=240)
+    assert pid == waiter.pid
+    np.testing.assert_array_equal(out, make_mlp(256)(x))
+    assert loads_counted(counter) == [loader_proc.pid, waiter.pid]
+    assert not any(".seg.tmp-" in p.name for p in shm_dir.iterdir()), "the killed writer's file must be gone"
+    done.set()
+    waiter.join(60)
+    assert waiter.exitcode == 0
+    assert list(shm_dir.iterdir()) == []
+
+
+def test_sigkill_attached_process_mid_use(shm_dir: Path, spawn) -> None:
+    shared = SharedModel(functools.partial(make_mlp, 64, width=2048), key="killed-user")
+    x = sample_input(2048)
+    expected = make_mlp(64, width=2048)(x)
+    results, done = spawn.Queue(), spawn.Event()
+    victim = spawn.Process(target=_workers.hold_forever, args=(shared, x, results), daemon=True)
+    survivor = spawn.Process(target=_workers.use_worker, args=(shared, x, results, done), daemon=True)
+    victim.start()
+    survivor.start()
+    got = {pid: out for pid, out, _ in (results.get(timeout=120), results.get(timeout=120))}
+    assert set(got) == {victim.pid, survivor.pid}
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(30)
+
+    model = shared.acquire()  # this process attaches after the kill: same segment, same weights
+    np.testing.assert_array_equal(model(x), expected)
+    np.testing.assert_array_equal(got[survivor.pid], expected)
+    shared.release(model)
+    del model
+    assert shared.segment_name.seg_path.exists(), "the survivor still holds the segment"
+    done.set()
+    survivor.join(60)
+    assert survivor.exitcode == 0
+    assert list(shm_dir.iterdir()) == [], "the last holder to release must unlink the segment"
+
+
+def _orphan(spawn, key: str) -> SharedModel:
+    """A model whose only holder was SIGKILLed mid-use: its segment is left behind."""
+    shared = SharedModel(functools.partial(make_mlp, 8, width=512), key=key)
+    results = spawn.Queue()
+    victim = spawn.Process(target=_workers.hold_forever, args=(shared, sample_input(512), results), daemon=True)
+    victim.start()
+    results.get(timeout=120)
+    assert shared.holders() == [victim.pid]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(30)
+    assert shared.segment_name.seg_path.exists()
+    return shared
+
+
+def test_sigkill_of_last_holder_is_collected(shm_dir: Path, spawn) -> None:
+    _orphan(spawn, "orphan")
+    (orphan,) = list_segments(shm_dir)
+    assert orphan.holders == [] and orphan.key == "orphan"
+    out = subprocess.run([sys.executable, "-m", "modelshare", "gc"], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "removed 1 file" in out.stdout
+    assert list(shm_dir.iterdir()) == []
+
+
+def test_next_process_collects_orphans_of_other_models(shm_dir: Path, spawn) -> None:
+    _orphan(spawn, "orphan-a")
+
+    other = SharedModel(functools.partial(make_mlp, 4, width=256), key="other")
+    code = ("import sys, pickle; m = pickle.loads(sys.stdin.buffer.read()); "
+            "x = m.acquire(); m.release(x)")
+    import pickle
+
+    run = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(other), capture_output=True,
+                         env=dict(os.environ), timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr.decode()
+    assert list(shm_dir.iterdir()) == [], "attaching in the directory sweeps what a SIGKILL left"
+    assert gc_segments(shm_dir) == []

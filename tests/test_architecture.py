@@ -1,0 +1,97 @@
+"""The layout's promises, checked: what ``import modelshare`` loads, who imports what, where every
+exception lives, and that process state has one owner (one at-fork hook, one exit hook)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import subprocess
+import sys
+
+import modelshare
+from modelshare import errors
+
+from .support import ROOT
+
+
+def _python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          timeout=120).stdout
+
+
+_IMPORT_EVERYTHING = """
+import pkgutil, importlib, modelshare
+for info in pkgutil.walk_packages(modelshare.__path__, "modelshare."):
+    if info.name.endswith("__main__") or info.name == "modelshare.codecs.tensorrt":
+        continue  # __main__ runs the CLI; tensorrt is imported lazily and needs NVIDIA's libraries
+    importlib.import_module(info.name)
+"""
+
+
+def test_import_modelshare_loads_no_gpu_owner_or_framework_code() -> None:
+    loaded = json.loads(_python("import json, sys, modelshare; print(json.dumps(sorted(sys.modules)))"))
+    assert not [m for m in loaded if m.startswith(("modelshare._gpu", "modelshare._owners"))]
+    assert not [m for m in loaded if m.split(".")[0] in ("torch", "onnxruntime", "onnx", "sklearn", "apache_beam")]
+    gpu = json.loads(_python("import json, sys, modelshare; modelshare.GpuCopyInfo; "
+                             "print(json.dumps(sorted(sys.modules)))"))
+    assert "modelshare._gpu.keeper" in gpu, "a GPU name loads the GPU code on first use"
+
+
+def test_the_package_registers_one_at_fork_hook_and_one_exit_hook() -> None:
+    code = """
+import atexit, os
+hooks = []
+real_fork, real_exit = os.register_at_fork, atexit.register
+def count(kind, *fns):
+    modules = {getattr(fn, "__module__", "") or "" for fn in fns}
+    if any(m.startswith(("modelshare", "beam_adapter")) for m in modules):
+        hooks.append((kind, *sorted(modules), *(fn.__qualname__ for fn in fns)))
+os.register_at_fork = lambda **kw: (count("fork", *(kw[k] for k in sorted(kw))), real_fork(**kw))[1]
+atexit.register = lambda fn, *a, **kw: (count("exit", fn), real_exit(fn, *a, **kw))[1]
+""" + _IMPORT_EVERYTHING + "import beam_adapter\nprint(sorted(set(hooks)))"
+    hooks = eval(_python(code))
+    assert hooks == [("exit", "modelshare._process", "_release_all_at_exit"),
+                     ("fork", "modelshare._process", "_after_fork_in_child", "_after_fork_in_parent", "_before_fork")]
+
+
+def test_every_exception_lives_in_errors_and_is_public() -> None:
+    code = _IMPORT_EVERYTHING + """
+import inspect, sys
+found = set()
+for name, module in list(sys.modules.items()):
+    if name.startswith("modelshare") or name.startswith("beam_adapter"):
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, BaseException) and obj.__module__.startswith(("modelshare", "beam_adapter")):
+                found.add(f"{obj.__module__}.{obj.__qualname__}")
+print(sorted(found))
+"""
+    defined = eval(_python("import beam_adapter\n" + code))
+    assert defined and all(name.startswith("modelshare.errors.") for name in defined), defined
+    public = {name for name, obj in inspect.getmembers(errors, inspect.isclass) if issubclass(obj, BaseException)}
+    assert public == set(errors.__all__)
+    assert all(getattr(modelshare, name) is getattr(errors, name) for name in errors.__all__)
+    assert set(errors.__all__) <= set(modelshare.__all__)
+
+
+def test_beam_adapter_uses_nothing_private_of_modelshare() -> None:
+    offending = []
+    for path in sorted((ROOT / "beam_adapter").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "modelshare":
+                names = [f"modelshare.{node.attr}"]
+            offending += [f"{path.name}: {n}" for n in names
+                          if n.startswith("modelshare") and any(part.startswith("_") for part in n.split(".")[1:])]
+    assert offending == []
+
+
+def test_the_top_level_holds_about_a_dozen_modules() -> None:
+    top = sorted(p.name for p in (ROOT / "modelshare").glob("*.py"))
+    packages = sorted(p.parent.name for p in (ROOT / "modelshare").glob("*/__init__.py"))
+    assert len(top) <= 13, top
+    assert packages == ["_gpu", "_host", "_modes", "_owners", "_router", "codecs"]

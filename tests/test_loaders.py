@@ -1,0 +1,69 @@
+"""modelshare.loaders: the same model as a plain load, without a private copy of the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelshare import SharedModel, loader_fingerprint
+from modelshare.loaders import JoblibMmap, OnCpu, TorchStateDict
+
+
+def _mlp(width: int):
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
+
+
+def _mlp_with_scratch(width: int):
+    import torch
+
+    model = _mlp(width)
+    model.register_buffer("scratch", torch.ones(width), persistent=False)  # not in any state dict
+    return model
+
+
+def test_torch_state_dict_builds_the_same_model_over_the_mapped_file(tmp_path: Path, shm_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "mlp.pt"
+    torch.manual_seed(0)
+    reference = _mlp(64).eval()
+    torch.save(reference.state_dict(), path)
+    loader = TorchStateDict(_mlp, path, params={"width": 64})
+    model = loader()
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference(x))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert loader_fingerprint(loader) != loader_fingerprint(TorchStateDict(_mlp, path, params={"width": 65}))
+    with SharedModel(loader, key="lean-torch").use() as shared:  # shareable, and the same outputs
+        with torch.inference_mode():
+            assert torch.equal(shared(x), reference(x))
+    del shared
+
+
+def test_a_state_dict_that_misses_a_buffer_says_which_or_falls_back(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "mlp.pt"
+    torch.save(_mlp(32).state_dict(), path)
+    with pytest.raises(ValueError, match="does not set scratch.*pass fallback="):
+        TorchStateDict(_mlp_with_scratch, path, params={"width": 32})()
+    built = TorchStateDict(_mlp_with_scratch, path, params={"width": 32},
+                           fallback=lambda: _mlp_with_scratch(32))()
+    assert built.scratch.sum() == 32
+
+
+def test_joblib_mmap_gives_views_of_the_file(tmp_path: Path) -> None:
+    joblib = pytest.importorskip("joblib")
+    path = tmp_path / "arrays.joblib"
+    joblib.dump({"w": np.arange(100_000, dtype=np.float64)}, path)
+    loaded = JoblibMmap(path)()
+    assert isinstance(loaded["w"], np.memmap) and loaded["w"][-1] == 99_999
+
+
+def test_on_cpu_moves_what_can_move_and_leaves_the_rest() -> None:
+    torch = pytest.importorskip("torch")
+    assert OnCpu(lambda: torch.ones(3))().device.type == "cpu"
+    assert OnCpu(lambda: {"w": 1})() == {"w": 1}

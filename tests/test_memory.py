@@ -1,0 +1,67 @@
+"""The memory figures the suite asserts on: USS/PSS, segment bytes, anonymous memory, peaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from modelshare import SharedModel, memory
+
+
+def test_memory_figures_count_a_segment_once(shm_dir: Path) -> None:
+    shared = SharedModel(lambda: {"w": np.ones((8 << 20) // 8)}, key="mem")
+    with shared.use() as model:
+        model["w"].sum()  # touch every page
+        mine = memory.process()
+        size = model["w"].nbytes
+        assert mine.segment_pss >= size * 0.99, "this process maps and touches the whole segment"
+        assert mine.pss >= mine.segment_pss and mine.rss >= mine.uss
+        assert memory.segment_bytes(shm_dir) >= size
+    del model
+    assert memory.segment_bytes(shm_dir) == 0
+    host = memory.host()
+    assert 0 < host.available <= host.total and host.used == host.total - host.available
+
+
+def test_gpu_accounting_degrades_to_none_without_nvml() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pynvml") is not None:
+        pytest.skip("nvidia-ml-py is installed here: the GPU path is exercised on a GPU machine")
+    assert memory.gpus() == []
+
+
+def test_anonymous_memory_and_its_peak_see_a_private_copy() -> None:
+    before = memory.anonymous_bytes()
+    with memory.Peak(memory.anonymous_bytes, every=0.002) as peak:
+        block = np.ones((64 << 20) // 8)  # 64 MiB of private, touched pages
+        time.sleep(0.05)
+        del block
+    assert peak.value - before >= 60 << 20, "the peak saw the 64 MiB that came and went"
+    assert memory.anonymous_bytes() - before < 32 << 20, "and it is gone again"
+
+
+def test_total_pss_counts_descendants_only_when_asked() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "c = subprocess.Popen([sys.executable, '-c', "
+                               "'import numpy, time; a = numpy.ones(32 << 17); time.sleep(60)']); "
+                               "time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while memory.total_pss([parent.pid], descendants=True) - memory.total_pss([parent.pid]) < 30 << 20:
+            assert time.monotonic() < deadline, "the child's 32 MiB never showed up"
+            time.sleep(0.1)
+    finally:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            child.kill()
+        parent.kill()
+        parent.wait()
+    with pytest.raises(psutil.NoSuchProcess):
+        memory.total_pss([parent.pid])
+    assert memory.total_pss([parent.pid], descendants=True) == 0, "gone processes are skipped when sampling trees"
