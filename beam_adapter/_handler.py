@@ -27,10 +27,10 @@ let go of it unlinks its segment.
 
 What the wrapper adds around ``run_inference``: ragged batches (``ragged=``) and out-of-memory
 splitting (``_batches``), intra-op threads shared out among the processes that hold the model
-(``modelshare.threads``), and Beam metrics -- ``modelshare_loads`` / ``modelshare_attaches``, their latency
-distributions, and gauges of bytes shared (the segment), on the GPU (its copy, with ``device=``) and
-private (what loading added to this process's USS) -- reported from the first batch, since Beam
-drops metrics set outside a bundle.
+(``modelshare.threads``), and Beam metrics -- ``modelshare_loads`` / ``modelshare_attaches``, their
+latency distributions, and gauges of bytes shared (the segment), on the GPU (its copy, with
+``device=``) and private (what loading added to this process's own memory, the segment left out) --
+reported from the first batch, since Beam drops metrics set outside a bundle.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class SharedModelHandler(ModelHandler):
             if previous is not None and previous[0].version_hash == shared.version_hash:
                 self._shared = previous[0]
                 return previous[1]  # another DoFn instance or pipeline in this process holds it already
-            before = memory.process().uss
+            before = memory.process(directory=shared.directory).private
             try:
                 model = shared.acquire()
             except EncodeError as exc:
@@ -186,7 +186,7 @@ class SharedModelHandler(ModelHandler):
             self._shared = shared
             info = shared.hold_info()
             if info is not None:  # reported from run_inference: Beam drops metrics outside a bundle
-                self._pending_metrics = (info, max(0, memory.process().uss - before))
+                self._pending_metrics = (info, max(0, memory.process(directory=shared.directory).private - before))
         if previous is not None:  # a model update: let the old version go once the new one is in place
             previous[0].release(previous[1])
         return model

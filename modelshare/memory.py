@@ -46,13 +46,20 @@ class HostMemory:
 
 @dataclass(frozen=True)
 class ProcessMemory:
-    """One process's memory in bytes; ``segment_pss`` is the part of ``pss`` in segment files."""
+    """One process's memory in bytes; ``segment_pss`` / ``segment_uss`` are the parts of ``pss`` /
+    ``uss`` in segment files (a segment only this process maps is in its USS too)."""
 
     pid: int
     rss: int
     uss: int
     pss: int
     segment_pss: int
+    segment_uss: int = 0
+
+    @property
+    def private(self) -> int:
+        """What this process costs the machine on its own, segments left out: its USS outside them."""
+        return self.uss - self.segment_uss
 
 
 def host() -> HostMemory:
@@ -61,10 +68,10 @@ def host() -> HostMemory:
     return HostMemory(total=vm.total, available=vm.available, used=vm.total - vm.available)
 
 
-def _segment_pss(pid: int, directory: Path) -> int:
-    """PSS of the mappings of files under ``directory``, from ``/proc/<pid>/smaps``."""
+def _segment_memory(pid: int, directory: Path) -> tuple[int, int]:
+    """(PSS, USS) of the mappings of files under ``directory``, from ``/proc/<pid>/smaps``."""
     prefix = str(directory).rstrip("/") + "/"
-    total = 0
+    pss = uss = 0
     inside = False
     try:
         with open(f"/proc/{pid}/smaps") as smaps:
@@ -73,18 +80,22 @@ def _segment_pss(pid: int, directory: Path) -> int:
                     fields = line.split(None, 5)
                     inside = len(fields) == 6 and fields[5].startswith(prefix)
                 elif inside and line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
+                    pss += int(line.split()[1]) * 1024
+                elif inside and line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    uss += int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         raise psutil.NoSuchProcess(pid) from None
-    return total
+    return pss, uss
 
 
 def process(pid: Optional[int] = None, directory: Union[str, os.PathLike[str], None] = None) -> ProcessMemory:
-    """RSS, USS, PSS of process ``pid`` (default: this one), and its PSS in segments."""
+    """RSS, USS, PSS of process ``pid`` (default: this one), and its PSS and USS in segments."""
     pid = os.getpid() if pid is None else pid
     info = psutil.Process(pid).memory_full_info()
     seg_dir = Path(directory) if directory is not None else default_directory()
-    return ProcessMemory(pid=pid, rss=info.rss, uss=info.uss, pss=info.pss, segment_pss=_segment_pss(pid, seg_dir))
+    segment_pss, segment_uss = _segment_memory(pid, seg_dir)
+    return ProcessMemory(pid=pid, rss=info.rss, uss=info.uss, pss=info.pss, segment_pss=segment_pss,
+                         segment_uss=segment_uss)
 
 
 def total_pss(pids: Iterable[int], *, descendants: bool = False) -> int:

@@ -22,6 +22,8 @@ def test_memory_figures_count_a_segment_once(shm_dir: Path) -> None:
         size = model["w"].nbytes
         assert mine.segment_pss >= size * 0.99, "this process maps and touches the whole segment"
         assert mine.pss >= mine.segment_pss and mine.rss >= mine.uss
+        assert mine.segment_uss >= size * 0.99, "only this process maps it: the segment is in its USS too"
+        assert mine.private == mine.uss - mine.segment_uss
         assert memory.segment_bytes(shm_dir) >= size
     del model
     assert memory.segment_bytes(shm_dir) == 0

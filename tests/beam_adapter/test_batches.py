@@ -40,6 +40,14 @@ class PerPosition(torch.nn.Module):
         return self.linear(x)
 
 
+class Wide(PerPosition):
+    """PerPosition with 32 MiB more weights: enough to tell a private copy from none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Linear(4096, 2048)
+
+
 class MaskedMean(torch.nn.Module):
     """Mean over the real positions of each sequence, then a linear layer."""
 
@@ -120,13 +128,14 @@ def test_pad_crops_per_position_outputs(tmp_path: Path) -> None:
 
 
 def test_metrics_count_loads_and_shared_bytes(tmp_path: Path) -> None:
-    handler = _handler(tmp_path, PerPosition)
+    handler = _handler(tmp_path, Wide)
     _, outcome = _run(SharedModelHandler(handler, ragged="bucket"), _sequences(), tmp_path)
     metrics = outcome.metrics().query(MetricsFilter().with_namespace(handler.get_metrics_namespace()))
     counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
     gauges = {m.key.metric.name: m.committed.value for m in metrics["gauges"]}
     assert counters.get("modelshare_loads") == 1 and "modelshare_attaches" not in counters
-    assert gauges["modelshare_shared_bytes"] > 0 and gauges["modelshare_private_bytes"] >= 0
+    assert gauges["modelshare_shared_bytes"] > 32 << 20, "the weights are in the segment"
+    assert gauges["modelshare_private_bytes"] < 8 << 20, "and the loader kept no private copy of them"
     assert any(m.key.metric.name == "modelshare_load_latency_ms" for m in metrics["distributions"])
 
 
