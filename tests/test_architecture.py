@@ -95,3 +95,11 @@ def test_the_top_level_holds_about_a_dozen_modules() -> None:
     packages = sorted(p.parent.name for p in (ROOT / "modelshare").glob("*/__init__.py"))
     assert len(top) <= 13, top
     assert packages == ["_gpu", "_host", "_modes", "_owners", "_router", "codecs"]
+
+
+def test_the_readme_layout_lists_every_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    modules = sorted(str(p.relative_to(ROOT)) for package in ("modelshare", "beam_adapter")
+                     for p in (ROOT / package).rglob("*.py"))
+    assert [m for m in modules if f"`{m}`" not in layout] == []

@@ -1,6 +1,6 @@
 """GPU copies: one copy of a model's weights per GPU, mapped by every process that computes on it.
 
-``SharedModel(loader, key=..., device="cuda:0")`` first shares the model in host memory as usual
+``SharedModel(loader, key=..., share=Processes(device="cuda:0"))`` first shares the model in host memory as usual
 (a segment: loaded once per machine). Then the first process to want it on GPU 0 allocates CUDA
 VMM memory (``cuda``), copies the segment's torch buffers into it, exports it as a descriptor and
 starts its keeper (``keeper``); every later process gets the descriptor from the keeper and

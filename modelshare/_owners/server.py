@@ -1,8 +1,8 @@
 """The model server: one process that owns one copy of a model and runs the calls clients send it.
 
 For models that cannot be split into weights (a GPU engine, native state, an object holding a
-handle) and for an exact number of instances per machine. ``SharedModel(share="server",
-copies=N)`` runs N of these per model version, each started on first use by whichever client
+handle) and for an exact number of instances per machine. ``SharedModel(share=Server(
+copies=N))`` runs N of these per model version, each started on first use by whichever client
 needs it (``python -m modelshare._owners.server``, handed the pickled SharedModel on stdin):
 
 * Files, beside the model's segments, per copy ``i``: ``<key>--<version>.copy<i>.sock`` (the

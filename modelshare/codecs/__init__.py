@@ -62,7 +62,7 @@ class SegmentBuffers(list):  # type: ignore[type-arg]
     ``path`` and ``offsets`` say where each buffer lies in the segment file, for frameworks that
     want to read bytes from a file themselves (ONNX Runtime's graph optimizers); both are empty
     when the buffers do not come from a file. ``device``, where set, is the model's GPU copy
-    (``SharedModel(device="cuda:N")``): a codec builds its tensors there, at
+    (``Processes(device="cuda:N")``): a codec builds its tensors there, at
     ``device.address_of(index)`` on ``device.device``, instead of over the host views.
     """
 
