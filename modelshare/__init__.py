@@ -39,28 +39,15 @@ from ._router.router import KeyStats, ModelRouter
 from ._shared import SharedModel
 from .budget import Budget
 from .codecs import Codec, Encoded, codec_for, get_codec, register_codec
-from .errors import (
-    AcquireTimeoutError,
-    CopiedOnLoadWarning,
-    CudaError,
-    DeviceCopyMismatchError,
-    DeviceUnavailableError,
-    EncodeError,
-    GpuMemoryExceeded,
-    InvalidKeyError,
-    LoaderError,
-    MemoryBudgetExceeded,
-    ModelReleasedError,
-    ModelShareError,
-    OwnerStartError,
-    RemoteError,
-    RemoteTraceback,
-    SegmentCorruptedError,
-    SegmentDirectoryError,
-    ServerDiedError,
-)
+from .errors import *  # noqa: F403 -- every exception is public (errors.__all__)
 
 __version__ = "0.1.0"
+
+_GPU_NAMES = {
+    "check_device": ("._gpu.copies", "check_device"),
+    "list_gpu_copies": ("._gpu.keeper", "list_device_copies"),
+    "GpuCopyInfo": ("._gpu.keeper", "DeviceCopyInfo"),
+}
 
 __all__ = [
     "SharedModel",
@@ -83,36 +70,11 @@ __all__ = [
     "default_directory",
     "make_key",
     "loader_fingerprint",
-    "check_device",
-    "list_gpu_copies",
-    "GpuCopyInfo",
+    *_GPU_NAMES,
     "memory",
     "errors",
-    "ModelShareError",
-    "InvalidKeyError",
-    "LoaderError",
-    "EncodeError",
-    "SegmentCorruptedError",
-    "SegmentDirectoryError",
-    "AcquireTimeoutError",
-    "ModelReleasedError",
-    "MemoryBudgetExceeded",
-    "GpuMemoryExceeded",
-    "ServerDiedError",
-    "RemoteError",
-    "OwnerStartError",
-    "DeviceUnavailableError",
-    "DeviceCopyMismatchError",
-    "CudaError",
-    "RemoteTraceback",
-    "CopiedOnLoadWarning",
+    *errors.__all__,
 ]
-
-_GPU_NAMES = {
-    "check_device": ("._gpu.copies", "check_device"),
-    "list_gpu_copies": ("._gpu.keeper", "list_device_copies"),
-    "GpuCopyInfo": ("._gpu.keeper", "DeviceCopyInfo"),
-}
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import _process
 from .directory import SegmentName
@@ -26,59 +26,52 @@ from .locks import lock_file, same_file
 __all__ = ["SegmentHandle", "release", "forget_lingering", "lingering_holds"]
 
 
-class _ForkedLock:
-    """The shared lock a forked child holds from its first instant (see ``_process``): the parent
-    takes it just before the fork, on a descriptor of its own that only the child keeps; the
-    child then locks once more under its own pid (what ``/proc/locks`` shows) and lets the
-    prepared one go -- at no moment is the child without a lock of its own."""
+class _HeldAcrossForks:
+    """For holders of a shared lock (``lock_fd``) on ``name``'s lock file: how the hold crosses a
+    fork (see ``_process``). The parent takes the child's lock just before the fork, on a
+    descriptor of its own that only the child keeps; the child then locks once more under its own
+    pid (what ``/proc/locks`` shows) and lets the prepared one go, so that at no moment is it
+    without a lock of its own -- and no release by the parent can mistake itself for the last."""
 
-    def __init__(self, name: SegmentName) -> None:
-        self.name, self.fd = name, -1
+    name: SegmentName
+    lock_fd: int
+    _child_fd = -1
 
-    def prepare(self) -> None:
+    def before_fork(self) -> None:
         fd = lock_file(self.name.lock_path, fcntl.LOCK_SH | fcntl.LOCK_NB, create=False)
-        self.fd = -1 if fd is None else fd  # (cannot be refused while this process holds it)
+        self._child_fd = -1 if fd is None else fd  # (cannot be refused while this process holds it)
 
-    def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    def fork_done(self) -> None:
+        if self._child_fd >= 0:
+            os.close(self._child_fd)
+            self._child_fd = -1
 
-    def take(self, *, wait: bool) -> int:
-        """In the child: its own descriptor, locked; -1 when ``wait`` is false and nothing is left
-        to lock. Without a prepared lock (a hold taken while the fork was prepared) it is taken
-        now, which cannot block either: the parent's shared lock keeps every exclusive one out."""
-        prepared, self.fd = self.fd, -1
+    def _lock_in_child(self, *, wait: bool) -> bool:
+        """Hold on a lock of the child's own; False (nothing held) when ``wait`` is false and there
+        is nothing left to lock. Without a prepared lock (a hold taken while the fork was under way)
+        the lock is taken now, which cannot block: the parent's shared lock keeps exclusive ones out."""
+        prepared, self._child_fd = self._child_fd, -1
         blocking = wait and prepared < 0
         fd = lock_file(self.name.lock_path, fcntl.LOCK_SH | (0 if blocking else fcntl.LOCK_NB), create=blocking)
         if prepared >= 0:
             os.close(prepared)
-        return -1 if fd is None else fd
+        if fd is None:
+            return False
+        os.close(self.lock_fd)  # the parent's lock survives: it has its own descriptor
+        self.lock_fd = fd
+        return True
 
 
 @dataclass
-class SegmentHandle:
+class SegmentHandle(_HeldAcrossForks):
     """This process's hold on a segment: its shared lock and its mapping."""
 
     name: SegmentName
     lock_fd: int
     mapping: Mapping
-    _forked: _ForkedLock = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._forked = _ForkedLock(self.name)
-
-    def before_fork(self) -> None:
-        self._forked.prepare()
-
-    def fork_done(self) -> None:
-        self._forked.discard()
 
     def after_fork_in_child(self) -> None:
-        """The child holds the segment on a lock of its own (``_ForkedLock``)."""
-        fd = self._forked.take(wait=True)
-        os.close(self.lock_fd)  # the parent's lock survives: it has its own descriptor
-        self.lock_fd = fd
+        self._lock_in_child(wait=True)
 
 
 def _give_up(name: SegmentName, lock_fd: int, keep_warm: bool) -> bool:
@@ -100,14 +93,13 @@ def _give_up(name: SegmentName, lock_fd: int, keep_warm: bool) -> bool:
     return removed
 
 
-class _LingeringHold(_process.Resource):
+class _LingeringHold(_HeldAcrossForks, _process.Resource):
     """A hold given back by ``release()`` while something in this process still maps the segment."""
 
     exit_stage = 1
 
     def __init__(self, name: SegmentName, lock_fd: int, keep_warm: bool) -> None:
         self.name, self.lock_fd, self.keep_warm = name, lock_fd, keep_warm
-        self._forked = _ForkedLock(name)
 
     def drop(self) -> bool:
         """The mapping is gone: give the hold back (once); whether that unlinked the segment."""
@@ -124,19 +116,9 @@ class _LingeringHold(_process.Resource):
             os.close(self.lock_fd)
             self.lock_fd = -1
 
-    def before_fork(self) -> None:
-        self._forked.prepare()
-
-    def fork_done(self) -> None:
-        self._forked.discard()
-
     def after_fork_in_child(self) -> None:
-        fd = self._forked.take(wait=False)
-        if fd < 0:  # gone already: nothing to hold
+        if not self._lock_in_child(wait=False):  # gone already: nothing to hold
             self.forget()
-        else:
-            os.close(self.lock_fd)  # the parent's lock survives: it has its own descriptor
-            self.lock_fd = fd
 
     def release_at_exit(self) -> None:
         self.drop()
