@@ -150,12 +150,12 @@ _prepared: list[Resource] = []  # what before_fork prepared, for the fork under 
 def _before_fork() -> None:
     _prepared[:] = _holds()
     for resource in _prepared:
-        resource.before_fork()
+        _quietly(resource.before_fork)
 
 
 def _after_fork_in_parent() -> None:
     for resource in _prepared:
-        resource.fork_done()
+        _quietly(resource.fork_done)
     _prepared.clear()
 
 
@@ -169,10 +169,10 @@ def _after_fork_in_child() -> None:
     held = _holds()
     for resource in _prepared:
         if not any(resource is h for h in held):
-            resource.fork_done()
+            _quietly(resource.fork_done)
     _prepared.clear()
     for resource in held:
-        resource.after_fork_in_child()
+        _quietly(resource.after_fork_in_child)
 
 
 def _release_all_at_exit() -> None:
@@ -190,10 +190,12 @@ def _release_all_at_exit() -> None:
         _quietly(resource.release_at_exit)
 
 
-def _quietly(release: Callable[[], None]) -> None:
+def _quietly(step: Callable[[], None]) -> None:
+    """Run one resource's part of a fork or the exit: its failure must not stop the others'
+    (nothing can be raised to a caller there; a prepared lock that failed is taken in the child)."""
     try:
-        release()
-    except Exception:  # noqa: BLE001 -- exiting: one failed release must not stop the others
+        step()
+    except Exception:  # noqa: BLE001
         pass
 
 
