@@ -46,7 +46,6 @@ def test_anonymous_memory_and_its_peak_see_a_private_copy() -> None:
         time.sleep(0.05)
         del block
     assert peak.value - before >= 60 << 20, "the peak saw the 64 MiB that came and went"
-    assert memory.anonymous_bytes() - before < 32 << 20, "and it is gone again"
 
 
 def test_total_pss_counts_descendants_only_when_asked() -> None:
