@@ -148,7 +148,7 @@ def _measure(approach: str, procs: list[Any], results: Any, start: Any, baseline
 
 
 def _list_copies(directory: str) -> list[Any]:
-    from modelshare._device_keeper import list_device_copies
+    from modelshare import list_gpu_copies as list_device_copies
 
     return list_device_copies(Path(directory))
 

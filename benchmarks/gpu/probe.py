@@ -1,4 +1,4 @@
-"""A first look at a GPU machine for GPU copies: can its driver do what ``modelshare._cuda`` needs,
+"""A first look at a GPU machine for GPU copies: can its driver do what ``modelshare._gpu.cuda`` needs,
 and how does NVML account for memory that several processes map?
 
     python -m benchmarks.gpu.probe
@@ -41,10 +41,10 @@ def _expected(nbytes: int) -> np.ndarray:
 def mapper(directory: str, stem: str, gpu: str, results: Any, again: Any) -> None:
     """Map the copy through its keeper, read it as a torch tensor; again after the maker let go."""
     import torch
-    from modelshare._cuda import driver
-    from modelshare._device_keeper import DeviceCopyFiles, request_copy
-    from modelshare._segment import SegmentName
 
+    from modelshare._gpu.cuda import driver
+    from modelshare._gpu.keeper import DeviceCopyFiles, request_copy
+    from modelshare._host.directory import SegmentName
     from modelshare.codecs._torch_storage import _DeviceBytes
 
     try:
@@ -64,9 +64,9 @@ def mapper(directory: str, stem: str, gpu: str, results: Any, again: Any) -> Non
 
 
 def main() -> int:
-    from modelshare._cuda import driver
-    from modelshare._device_keeper import DeviceCopyFiles, start_keeper
-    from modelshare._segment import SegmentName
+    from modelshare._gpu.cuda import driver
+    from modelshare._gpu.keeper import DeviceCopyFiles, start_keeper
+    from modelshare._host.directory import SegmentName
 
     report: dict[str, Any] = {}
     directory = Path(tempfile.mkdtemp(prefix="modelshare-probe-", dir="/dev/shm"))

@@ -98,7 +98,10 @@ def handler_for(framework: str, config: str, path: str, size_mib: int, width: in
         handler = OnnxModelHandlerNumpy(model_uri=path, providers=["CPUExecutionProvider"], large_model=large,
                                         **batching)
     else:
-        from apache_beam.ml.inference.sklearn_inference import ModelFileType, SklearnModelHandlerNumpy
+        from apache_beam.ml.inference.sklearn_inference import (
+            ModelFileType,
+            SklearnModelHandlerNumpy,
+        )
 
         handler = SklearnModelHandlerNumpy(model_uri=path, model_file_type=ModelFileType.JOBLIB, large_model=large,
                                            **batching)

@@ -7,7 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from apache_beam.ml.inference.base import KeyedModelHandler, KeyModelMapping, ModelHandler
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    KeyModelMapping,
+    ModelHandler,
+)
 
 from ..frameworks import FRAMEWORKS
 

@@ -33,7 +33,14 @@ from ..cgroup import unavailable_reason
 from ..models import MiB
 from . import report, scenarios
 from .approaches import APPROACHES
-from .run import SCRATCH_PREFIX, RunResult, bare_worker_bytes, prepare_model, run_one, sweep_leftovers
+from .run import (
+    SCRATCH_PREFIX,
+    RunResult,
+    bare_worker_bytes,
+    prepare_model,
+    run_one,
+    sweep_leftovers,
+)
 
 
 class _Progress:
