@@ -94,6 +94,7 @@ class SharedModel(Generic[M]):
         version: what decides whether an existing segment is this model (e.g. the weight file's
             mtime); by default a fingerprint of the loader's code and bound values.
         directory: where segments live; default ``$MODELSHARE_DIR`` or ``/dev/shm/modelshare-<uid>``.
+            It must be this user's alone (not a symlink, not writable by others: ``docs/trust.md``).
         codec: a codec name or instance to force; by default chosen by the loaded model's type
             (not for ``"server"``, which loads the model whole).
         keep_warm: keep the model loaded after its last release: the segment stays on the machine

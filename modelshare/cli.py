@@ -1,11 +1,13 @@
-"""``modelshare ls | gc | top``: inspect and clean a segment directory from the shell.
+"""``modelshare ls | gc | top | verify``: inspect and clean a segment directory from the shell.
 
 ``ls`` shows each segment's key, size, holders' pids and age, each model server's copy, pid,
 device, clients, calls in flight and calls served, and each GPU copy's device, size, keeper and
 holders; ``gc`` unlinks what no live process holds (what SIGKILLed processes left behind), stops
 servers orphaned without clients and removes what dead GPU-copy keepers left; ``top`` is a live
 view: segments, their holders, servers, and per key the router's loads, hits, hit rate and
-evictions, refreshed in place. All read ``--dir``, else ``$MODELSHARE_DIR``, else the default
+evictions, refreshed in place; ``verify`` checks every segment's weights against their checksums
+(the header and skeleton are checked on every attach anyway). Files that are not modelshare's are
+skipped with a warning, never read or removed. All read ``--dir``, else ``$MODELSHARE_DIR``, else the default
 ``/dev/shm/modelshare-<uid>``.
 """
 
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,11 +25,13 @@ from typing import Optional, Sequence
 from . import memory
 from ._gpu.keeper import list_device_copies, sweep_device_copies
 from ._host.directory import default_directory
+from ._host.format import try_map
 from ._host.inventory import list_segments, sweep
 from ._owners.server import list_servers, sweep_servers
 from ._router.ledger import Ledger
 from ._router.membership import sweep_router
 from .budget import format_size
+from .errors import SegmentCorruptedError, UntrustedFileError, UntrustedFileWarning
 
 
 def _age(seconds: float) -> str:
@@ -145,10 +151,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     top = sub.add_parser("top", help="a live view: segments, holders, servers, router hit rates")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--once", action="store_true", help="print one view and exit")
+    sub.add_parser("verify", help="check every segment's weights against their checksums")
     args = parser.parse_args(argv)
     directory = args.dir if args.dir is not None else default_directory()
-    if args.command == "ls":
-        return _ls(directory, args.json, args.servers, args.gpu)
-    if args.command == "top":
-        return _top(directory, args.interval, args.once)
-    return _gc(directory, args.all, args.dry_run)
+    with warnings.catch_warnings(record=True) as skipped:  # files that are not modelshare's: said, not raised
+        warnings.simplefilter("always", UntrustedFileWarning)
+        if args.command == "ls":
+            code = _ls(directory, args.json, args.servers, args.gpu)
+        elif args.command == "top":
+            code = _top(directory, args.interval, args.once)
+        elif args.command == "verify":
+            code = _verify(directory)
+        else:
+            code = _gc(directory, args.all, args.dry_run)
+    for warning in {str(w.message): w for w in skipped if issubclass(w.category, UntrustedFileWarning)}:
+        print(f"warning: {warning}", file=sys.stderr)
+    return code
+
+
+def _verify(directory: Path) -> int:
+    """Check every ready segment's buffers; 1 if any is damaged."""
+    damaged, checked, seconds = 0, 0, 0.0
+    for info in list_segments(directory):
+        if info.state != "ready":
+            continue
+        try:
+            mapping = try_map(info.path)
+        except (SegmentCorruptedError, UntrustedFileError) as exc:
+            print(f"damaged  {info.key}: {exc}")
+            damaged += 1
+            continue
+        if mapping is None:
+            continue  # unlinked since the listing
+        start = time.perf_counter()
+        try:
+            mapping.verify()
+            print(f"ok       {info.key} ({format_size(info.nbytes)})")
+        except SegmentCorruptedError as exc:
+            print(f"damaged  {info.key}: {exc}")
+            damaged += 1
+        finally:
+            seconds += time.perf_counter() - start
+            checked += info.nbytes
+            mapping.close()
+    rate = f", {checked / 2**30 / seconds:.1f} GiB/s" if seconds > 0 else ""
+    print(f"{damaged} damaged segment(s); checked {format_size(checked)} in {seconds:.2f} s{rate}")
+    return 1 if damaged else 0

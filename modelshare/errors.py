@@ -10,7 +10,8 @@ from both, so code written against the built-in keeps working. The tree::
     ├── LoaderError                           the user's loader raised; nothing was published
     ├── EncodeError (TypeError)               a codec cannot split the model into skeleton + buffers
     ├── SegmentCorruptedError                 a segment file that is not a complete, valid segment
-    ├── SegmentDirectoryError (OSError)       the segment directory cannot be used
+    ├── SegmentDirectoryError (OSError)       the segment directory cannot be used (or trusted)
+    ├── UntrustedFileError (PermissionError)  a file modelshare did not make where it expects its own
     ├── AcquireTimeoutError (TimeoutError)    waited longer than ``timeout`` for a model
     ├── ModelReleasedError (RuntimeError)     a model used after its release
     ├── MemoryBudgetExceeded (MemoryError)    a model does not fit its budget
@@ -24,6 +25,7 @@ from both, so code written against the built-in keeps working. The tree::
 
     RemoteTraceback       the server-side traceback, set as ``__cause__`` of a model's exception
     CopiedOnLoadWarning   a model whose weights are copied when rebuilt: sharing saves nothing
+    UntrustedFileWarning  ``ls`` / ``gc`` skipped a file that is not modelshare's
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "EncodeError",
     "SegmentCorruptedError",
     "SegmentDirectoryError",
+    "UntrustedFileError",
     "AcquireTimeoutError",
     "ModelReleasedError",
     "MemoryBudgetExceeded",
@@ -47,6 +50,7 @@ __all__ = [
     "CudaError",
     "RemoteTraceback",
     "CopiedOnLoadWarning",
+    "UntrustedFileWarning",
 ]
 
 
@@ -78,6 +82,12 @@ class SegmentCorruptedError(ModelShareError):
 
 class SegmentDirectoryError(ModelShareError, OSError):
     """The segment directory cannot be used: missing permission, no room left, not a directory."""
+
+
+class UntrustedFileError(ModelShareError, PermissionError):
+    """A file where modelshare expects one of its own is not: a symlink, a FIFO or other
+    non-regular file, another user's file, or a socket served by another user. It is never read,
+    unpickled, signalled or deleted."""
 
 
 class AcquireTimeoutError(ModelShareError, TimeoutError):
@@ -133,3 +143,7 @@ class RemoteTraceback(Exception):
 
 class CopiedOnLoadWarning(UserWarning):
     """The model holds objects that copy their weights when rebuilt: sharing them saves nothing."""
+
+
+class UntrustedFileWarning(UserWarning):
+    """``ls`` / ``gc`` skipped a file that is not modelshare's (the message says which and why)."""

@@ -59,7 +59,8 @@ def test_forked_children_never_get_their_parents_answers(shm_dir: Path) -> None:
     assert left_after(shm_dir) == [], "the server left once its last client (the parent) did"
 
 
-def _hold_until(event: Any) -> None:
+def _hold_until(ready: Any, event: Any) -> None:
+    ready.set()  # the at-fork hooks have run: the child holds its own lock
     event.wait(60)  # holds what the parent held at the fork; released at exit by the exit hook
 
 
@@ -68,12 +69,14 @@ def test_a_fork_start_child_releases_at_exit_what_it_inherited(shm_dir: Path) ->
     model = shared.acquire()
     expected = model(sample_input(256))
     fork = multiprocessing.get_context("fork")
-    done = fork.Event()
-    child = fork.Process(target=_hold_until, args=(done,))
+    ready, done = fork.Event(), fork.Event()
+    child = fork.Process(target=_hold_until, args=(ready, done))
     child.start()
-    shared.release(model)
+    shared.release(model)  # at once: the lock the child holds was taken before the fork
     del model
-    assert shared.holders() == [child.pid], "the child holds it on a lock of its own"
+    assert shared.segment_name.seg_path.exists(), "the parent's release did not take the child's segment away"
+    assert ready.wait(60)
+    assert shared.holders() == [child.pid], "the child holds it on a lock of its own, under its own pid"
     with shared.use() as again:  # still there for a new holder in the parent
         np.testing.assert_array_equal(again(sample_input(256)), expected)
     del again

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from .._host.directory import SegmentName
-from .._owners.owner import OwnerFiles, detach, launch, peer_credentials, serve
+from .._host.trust import read_own, warn_skipped
+from .._owners.owner import OwnerFiles, connect_own, detach, launch, peer_credentials, serve
+from ..errors import UntrustedFileError
 
 __all__ = ["DeviceCopyFiles", "DeviceCopyInfo", "start_keeper", "request_copy", "read_status", "list_device_copies",
            "sweep_device_copies"]
@@ -86,19 +88,31 @@ def read_status(files: DeviceCopyFiles) -> Optional[DeviceCopyInfo]:
     """The keeper's status, or None if there is none (yet, or any more)."""
     for _ in range(3):  # the keeper rewrites it in place: a torn read parses on the next try
         try:
-            fields = json.loads(files.status.read_bytes())
+            fields = json.loads(read_own(files.status))
         except FileNotFoundError:
             return None
         except ValueError:
             time.sleep(0.001)
             continue
-        return DeviceCopyInfo(**fields, alive=files.alive())
+        try:
+            return DeviceCopyInfo(**fields, alive=files.alive())
+        except TypeError:
+            return None  # not a keeper's status
     return None
 
 
 def list_device_copies(directory: Path) -> list[DeviceCopyInfo]:
     """Every GPU copy with a keeper's files in ``directory``, live or left by a crash."""
-    return [info for files in DeviceCopyFiles.find(directory) if (info := read_status(files)) is not None]
+    infos = []
+    for files in DeviceCopyFiles.find(directory):
+        try:
+            info = read_status(files)
+        except UntrustedFileError as exc:
+            warn_skipped(exc)
+            continue
+        if info is not None:
+            infos.append(info)
+    return infos
 
 
 def sweep_device_copies(directory: Path, *, dry_run: bool = False) -> list[Path]:
@@ -130,11 +144,13 @@ def start_keeper(files: DeviceCopyFiles, memory_fd: int, *, nbytes: int, fingerp
 def request_copy(files: DeviceCopyFiles) -> Optional[tuple[socket.socket, dict[str, Any], int]]:
     """Ask the live keeper for its copy: (the hold, what it says of the copy, the memory descriptor),
     or None if no keeper answers. Keep the hold open as long as the copy is mapped."""
-    lease = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        lease.connect(str(files.sock))
+        lease = connect_own(files.sock)  # this uid's socket, served by this uid
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    try:
         hello, fds, _, _ = socket.recv_fds(lease, 4096, 1)
-    except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError):
+    except ConnectionResetError:
         lease.close()
         return None
     if not hello or not fds:  # the keeper was leaving as we came

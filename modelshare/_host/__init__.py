@@ -2,6 +2,8 @@
 
 * ``directory``: where the directory is, and the names of the files in it (the one place that
   makes and reads them);
+* ``trust``: the threat model and its checks -- the directory is this user's alone, files are
+  opened without following links, only modelshare's own files in a dedicated directory are swept;
 * ``format``: one segment file -- written atomically, validated and mapped read-only;
 * ``locks``: ``flock``s that say who holds what, read back from the kernel;
 * ``waiting``: one deadline for every wait (``timeout=None``: as long as it takes);

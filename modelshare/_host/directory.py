@@ -13,7 +13,8 @@ the *stem* -- plus a suffix::
 
 Keys never contain ``--`` and versions are lowercase hex, so a name splits one way only:
 :func:`parse` reads it back, and a name it cannot read is not modelshare's and is never touched.
-Beside these, routers keep ``router.*`` files (``_router.ledger``).
+Beside these, routers keep ``router.ledger``, ``router.lock`` and ``router.users``
+(``_router``). Nothing else in a directory is modelshare's (see ``trust``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Literal, Optional
 
 from ..errors import InvalidKeyError, SegmentDirectoryError
 
-__all__ = ["default_directory", "ensure_directory", "directory_error", "validate_key", "make_key", "SegmentName",
-           "DirEntry", "parse", "scan", "temporary_beside"]
+__all__ = ["default_directory", "directory_error", "is_modelshare_name", "ROUTER_FILES", "validate_key", "make_key",
+           "SegmentName", "DirEntry", "parse", "scan", "temporary_beside"]
 
 _KEY = r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}"
 _KEY_RE = re.compile(_KEY)
@@ -41,6 +42,7 @@ _NAME_RE = re.compile(
 )
 
 Kind = Literal["segment", "lock", "temporary", "owner"]
+ROUTER_FILES = ("router.ledger", "router.ledger.tmp", "router.lock", "router.users")
 
 
 def default_directory() -> Path:
@@ -49,35 +51,6 @@ def default_directory() -> Path:
     if env:
         return Path(env)
     return Path("/dev/shm") / f"modelshare-{os.getuid()}"
-
-
-def ensure_directory(directory: Path) -> Path:
-    """Create ``directory`` (mode 0700) if needed and check that this process can use it."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SegmentDirectoryError(
-            exc.errno,
-            f"cannot create the segment directory {directory} ({exc.strerror}); pass "
-            "directory=... or set MODELSHARE_DIR to a writable directory on tmpfs (e.g. /dev/shm)",
-        ) from exc
-    if not directory.is_dir():
-        raise SegmentDirectoryError(
-            errno.ENOTDIR, f"{directory} is not a directory; point MODELSHARE_DIR at a directory"
-        )
-    if directory.stat().st_uid != os.getuid() and directory == default_directory():
-        raise SegmentDirectoryError(
-            errno.EPERM,
-            f"{directory} belongs to uid {directory.stat().st_uid}, not to this user "
-            f"({os.getuid()}); remove it or set MODELSHARE_DIR to a directory of your own",
-        )
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise SegmentDirectoryError(
-            errno.EACCES,
-            f"no permission to write in the segment directory {directory}; fix its permissions "
-            "or set MODELSHARE_DIR to a directory this user can write",
-        )
-    return directory
 
 
 def directory_error(exc: OSError, directory: Path, needed: int = 0) -> SegmentDirectoryError:
@@ -189,6 +162,11 @@ def parse(directory: Path, filename: str) -> Optional[DirEntry]:
     if match["temporary"]:
         return DirEntry(path, name, "temporary")
     return DirEntry(path, name, "owner", match["owner"], match["kind"], bool(match["binding"]))
+
+
+def is_modelshare_name(filename: str) -> bool:
+    """Whether ``filename`` is a name modelshare makes (a model version's file, or a router's)."""
+    return filename in ROUTER_FILES or parse(Path("."), filename) is not None
 
 
 def scan(directory: Path) -> list[DirEntry]:

@@ -4,17 +4,21 @@ A segment is one file (little-endian), small enough to describe in a paragraph::
 
     [0, 64)            preamble: magic b"MODLSHR\\0", format version (u32), flags (u32; bit 0 =
                        keep warm), header length (u64), data offset (u64), file size (u64),
-                       CRC-32 of the header (u32), zero padding
-    [64, 64+hlen)      header: UTF-8 JSON -- key, version, codec, created, loader pid, skeleton
-                       {offset, nbytes}, manifest [{offset, nbytes, crc32, info}], fingerprint
+                       CRC-32 of the header (u32), CRC-32 of the preamble's first 44 bytes (u32),
+                       zero padding
+    [64, 64+hlen)      header: UTF-8 JSON -- key, version, codec, views, created, loader pid,
+                       skeleton {offset, nbytes, crc32}, manifest [{offset, nbytes, crc32, info}],
+                       fingerprint
     [data offset, ...) data, page-aligned: the skeleton, then each buffer at a 64-byte-aligned
                        offset (offsets in the header are relative to the data offset)
 
-The fingerprint is a SHA-256 over the skeleton and each buffer's size and CRC-32, so
-``Mapping.verify()`` can say which buffer is damaged; a file whose size, preamble or header is
-wrong is rejected when mapped, with :class:`SegmentCorruptedError`. The writer fills a temporary
-file next to the final name and renames it: a reader never sees half a segment. Who may write and
-when is ``segments``' business, not this module's.
+Every byte that decides how a segment is read is checked each time it is mapped: the preamble
+(flags included) and the header by their CRC-32s, the header's shape field by field, and the
+skeleton by its CRC-32 -- a flip anywhere there is a :class:`SegmentCorruptedError`, never a model
+decoded wrong. The buffers (the weights) are checked on demand, ``Mapping.verify()``: each has its
+CRC-32, and the fingerprint (a SHA-256 over the skeleton and each buffer's size and CRC-32) names
+the version. The writer fills a temporary file next to the final name and renames it: a reader
+never sees half a segment. Who may write and when is ``segments``' business, not this module's.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..codecs import Encoded, SegmentBuffers
-from ..errors import SegmentCorruptedError
+from ..errors import SegmentCorruptedError, UntrustedFileError
 from .directory import directory_error
+from .trust import open_own
 
 MAGIC = b"MODLSHR\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FLAG_KEEP_WARM = 1
-_PREAMBLE = struct.Struct("<8sIIQQQI")
+_PREAMBLE = struct.Struct("<8sIIQQQII")  # ... header CRC, preamble CRC (over the bytes before it)
+_PREAMBLE_CHECKED = _PREAMBLE.size - 4
 PREAMBLE_SIZE = 64
 DATA_ALIGN = 4096
 BUFFER_ALIGN = 64
@@ -68,14 +74,14 @@ def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: 
                          "info": encoded.buffer_info[i] if i < len(encoded.buffer_info) else {}})
         offset = _align(offset + buf.nbytes, BUFFER_ALIGN)
     data_size = offset
-    header = dict(fields, skeleton={"offset": 0, "nbytes": len(skeleton)}, manifest=manifest,
-                  fingerprint="0" * 64)
+    header = dict(fields, skeleton={"offset": 0, "nbytes": len(skeleton), "crc32": zlib.crc32(skeleton)},
+                  manifest=manifest, fingerprint="0" * 64)
     header_len = len(json.dumps(header).encode()) + 32 * len(manifest) + 64
     data_offset = _align(PREAMBLE_SIZE + header_len, DATA_ALIGN)
     size = data_offset + data_size
 
     try:
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise directory_error(exc, path.parent, size) from exc
     try:
@@ -96,8 +102,8 @@ def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: 
             raise AssertionError("segment header outgrew its reserved room")
         os.pwrite(fd, header_bytes, PREAMBLE_SIZE)
         preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, FLAG_KEEP_WARM if keep_warm else 0,
-                                  len(header_bytes), data_offset, size, zlib.crc32(header_bytes))
-        os.pwrite(fd, preamble, 0)
+                                  len(header_bytes), data_offset, size, zlib.crc32(header_bytes), 0)
+        os.pwrite(fd, preamble[:_PREAMBLE_CHECKED] + struct.pack("<I", zlib.crc32(preamble[:_PREAMBLE_CHECKED])), 0)
         os.close(fd)
         fd = -1
         os.rename(temporary, path)
@@ -125,13 +131,18 @@ class Mapping:
         st = os.fstat(fd)
         self.inode = (st.st_dev, st.st_ino)
         self.header, data_offset, self.flags = read_header(path, fd, st.st_size)
-        if self.header.get("views", VIEWS_READ_ONLY) == VIEWS_COPY_ON_WRITE:
+        if self.header["views"] == VIEWS_COPY_ON_WRITE:
             self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         else:
             self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         whole = memoryview(self._mmap)
         sk = self.header["skeleton"]
         self.skeleton = whole[data_offset + sk["offset"] : data_offset + sk["offset"] + sk["nbytes"]]
+        if zlib.crc32(self.skeleton) != sk["crc32"]:
+            self.skeleton.release()
+            whole.release()
+            self._mmap.close()
+            raise _corrupt(path, "the skeleton does not match its checksum")
         manifest = self.header["manifest"]
         self.buffers = SegmentBuffers([whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]]
                                        for e in manifest], path, [data_offset + e["offset"] for e in manifest])
@@ -143,13 +154,14 @@ class Mapping:
         return bool(self.flags & FLAG_KEEP_WARM)
 
     def verify(self) -> None:
-        """Recompute every buffer's CRC-32; raise :class:`SegmentCorruptedError` on a mismatch."""
+        """Recompute every buffer's CRC-32 (the weights: not checked on attach, as they are large);
+        raise :class:`SegmentCorruptedError` naming the first that does not match."""
         for i, (entry, buf) in enumerate(zip(self.header["manifest"], self.buffers)):
             if zlib.crc32(buf) != entry["crc32"]:
                 raise SegmentCorruptedError(
                     f"segment {self.path}: buffer {i} ({entry['nbytes']} bytes) does not match its "
                     "checksum; the file was modified after publishing. Remove it "
-                    "(`modelshare gc --all`, once no process uses it) and load again"
+                    "(`modelshare gc --all`, once no process uses it) and load again", reason=f"buffer {i} damaged"
                 )
 
     def close(self) -> bool:
@@ -181,40 +193,73 @@ def _corrupt(path: Path, why: str) -> SegmentCorruptedError:
         "once no process uses it) and acquire again to reload the model", reason=why)
 
 
-def read_header(path: Path, fd: int, file_size: int) -> tuple[dict[str, Any], int, int]:
-    """Validate a segment's preamble and header; return (header, data offset, flags)."""
+def _preamble(path: Path, fd: int) -> tuple[int, int, int, int, int, int]:
+    """The checked preamble: (version, flags, header length, data offset, size, header CRC)."""
     raw = os.pread(fd, PREAMBLE_SIZE, 0)
     if len(raw) < PREAMBLE_SIZE:
         raise _corrupt(path, f"only {len(raw)} bytes long")
-    magic, version, flags, header_len, data_offset, size, crc = _PREAMBLE.unpack_from(raw)
+    magic, version, flags, header_len, data_offset, size, header_crc, crc = _PREAMBLE.unpack_from(raw)
     if magic != MAGIC:
         raise _corrupt(path, "bad magic number")
     if version != FORMAT_VERSION:
         raise SegmentCorruptedError(
             f"segment file {path} has format version {version}, this modelshare reads version "
-            f"{FORMAT_VERSION}; remove it with `modelshare gc --all` or use a matching modelshare"
-        )
+            f"{FORMAT_VERSION}; remove it with `modelshare gc --all` or use a matching modelshare",
+            reason=f"format version {version}")
+    if zlib.crc32(raw[:_PREAMBLE_CHECKED]) != crc:
+        raise _corrupt(path, "preamble checksum mismatch")
+    return version, flags, header_len, data_offset, size, header_crc
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
+def _region_ok(region: Any, data_size: int) -> bool:
+    return (isinstance(region, dict) and _is_size(region.get("offset")) and _is_size(region.get("nbytes"))
+            and _is_size(region.get("crc32")) and region["offset"] + region["nbytes"] <= data_size)
+
+
+def _check_header(path: Path, header: Any, data_size: int) -> None:
+    """Every field a reader acts on has the type and range it must (the CRC says the bytes are the
+    writer's; this says the writer was a modelshare)."""
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not an object")
+    if not _region_ok(header.get("skeleton"), data_size):
+        raise _corrupt(path, "the skeleton lies outside the file or has no checksum")
+    manifest = header.get("manifest")
+    if not isinstance(manifest, list) or not all(_region_ok(e, data_size) and isinstance(e.get("info", {}), dict)
+                                                 for e in manifest):
+        raise _corrupt(path, "a buffer lies outside the file or has no checksum")
+    if not isinstance(header.get("codec"), str) or header.get("views") not in (VIEWS_READ_ONLY, VIEWS_COPY_ON_WRITE):
+        raise _corrupt(path, "the codec or the way to map the buffers is missing")
+    if not isinstance(header.get("fingerprint", ""), str) or not isinstance(header.get("key", ""), str):
+        raise _corrupt(path, "the key or fingerprint is not text")
+
+
+def read_header(path: Path, fd: int, file_size: int) -> tuple[dict[str, Any], int, int]:
+    """Validate a segment's preamble and header; return (header, data offset, flags)."""
+    _version, flags, header_len, data_offset, size, header_crc = _preamble(path, fd)
     if size != file_size:
         raise _corrupt(path, f"{file_size} bytes long, its header says {size}")
     if not (0 < header_len <= MAX_HEADER and PREAMBLE_SIZE + header_len <= data_offset <= size):
         raise _corrupt(path, "header length or data offset out of range")
     header_bytes = os.pread(fd, header_len, PREAMBLE_SIZE)
-    if zlib.crc32(header_bytes) != crc:
+    if zlib.crc32(header_bytes) != header_crc:
         raise _corrupt(path, "header checksum mismatch")
     try:
         header = json.loads(header_bytes)
     except ValueError as exc:
         raise _corrupt(path, f"header is not JSON ({exc})") from exc
-    data_size = size - data_offset
-    regions = [header["skeleton"], *header["manifest"]]
-    if any(r["offset"] < 0 or r["nbytes"] < 0 or r["offset"] + r["nbytes"] > data_size for r in regions):
-        raise _corrupt(path, "a buffer lies outside the file")
+    _check_header(path, header, size - data_offset)
     return header, data_offset, flags
 
 
 def try_map(path: Path) -> Optional[Mapping]:
+    """The segment at ``path`` mapped and checked, or None if there is none (a file that is not
+    this uid's regular file raises :class:`UntrustedFileError`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_own(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
@@ -224,12 +269,17 @@ def try_map(path: Path) -> Optional[Mapping]:
 
 
 def is_warm(path: Path) -> bool:
+    """Whether the segment at ``path`` was published with keep warm (False for anything that is not
+    a segment; a segment of another format version is taken at its word: gc keeps it unless asked)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(PREAMBLE_SIZE)
-    except FileNotFoundError:
+        fd = open_own(path, os.O_RDONLY)
+    except (FileNotFoundError, UntrustedFileError):
         return False
-    if len(raw) < PREAMBLE_SIZE:
-        return False
-    magic, _version, flags, *_ = _PREAMBLE.unpack_from(raw)
-    return magic == MAGIC and bool(flags & FLAG_KEEP_WARM)
+    try:
+        return bool(_preamble(path, fd)[1] & FLAG_KEEP_WARM)
+    except SegmentCorruptedError as exc:
+        if not exc.reason.startswith("format version"):
+            return False
+        return bool(_PREAMBLE.unpack_from(os.pread(fd, PREAMBLE_SIZE, 0))[2] & FLAG_KEEP_WARM)
+    finally:
+        os.close(fd)

@@ -7,7 +7,9 @@
   first time it uses it).
 
 A segment is only ever unlinked under the exclusive lock of its lock file, which no holder's
-shared lock allows: what is in use is never taken away.
+shared lock allows: what is in use is never taken away. And only modelshare's own files are
+touched (``trust``): names it makes, this uid's regular files, in a directory that holds nothing
+else -- anything else is skipped with an :class:`UntrustedFileWarning`, never read or deleted.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import SegmentCorruptedError
+from ..errors import SegmentCorruptedError, UntrustedFileError
 from .directory import DirEntry, SegmentName, scan
 from .format import FLAG_KEEP_WARM, is_warm, read_header
 from .locks import lock_file, lock_holders
+from .trust import check_own, foreign_names, open_own, warn_skipped
 
 __all__ = ["SegmentInfo", "segment_names", "list_segments", "evict", "sweep"]
 
@@ -32,11 +35,20 @@ def segment_names(directory: Path) -> list[SegmentName]:
 
 
 def _versions(directory: Path) -> dict[SegmentName, list[DirEntry]]:
-    """Each model version's segment, lock and temporary files, from one listing of ``directory``."""
+    """Each model version's segment, lock and temporary files, from one listing of ``directory``:
+    this uid's regular files only (the others are skipped with a warning)."""
     found: dict[SegmentName, list[DirEntry]] = {}
     for entry in scan(directory):
-        if entry.kind in ("segment", "lock", "temporary"):
-            found.setdefault(entry.name, []).append(entry)
+        if entry.kind not in ("segment", "lock", "temporary"):
+            continue
+        try:
+            check_own(os.lstat(entry.path), entry.path)
+        except FileNotFoundError:
+            continue  # gone since the listing
+        except UntrustedFileError as exc:
+            warn_skipped(exc)
+            continue
+        found.setdefault(entry.name, []).append(entry)
     return found
 
 
@@ -50,7 +62,10 @@ def evict(name: SegmentName) -> bool:
     ``create=False``: a lock file that is gone cannot be locked anew, so a holder of a file unlinked
     under it is never mistaken for no holder.
     """
-    fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+    try:
+        fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
+    except UntrustedFileError:
+        return False  # not modelshare's to evict
     if fd is None:
         return False  # in use (or being published): never evicted
     try:
@@ -65,18 +80,30 @@ def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False)
     """Unlink every segment no live process holds, and every orphaned temporary file.
 
     Segments published with keep warm stay unless ``include_warm``. Returns what was (or, with
-    ``dry_run``, would be) removed.
+    ``dry_run``, would be) removed. A directory that holds files modelshare did not make is not
+    dedicated to it and is never swept (an :class:`UntrustedFileWarning` says so).
     """
+    foreign = foreign_names(directory)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        warn_skipped(UntrustedFileError(f"{directory} is not swept: it holds files modelshare did not make ({shown}); "
+                                        "give modelshare a directory of its own"))
+        return []
     removed: list[Path] = []
     for name, entries in _versions(directory).items():
-        fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except UntrustedFileError as exc:
+            warn_skipped(exc)
+            continue
         if fd is None:
             continue  # held (or being published) by a live process
         try:
             doomed = _temporaries(entries)
             seg = name.seg_path
-            keep_seg = seg.exists() and is_warm(seg) and not include_warm
-            if seg.exists() and not keep_seg:
+            own_seg = any(entry.kind == "segment" for entry in entries)
+            keep_seg = own_seg and is_warm(seg) and not include_warm
+            if own_seg and not keep_seg:
                 doomed.append(seg)
             if not keep_seg:
                 doomed.append(name.lock_path)
@@ -124,7 +151,10 @@ def _segment_info(name: SegmentName, temporaries: list[Path]) -> Optional[Segmen
     holders = lock_holders(name.lock_path)
     seg = name.seg_path
     try:
-        fd = os.open(seg, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_own(seg, os.O_RDONLY)
+    except UntrustedFileError as exc:
+        warn_skipped(exc)
+        return None
     except FileNotFoundError:
         temps = []
         for path in temporaries:

@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import UntrustedFileError
 from .directory import directory_error
+from .trust import open_own
 from .waiting import Deadline
 
 __all__ = ["same_file", "inode", "lock_file", "flock_until", "lock_holders"]
@@ -56,14 +58,17 @@ def lock_file(path: Path, op: int, deadline: Optional[Deadline] = None,
 
     Returns None when ``create`` is false and the file does not exist, or when ``op`` includes
     ``LOCK_NB`` and the lock is taken. A blocking ``op`` waits until ``deadline`` (default: as long as
-    it takes), then raises ``timed_out()``.
+    it takes), then raises ``timed_out()``. A path that is not this uid's regular file (a symlink,
+    a FIFO, another user's file) raises :class:`UntrustedFileError`.
     """
     deadline = deadline or Deadline(None)
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+            fd = open_own(path, os.O_RDWR | (os.O_CREAT if create else 0))
         except FileNotFoundError:
             return None
+        except UntrustedFileError:
+            raise
         except OSError as exc:
             raise directory_error(exc, path.parent) from exc
         try:

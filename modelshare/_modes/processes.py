@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from .. import _process
 from .._host import inventory
-from .._host.directory import ensure_directory
 from .._host.holds import SegmentHandle, release
 from .._host.locks import lock_holders
 from .._host.segments import open_or_publish
+from .._host.trust import ensure_directory
 from ..budget import Size, parse_size
 from ..codecs import Encoded, SegmentBuffers
 from . import Hold, HoldInfo, Mode
@@ -60,11 +60,15 @@ class Processes(Mode):
             weights stay in host memory.
         gpu_budget: with ``device``: bytes (or ``"20GiB"``) that this directory's GPU copies may
             take on that GPU together; a copy that would not fit raises ``GpuMemoryExceeded``.
+        verify: check every buffer's checksum when attaching, not only the header and skeleton
+            (which are always checked): a damaged weight is a ``SegmentCorruptedError`` instead
+            of a wrong output, at the cost of reading the weights once (``docs/trust.md``).
     """
 
     instances: int = 1
     device: Optional[str] = None
     gpu_budget: Optional[Size] = None
+    verify: bool = False
     name: ClassVar[str] = "processes"
 
     def __post_init__(self) -> None:
@@ -95,6 +99,8 @@ class Processes(Mode):
         if published:
             _reclaim_heap()
         try:
+            if self.verify and not published:
+                handle.mapping.verify()
             buffers = self._buffers(shared, handle.mapping)
             codec = shared._decoder(handle.mapping.header["codec"])
             model = pooled([codec.decode(handle.mapping.skeleton, buffers) for _ in range(self.instances)])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from .. import _process
 from .._host import inventory
-from .._host.directory import ensure_directory
+from .._host.trust import ensure_directory
 from . import Hold, HoldInfo, Mode
 
 if TYPE_CHECKING:

@@ -24,7 +24,6 @@ import contextlib
 import functools
 import itertools
 import pickle
-import socket
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -38,7 +37,7 @@ from ..errors import (
     RemoteTraceback,
     ServerDiedError,
 )
-from .owner import launch
+from .owner import connect_own, launch
 from .server import ServerFiles, StatsView, read_stats
 from .wire import Channel
 
@@ -167,10 +166,13 @@ class ServerClient:
         timeout = self._shared.timeout
         deadline = Deadline(timeout)
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(str(files.sock))
-                channel = Channel(sock)
+                channel = Channel(connect_own(files.sock))  # this uid's socket, served by this uid
+            except (FileNotFoundError, ConnectionRefusedError):
+                channel = None
+            try:
+                if channel is None:
+                    raise EOFError
                 (_, pid, _), _ = channel.receive(copy=True)  # the hello: this server has taken us on
                 with self._all_lock:
                     view = self._stats.get(copy)
@@ -178,8 +180,9 @@ class ServerClient:
                         with contextlib.suppress(OSError):
                             self._stats[copy] = StatsView(files.status)
                 return channel
-            except (FileNotFoundError, ConnectionRefusedError, EOFError, ConnectionResetError):
-                sock.close()
+            except (EOFError, ConnectionResetError):
+                if channel is not None:
+                    channel.close()
             if deadline.expired():
                 raise AcquireTimeoutError(f"no server for model {self._shared.key!r} (copy {copy}) answered within "
                                           f"{timeout:g} s; see `modelshare ls`")

@@ -35,12 +35,14 @@ from typing import Callable, ClassVar, Iterator, Optional, Sequence, TypeVar
 
 from .._host.directory import SegmentName, scan
 from .._host.locks import lock_file
-from ..errors import OwnerStartError, SegmentDirectoryError
+from .._host.trust import check_own, open_own, warn_skipped
+from ..errors import OwnerStartError, SegmentDirectoryError, UntrustedFileError
 
 Files = TypeVar("Files", bound="OwnerFiles")
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _MAX_SOCKET_PATH = 107  # a Unix socket address holds 108 bytes, the terminating NUL included
+_BINDING_SUFFIX = 8  # ".<pid>": a dot and up to 7 digits (pid_max is at most 4194304)
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,13 @@ class OwnerFiles:
     OWNER_PREFIX: ClassVar[str] = ""  # what every owner of this kind is called: "copy", "gpu-"
 
     def __post_init__(self) -> None:
-        length = len(os.fsencode(self.sock))
+        length = len(os.fsencode(self.sock)) + _BINDING_SUFFIX  # bound as <sock>.<pid> first (see listen)
         if length > _MAX_SOCKET_PATH:
             raise SegmentDirectoryError(
                 errno.ENAMETOOLONG,
-                f"the socket {self.sock} would be {length} bytes long, and Unix sockets allow "
-                f"{_MAX_SOCKET_PATH}: use a shorter key, or a shorter segment directory (MODELSHARE_DIR)")
+                f"the socket {self.sock} needs {length} bytes (with the suffix it is bound under first), and "
+                f"Unix sockets allow {_MAX_SOCKET_PATH}: use a shorter key, or a shorter segment directory "
+                "(MODELSHARE_DIR)")
 
     @property
     def owner(self) -> str:
@@ -75,7 +78,10 @@ class OwnerFiles:
         found: dict[Files, None] = {}
         for entry in scan(directory):
             if entry.kind == "owner" and entry.owner.startswith(cls.OWNER_PREFIX):
-                files = cls.for_owner(entry.name, entry.owner)
+                try:
+                    files = cls.for_owner(entry.name, entry.owner)
+                except SegmentDirectoryError:
+                    continue  # a socket path no owner could have bound: not one of ours
                 if files is not None:
                     found[files] = None
         return list(found)
@@ -93,9 +99,10 @@ class OwnerFiles:
         return self.name.owner_path(self.owner, ".start")
 
     def alive(self) -> bool:
-        """Whether an owner holds these files now (its exclusive lock on the status file)."""
+        """Whether an owner holds these files now (its exclusive lock on the status file). A status
+        file that is not this uid's regular file raises :class:`UntrustedFileError`."""
         try:
-            fd = os.open(self.status, os.O_RDONLY)
+            fd = open_own(self.status, os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -107,15 +114,16 @@ class OwnerFiles:
             os.close(fd)
 
     @contextlib.contextmanager
-    def starting(self) -> Iterator[None]:
+    def starting(self, *, wait: bool = True) -> Iterator[bool]:
         """Hold the start lock: nobody else starts or stops this owner meanwhile. (``lock_file``
-        re-checks the inode after locking, so the holder may unlink the file: see ``remove``.)"""
-        fd = lock_file(self.start, fcntl.LOCK_EX)
-        assert fd is not None
+        re-checks the inode after locking, so the holder may unlink the file: see ``remove``.)
+        ``wait=False``: yields False at once if someone holds it (a sweep never waits on it)."""
+        fd = lock_file(self.start, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
-            yield
+            yield fd is not None
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def remove(self, *, dry_run: bool = False) -> list[Path]:
         """Remove all of this owner's files (start lock held: as the owner goes, or after it died);
@@ -132,14 +140,20 @@ class OwnerFiles:
         self.status.unlink(missing_ok=True)
 
     def sweep_if_dead(self, *, dry_run: bool = False) -> list[Path]:
-        """Remove this owner's files if it is dead (under its start lock); what was (or would be) removed."""
-        with self.starting():
-            return [] if self.alive() else self.remove(dry_run=dry_run)
+        """Remove this owner's files if it is dead (under its start lock, if nobody holds it: a
+        sweep never waits); what was (or would be) removed. Files that are not this uid's regular
+        files are left alone, with a warning."""
+        try:
+            with self.starting(wait=False) as locked:
+                return [] if not locked or self.alive() else self.remove(dry_run=dry_run)
+        except UntrustedFileError as exc:
+            warn_skipped(exc)
+            return []
 
     def hold_status(self) -> int:
         """In the owner: open the status file and lock it for life; the descriptor, or exit if
         another owner holds it already."""
-        fd = os.open(self.status, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_own(self.status, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -162,6 +176,24 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int]:
     """(pid, uid) of the process at the other end of a Unix socket, from the kernel."""
     pid, uid, _gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return pid, uid
+
+
+def connect_own(path: Path) -> socket.socket:
+    """A connection to the owner listening at ``path`` -- only if the socket file is this uid's and
+    the process serving it is this uid's (``SO_PEERCRED``, before a byte is read); else
+    :class:`UntrustedFileError`. FileNotFoundError / ConnectionRefusedError pass through."""
+    check_own(os.lstat(path), path, "a socket")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+        pid, uid = peer_credentials(conn)
+        if uid != os.getuid():
+            raise UntrustedFileError(f"the socket {path} is served by process {pid} of uid {uid}, not by this user "
+                                     f"({os.getuid()}): nothing is read from it; remove it if it is not yours")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def launch(module: str, orders: bytes, what: str, pass_fds: Sequence[int] = ()) -> None:

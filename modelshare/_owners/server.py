@@ -37,7 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
 
+import psutil
+
 from .._host.directory import SegmentName
+from .._host.locks import lock_holders
+from .._host.trust import open_own, read_own, warn_skipped
+from ..errors import UntrustedFileError
 from .owner import OwnerFiles, detach, peer_credentials, serve
 from .wire import Channel
 
@@ -79,8 +84,11 @@ class StatsView:
     """A live, read-only view of one server's status table (for picking the least busy copy)."""
 
     def __init__(self, path: Path) -> None:
-        with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), _STATS.size, prot=mmap.PROT_READ)
+        fd = open_own(path, os.O_RDONLY)
+        try:
+            self._map = mmap.mmap(fd, _STATS.size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
 
     def in_flight(self) -> int:
         return _STATS.unpack_from(self._map)[3]
@@ -95,8 +103,8 @@ class StatsView:
 def read_stats(path: Path) -> Optional[ServerStats]:
     """The status table at ``path``, or None if there is none (yet, or any more)."""
     try:
-        data = path.read_bytes()[: _STATS.size]
-    except OSError:
+        data = read_own(path, _STATS.size)
+    except OSError:  # none, or not this uid's (UntrustedFileError is a PermissionError)
         return None
     if len(data) < _STATS.size:
         return None
@@ -134,18 +142,41 @@ def list_servers(directory: Path) -> list[ServerInfo]:
 
 def sweep_servers(directory: Path, *, orphaned_after: float = 60.0, dry_run: bool = False) -> list[Path]:
     """Remove the files of dead servers, and stop live ones that have had no client for a while
-    (a server exits by itself when idle; this reaps one that could not). Returns what was removed."""
+    (a server exits by itself when idle; this reaps one that could not). Returns what was removed.
+
+    Never waits on a start lock someone holds (that copy is left for the next sweep), never reads
+    or removes files that are not this uid's, and signals a pid only once it is proven to be this
+    uid's server of that copy (:func:`_is_server_of`)."""
     removed: list[Path] = []
     for files in ServerFiles.find(directory):
-        with files.starting():
-            stats = read_stats(files.status)
-            if files.alive():
-                if stats is None or stats.clients or time.time() - stats.started < orphaned_after:
-                    continue
-                if not dry_run:
-                    os.kill(stats.pid, signal.SIGTERM)  # its handler removes its socket and table
-            removed += files.remove(dry_run=dry_run)
+        try:
+            with files.starting(wait=False) as locked:
+                if not locked:
+                    continue  # starting or stopping right now
+                stats = read_stats(files.status)
+                if files.alive():
+                    if stats is None or stats.clients or time.time() - stats.started < orphaned_after:
+                        continue
+                    if not _is_server_of(files, stats):
+                        continue  # whatever holds the status lock, it is not a server to stop
+                    if not dry_run:
+                        os.kill(stats.pid, signal.SIGTERM)  # its handler removes its socket and table
+                removed += files.remove(dry_run=dry_run)
+        except UntrustedFileError as exc:
+            warn_skipped(exc)
     return removed
+
+
+def _is_server_of(files: ServerFiles, stats: ServerStats) -> bool:
+    """Whether ``stats.pid`` is this uid's model server for ``files``: it holds the copy's status
+    lock, runs ``python -m modelshare._owners.server`` as this uid, and was started before it wrote
+    the status table (a reused pid was not)."""
+    try:
+        process = psutil.Process(stats.pid)
+        return (stats.pid in lock_holders(files.status) and process.uids().real == os.getuid()
+                and process.cmdline()[1:3] == ["-m", __name__] and process.create_time() <= stats.started + 1.0)
+    except (psutil.Error, IndexError):
+        return False
 
 
 class _Server:

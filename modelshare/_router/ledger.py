@@ -25,10 +25,13 @@ from typing import Any, Iterator
 
 import psutil
 
+from .._host.trust import open_own, read_own
+
 __all__ = ["LEDGER", "ModelRecord", "Reservation", "LedgerState", "Ledger"]
 
 LEDGER = "router.ledger"
 _LOCK = "router.lock"
+MAX_LEDGER = 256 << 20  # far above 10,000 models' records
 
 
 @dataclass
@@ -130,7 +133,7 @@ class Ledger:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_own(self._lock_path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -139,13 +142,13 @@ class Ledger:
 
     def _read(self) -> LedgerState:
         try:
-            return LedgerState.from_json(self.path.read_bytes())
+            return LedgerState.from_json(read_own(self.path, MAX_LEDGER))
         except FileNotFoundError:
             return LedgerState()
 
     def _write(self, state: LedgerState) -> None:
         temporary = self.path.with_name(LEDGER + ".tmp")  # one writer at a time: the lock is held
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = open_own(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             data = state.to_json()
             written = 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import _process
 from .._host.directory import SegmentName
 from .._host.inventory import evict
+from .._host.trust import open_own
 from .ledger import Ledger
 
 __all__ = ["USERS", "join", "sweep_router"]
@@ -35,7 +36,7 @@ class _Membership(_process.Resource):
         self.directory, self.fd = directory, fd
 
     def after_fork_in_child(self) -> None:
-        fd = os.open(self.directory / USERS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_own(self.directory / USERS, os.O_RDWR | os.O_CREAT)
         os.close(self.fd)  # the parent's lock survives: it has its own descriptor
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -55,7 +56,7 @@ def join(directory: Path) -> None:
     with _join_lock:
         if any(m.directory == directory for m in _process.tracked(_Membership)):
             return
-        fd = os.open(directory / USERS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_own(directory / USERS, os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a last user is sweeping
         _process.track(_Membership(directory, fd))
 
@@ -67,8 +68,8 @@ def sweep_router(directory: Path) -> list[Path]:
     if not ledger.exists():
         return []
     try:
-        fd = os.open(directory / USERS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
+        fd = open_own(directory / USERS, os.O_RDWR | os.O_CREAT)
+    except OSError:  # not there to be made, or not this uid's (UntrustedFileError)
         return []
     try:
         try:

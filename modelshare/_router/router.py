@@ -50,10 +50,11 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import psutil
 
-from .._host.directory import SegmentName, default_directory, ensure_directory
+from .._host.directory import SegmentName, default_directory
 from .._host.holds import forget_lingering
 from .._host.inventory import evict, list_segments
 from .._host.locks import lock_holders
+from .._host.trust import ensure_directory
 from .._host.waiting import Deadline
 from .._modes.processes import Processes
 from .._shared import SharedModel

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modelshare import InvalidKeyError
 from modelshare._host.directory import SegmentName, parse, scan, temporary_beside
@@ -43,3 +45,19 @@ def test_keys_that_cannot_name_a_file_are_refused(tmp_path: Path) -> None:
     for bad in ["", "a/b", "a--b", ".hidden", "k" * 129, "sp ace"]:
         with pytest.raises(InvalidKeyError):
             SegmentName.for_model(tmp_path, bad, "00")
+
+
+@settings(max_examples=300)
+@given(key=st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,60}", fullmatch=True).filter(lambda k: "--" not in k),
+       version=st.from_regex(r"[0-9a-f]{1,16}", fullmatch=True))
+def test_no_key_can_pass_for_another_models_file(key: str, version: str) -> None:
+    """The name grammar is unambiguous (keys have no '--', versions are hex, suffixes are anchored
+    at the end), so keys need no further refusal: whatever a key holds ('.seg.tmp-', '.lock',
+    '.copy0'), each file of its version reads back as that version and that kind, and no other."""
+    directory = Path("/d")
+    name = SegmentName.for_model(directory, key, version)
+    files = {"segment": name.seg_path, "lock": name.lock_path, "temporary": name.temporary_path(),
+             "owner": name.owner_path("copy3", ".srv")}
+    for kind, path in files.items():
+        entry = parse(directory, path.name)
+        assert entry is not None and entry.kind == kind and entry.name == name
