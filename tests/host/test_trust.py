@@ -295,8 +295,10 @@ def test_a_sigterm_still_reaches_a_real_orphaned_server() -> None:
     shared = SharedModel(dict, key="orphan", share=Server(idle_exit=600), directory=directory)
     with shared.use() as client:
         (pid,) = client.servers()
-    assert sweep_servers(directory, orphaned_after=0.0)  # idle, no client: proven ours, stopped
     deadline = time.monotonic() + 20
+    while not sweep_servers(directory, orphaned_after=0.0):  # once it has seen its client go: proven ours, stopped
+        assert time.monotonic() < deadline, "the orphaned server was never stopped"
+        time.sleep(0.05)
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
