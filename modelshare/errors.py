@@ -16,7 +16,8 @@ from both, so code written against the built-in keeps working. The tree::
     ├── ModelReleasedError (RuntimeError)     a model used after its release
     ├── MemoryBudgetExceeded (MemoryError)    a model does not fit its budget
     │   └── GpuMemoryExceeded                 ... on a GPU
-    ├── ServerDiedError                       a model server died during a call
+    ├── ServerDiedError                       a model server died during a call (or while starting)
+    ├── CallTimeoutError (TimeoutError)       a call took longer than ``Server(call_timeout=)``
     ├── RemoteError                           a server-side exception that could not travel as is
     ├── OwnerStartError (RuntimeError)        a server or GPU-copy keeper exited before it served
     ├── DeviceUnavailableError (RuntimeError) a GPU this machine does not have
@@ -43,6 +44,7 @@ __all__ = [
     "MemoryBudgetExceeded",
     "GpuMemoryExceeded",
     "ServerDiedError",
+    "CallTimeoutError",
     "RemoteError",
     "OwnerStartError",
     "DeviceUnavailableError",
@@ -110,16 +112,23 @@ class ServerDiedError(ModelShareError):
     """The server running a call died before answering it."""
 
 
+class CallTimeoutError(ModelShareError, TimeoutError):
+    """A call to a model server took longer than ``Server(call_timeout=...)``; its connection was
+    dropped (the copy stays busy until it answers, and calls go to the other copies meanwhile)."""
+
+
 class RemoteError(ModelShareError):
     """A model server raised an exception that could not be sent back as is (it does not pickle)."""
 
 
 class OwnerStartError(ModelShareError, RuntimeError):
-    """A model server or GPU-copy keeper exited before it served; ``stderr`` is what it printed."""
+    """A model server or GPU-copy keeper exited before it served; ``stderr`` is the tail of what it
+    printed (its log), ``died`` whether it was killed rather than failed."""
 
-    def __init__(self, message: str, stderr: str = "") -> None:
+    def __init__(self, message: str, stderr: str = "", died: bool = False) -> None:
         super().__init__(message)
         self.stderr = stderr
+        self.died = died  # killed while starting, rather than failed
 
 
 class DeviceUnavailableError(ModelShareError, RuntimeError):

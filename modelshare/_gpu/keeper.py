@@ -132,7 +132,7 @@ def start_keeper(files: DeviceCopyFiles, memory_fd: int, *, nbytes: int, fingerp
               "creator": os.getpid(), "memory_fd": memory_fd, "lease_fd": there.fileno()}
     try:
         launch("modelshare._gpu.keeper", json.dumps(orders).encode(), f"the keeper of model {key!r}'s GPU copy",
-               pass_fds=(memory_fd, there.fileno()))
+               files.log, pass_fds=(memory_fd, there.fileno()))
     except BaseException:
         here.close()
         raise

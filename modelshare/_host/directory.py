@@ -6,7 +6,7 @@ the *stem* -- plus a suffix::
     <stem>.seg                           the segment (see ``format``)
     <stem>.lock                          its lock file: holders share it, publishers exclude
     <stem>.seg.tmp-<...>                 a segment being written, or a file a codec writes beside it
-    <stem>.<owner>.{sock,srv,gpu,start}  an owner process's socket, status and start lock, where
+    <stem>.<owner>.{sock,srv,gpu,start,log}  an owner process's socket, status, start lock and output, where
                                          ``<owner>`` is ``copy<N>`` (a model server) or
                                          ``gpu-<uuid>`` (the keeper of a GPU copy)
     <stem>.<owner>.sock.<pid>            an owner's socket, bound but not yet in place
@@ -38,7 +38,7 @@ SEGMENT, LOCK, TEMPORARY = ".seg", ".lock", ".seg.tmp-"
 _NAME_RE = re.compile(
     rf"(?P<stem>(?P<key>{_KEY})--(?P<version>[0-9a-f]+))"
     r"(?:(?P<segment>\.seg)|(?P<lock>\.lock)|(?P<temporary>\.seg\.tmp-[A-Za-z0-9-]+)"
-    r"|\.(?P<owner>copy[0-9]+|gpu-[0-9a-f]+)(?P<kind>\.sock|\.srv|\.gpu|\.start)(?P<binding>\.[0-9]+)?)"
+    r"|\.(?P<owner>copy[0-9]+|gpu-[0-9a-f]+)(?P<kind>\.sock|\.srv|\.gpu|\.start|\.log)(?P<binding>\.[0-9]+)?)"
 )
 
 Kind = Literal["segment", "lock", "temporary", "owner"]

@@ -36,12 +36,18 @@ class Server(Mode):
             a loader with a ``device`` parameter gets its copy's.
         retries: how often a call whose server died runs again on a restarted one.
         idle_exit: seconds a server waits after its last client left before exiting.
+        call_timeout: seconds one call may take, else :class:`CallTimeoutError` (its connection is
+            dropped; the copy, still busy, gets no new call while another copy is free). None: no limit.
+
+    ``SharedModel(timeout=)`` bounds the start: waiting for a copy to load (the copy is stopped
+    then, leaving no process behind).
     """
 
     copies: Optional[int] = None
     devices: Sequence[str] = ()
     retries: int = 0
     idle_exit: float = 5.0
+    call_timeout: Optional[float] = None
     name: ClassVar[str] = "server"
 
     def __post_init__(self) -> None:
@@ -55,6 +61,8 @@ class Server(Mode):
                              f"not {self.retries!r}")
         if not self.idle_exit > 0:
             raise ValueError(f"idle_exit must be a positive number of seconds, not {self.idle_exit!r}")
+        if self.call_timeout is not None and not self.call_timeout > 0:
+            raise ValueError(f"call_timeout must be a positive number of seconds or None, not {self.call_timeout!r}")
 
     def check(self, shared: "SharedModel[Any]") -> None:
         if shared.keep_warm:

@@ -25,11 +25,14 @@ import functools
 import itertools
 import pickle
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from .._host.waiting import Deadline
 from ..errors import (
     AcquireTimeoutError,
+    CallTimeoutError,
+    EncodeError,
     LoaderError,
     ModelReleasedError,
     OwnerStartError,
@@ -60,6 +63,7 @@ class ServerClient:
         self._rotation = itertools.count()
         self._methods: set[str] = set()
         self._stats: dict[int, StatsView] = {}
+        self._stalled: dict[int, float] = {}  # copy -> the call that outlived call_timeout there
         self._closed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -86,30 +90,75 @@ class ServerClient:
         return reply[1]
 
     def _request(self, request: tuple[Any, ...], what: str) -> tuple[Any, ...]:
-        """Send ``request`` to the least busy copy; its reply, or the model's exception raised here."""
+        """Send ``request`` to the least busy copy; its reply, or the model's exception raised here.
+
+        A connection whose call did not complete cleanly -- whatever interrupted it: a signal, a
+        ``KeyboardInterrupt``, a timeout, the server's death -- is closed, never reused: its reply
+        could still arrive and would answer the next call. Only a lost connection is a dead
+        server (``ServerDiedError``, retried ``retries`` times); a call the server never took (it
+        was gone already when the call was sent) runs on a new server without counting as a retry.
+        Anything else propagates unchanged.
+        """
         if self._closed:
             raise ModelReleasedError(f"{self!r} was released; acquire() the model again to call it")
-        for attempt in range(self._mode.retries + 1):
+        retries, unsent = self._mode.retries, 0
+        while True:
             copy = self._least_busy()
             channel = self._channel(copy)
             if channel.peer_closed():  # its server died between calls: this call goes to a new one
                 self._forget(copy, channel)
-                channel = self._channel(copy)
+                continue
+            view = self._stats.get(copy)
+            taken_before = view.received() if view is not None else None
             try:
-                channel.send(request)
-                reply, _ = channel.receive(copy=True)
-            except (EOFError, OSError) as exc:
+                lost = self._exchange(channel, request, what)
+            except CallTimeoutError:
                 self._forget(copy, channel)
-                if attempt < self._mode.retries:
-                    continue
-                raise ServerDiedError(
-                    f"the server of model {self._shared.key!r} (copy {copy}) died during {what}(...); "
-                    "the next call starts a new one (Server(retries=N) retries by itself)"
-                ) from exc
-            if reply[0] == "error":
-                raise _remote_exception(reply)
-            return reply
-        raise AssertionError("unreachable")
+                if view is not None:  # busy until that call ends: calls go elsewhere meanwhile
+                    self._stalled[copy] = view.running_since()
+                raise
+            except BaseException:
+                self._forget(copy, channel)
+                raise
+            if not isinstance(lost, BaseException):
+                if lost[0] == "error":
+                    raise _remote_exception(lost)
+                return lost
+            self._forget(copy, channel)
+            if taken_before is not None and view is not None and view.received() == taken_before and unsent < 3:
+                unsent += 1  # the server never took it: no part of the call ran
+                continue
+            if retries:
+                retries -= 1
+                continue
+            raise ServerDiedError(
+                f"the server of model {self._shared.key!r} (copy {copy}) died during {what}(...); "
+                "the next call starts a new one (Server(retries=N) retries by itself)"
+            ) from lost
+
+    def _exchange(self, channel: Channel, request: tuple[Any, ...], what: str) -> Any:
+        """One request and its reply on ``channel``; the exception if the connection was lost."""
+        try:
+            channel.send(request)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise EncodeError(f"the arguments of {what}(...) cannot be sent to the model's server: "
+                              f"{type(exc).__name__}: {exc}; send arrays, tensors or built-in types") from exc
+        except (EOFError, ConnectionError) as exc:
+            return exc
+        call_timeout = self._mode.call_timeout
+        start = time.monotonic()
+        try:
+            reply, _ = channel.receive(copy=True, timeout=call_timeout)
+        except (EOFError, ConnectionError) as exc:
+            return exc
+        except TimeoutError as exc:
+            if call_timeout is None or time.monotonic() - start < call_timeout:
+                raise  # not ours: a signal handler's, say -- the caller's to handle
+            raise CallTimeoutError(
+                f"{what}(...) on the server of model {self._shared.key!r} took longer than call_timeout="
+                f"{call_timeout:g} s; its connection was dropped, and calls go to other copies while it is busy"
+            ) from exc
+        return reply
 
     def start(self) -> None:
         """Connect to every copy now, starting those not running, all at once: the model is ready
@@ -135,12 +184,21 @@ class ServerClient:
             raise errors[0]
 
     def _least_busy(self) -> int:
+        """The copy with the fewest calls in flight, machine-wide; among those, the one whose
+        running call has run the shortest time (a hung call does not hold calls that could go to
+        another copy); ties rotate."""
         if len(self._files) == 1:
             return 0
         loads = []
         for copy in range(len(self._files)):
             view = self._stats.get(copy)
-            loads.append(view.in_flight() if view is not None else 0)  # not running yet: idle
+            load = view.load() if view is not None else (0, 0.0)  # not running yet: idle
+            stalled = self._stalled.get(copy)
+            if stalled is not None and view is not None and view.running_since() == stalled:
+                load = (load[0] + len(self._files) * 1_000, load[1])  # still on the call that timed out
+            else:
+                self._stalled.pop(copy, None)
+            loads.append(load)
         low = min(loads)
         candidates = [i for i, load in enumerate(loads) if load == low]
         return candidates[next(self._rotation) % len(candidates)]
@@ -165,6 +223,7 @@ class ServerClient:
         files = self._files[copy]
         timeout = self._shared.timeout
         deadline = Deadline(timeout)
+        starts_left = self._mode.retries + 1  # a server killed while starting is retried like a call
         while True:
             try:
                 channel = Channel(connect_own(files.sock))  # this uid's socket, served by this uid
@@ -186,25 +245,35 @@ class ServerClient:
             if deadline.expired():
                 raise AcquireTimeoutError(f"no server for model {self._shared.key!r} (copy {copy}) answered within "
                                           f"{timeout:g} s; see `modelshare ls`")
-            with files.starting():
+            with files.starting(deadline=deadline):
                 if not files.alive():
                     files.remove_stale()
+                    starts_left -= 1
                     try:
-                        self._start(copy)
-                    except BaseException:
+                        self._start(copy, deadline)
+                    except ServerDiedError:
                         files.remove()
+                        if not starts_left:
+                            raise
+                    except BaseException:
+                        files.remove()  # a failed start leaves no files (and launch left no process)
                         raise
                 elif not files.sock.exists():
                     deadline.sleep()  # a server exiting right now, or starting: look again
 
-    def _start(self, copy: int) -> None:
-        """Start ``copy``'s server and wait until it serves (call with its start lock held)."""
+    def _start(self, copy: int, deadline: Deadline) -> None:
+        """Start ``copy``'s server and wait until it serves (call with its start lock held). A
+        server killed while starting is a :class:`ServerDiedError` (``retries`` apply); one whose
+        loader failed a :class:`LoaderError` quoting its output."""
         devices = self._mode.devices
         device = devices[copy % len(devices)] if devices else ""
         what = f"the server for model {self._shared.key!r} (copy {copy})"
         try:
-            launch("modelshare._owners.server", pickle.dumps((self._shared, copy, device)), what)
+            launch("modelshare._owners.server", pickle.dumps((self._shared, copy, device)), what,
+                   self._files[copy].log, deadline=deadline)
         except OwnerStartError as exc:
+            if exc.died:
+                raise ServerDiedError(str(exc)) from None
             raise LoaderError(f"{what} failed to start; its loader or import raised:\n{exc.stderr}") from None
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import signal
 import socket
 import struct
@@ -35,8 +36,9 @@ from typing import Callable, ClassVar, Iterator, Optional, Sequence, TypeVar
 
 from .._host.directory import SegmentName, scan
 from .._host.locks import lock_file
-from .._host.trust import check_own, open_own, warn_skipped
-from ..errors import OwnerStartError, SegmentDirectoryError, UntrustedFileError
+from .._host.trust import check_own, open_own, read_own, warn_skipped
+from .._host.waiting import Deadline
+from ..errors import AcquireTimeoutError, OwnerStartError, SegmentDirectoryError, UntrustedFileError
 
 Files = TypeVar("Files", bound="OwnerFiles")
 
@@ -98,6 +100,11 @@ class OwnerFiles:
     def start(self) -> Path:
         return self.name.owner_path(self.owner, ".start")
 
+    @property
+    def log(self) -> Path:
+        """The owner's stdout and stderr (its loader's output)."""
+        return self.name.owner_path(self.owner, ".log")
+
     def alive(self) -> bool:
         """Whether an owner holds these files now (its exclusive lock on the status file). A status
         file that is not this uid's regular file raises :class:`UntrustedFileError`."""
@@ -114,11 +121,17 @@ class OwnerFiles:
             os.close(fd)
 
     @contextlib.contextmanager
-    def starting(self, *, wait: bool = True) -> Iterator[bool]:
+    def starting(self, *, wait: bool = True, deadline: Optional[Deadline] = None) -> Iterator[bool]:
         """Hold the start lock: nobody else starts or stops this owner meanwhile. (``lock_file``
         re-checks the inode after locking, so the holder may unlink the file: see ``remove``.)
-        ``wait=False``: yields False at once if someone holds it (a sweep never waits on it)."""
-        fd = lock_file(self.start, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ``wait=False``: yields False at once if someone holds it (a sweep never waits on it);
+        ``deadline``: wait until then at most (:class:`AcquireTimeoutError`)."""
+
+        def timed_out() -> AcquireTimeoutError:
+            return AcquireTimeoutError(f"waited {deadline.seconds:g} s for another process starting or stopping "
+                                       f"the owner at {self.start}; raise timeout=")
+
+        fd = lock_file(self.start, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB, deadline, timed_out)
         try:
             yield fd is not None
         finally:
@@ -128,7 +141,7 @@ class OwnerFiles:
     def remove(self, *, dry_run: bool = False) -> list[Path]:
         """Remove all of this owner's files (start lock held: as the owner goes, or after it died);
         what was (or, with ``dry_run``, would be) removed."""
-        doomed = [p for p in (self.sock, self.status, self.start) if p.exists()]
+        doomed = [p for p in (self.sock, self.status, self.log, self.start) if p.exists()]
         if not dry_run:
             self.remove_stale()
             self.start.unlink(missing_ok=True)
@@ -138,6 +151,7 @@ class OwnerFiles:
         """Remove what a dead owner left (call with the start lock held, after ``alive()`` said no)."""
         self.sock.unlink(missing_ok=True)
         self.status.unlink(missing_ok=True)
+        self.log.unlink(missing_ok=True)
 
     def sweep_if_dead(self, *, dry_run: bool = False) -> list[Path]:
         """Remove this owner's files if it is dead (under its start lock, if nobody holds it: a
@@ -158,7 +172,7 @@ class OwnerFiles:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"another process owns {self.status} already", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(failed())
         return fd
 
     def listen(self) -> socket.socket:
@@ -196,48 +210,116 @@ def connect_own(path: Path) -> socket.socket:
     return conn
 
 
-def launch(module: str, orders: bytes, what: str, pass_fds: Sequence[int] = ()) -> None:
-    """Start ``python -m module`` with ``orders`` on stdin and wait until it prints ``ready``.
+_START_FD = "MODELSHARE_START_FD"  # the pipe on which an owner reports its pid, then "ready" or "failed"
+_LOG_TAIL = 4000
 
-    Only ``pass_fds`` are inherited: an owner must not keep the starter's other descriptors (a
-    CUDA process's device files would keep its context's memory alive). Raises
-    :class:`OwnerStartError` with ``what`` failed to start and the owner's stderr if it exits first.
+
+def launch(module: str, orders: bytes, what: str, log: Path, pass_fds: Sequence[int] = (),
+           deadline: Optional[Deadline] = None) -> int:
+    """Start ``python -m module`` with ``orders`` on stdin; wait until it reports ``ready``; its pid.
+
+    The owner reports on a pipe of its own, never on stdout: its stdout and stderr (the loader's
+    prints, warnings, tracebacks) go to ``log``, beside its files, so no output can break or block
+    the start. Only ``pass_fds`` are inherited: an owner must not keep the starter's other
+    descriptors (a CUDA process's device files would keep its context's memory alive).
+
+    Raises :class:`OwnerStartError` quoting the log's tail if the owner exits first (``died``:
+    killed, not failed), or :class:`AcquireTimeoutError` at ``deadline`` -- the owner is then
+    stopped, so a failed start leaves no process behind.
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, close_fds=True, pass_fds=tuple(pass_fds))
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    proc.stdin.write(orders)
-    proc.stdin.close()
-    proc.wait()  # the launcher forks the owner and exits at once
-    ready = proc.stdout.readline()
-    proc.stdout.close()
-    errors = proc.stderr.read().decode(errors="replace") if ready != b"ready\n" else ""
-    proc.stderr.close()
-    if ready != b"ready\n":
-        stderr = errors.strip()[-3000:]
-        raise OwnerStartError(f"{what} failed to start:\n{stderr}", stderr)
+    read_fd, write_fd = os.pipe()
+    log_fd = open_own(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **{_START_FD: str(write_fd)})
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=log_fd, stderr=log_fd,
+                                env=env, close_fds=True, pass_fds=(*pass_fds, write_fd))
+    finally:
+        os.close(write_fd)
+        os.close(log_fd)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(orders)
+        proc.stdin.close()
+        proc.wait()  # the launcher forks the owner and exits at once
+        return _await_ready(read_fd, what, log, deadline or Deadline(None))
+    finally:
+        os.close(read_fd)
+
+
+def _await_ready(read_fd: int, what: str, log: Path, deadline: Deadline) -> int:
+    """Read the owner's report until ``ready``; its pid."""
+    report, pid = b"", 0
+    while True:
+        remaining = deadline.remaining()
+        readable, _, _ = select.select([read_fd], [], [], remaining)
+        if not readable:
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AcquireTimeoutError(f"{what} did not start within {deadline.seconds:g} s (it was stopped); raise "
+                                      f"timeout= if its loader needs longer. Its output:\n{_tail(log)}")
+        chunk = os.read(read_fd, 4096)
+        report += chunk
+        lines = report.decode(errors="replace").split("\n")
+        for line in lines:
+            if line.startswith("pid "):
+                pid = int(line[4:])
+        if "ready" in lines:
+            return pid
+        if chunk and "failed" not in lines:
+            continue
+        output = _tail(log)  # the owner failed, or is gone without a word
+        died = "failed" not in lines and "Traceback" not in output
+        why = "died while starting (killed?)" if died else "failed to start"
+        raise OwnerStartError(f"{what} {why}; its output:\n{output}", output, died=died)
+
+
+def _tail(log: Path) -> str:
+    try:
+        data = read_own(log, 1 << 30)
+    except OSError:
+        return ""
+    return data[-_LOG_TAIL:].decode(errors="replace").strip()
+
+
+def _report(line: str) -> None:
+    """In the owner: tell the starter ``line`` on the start pipe."""
+    fd = os.environ.get(_START_FD)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(int(fd), f"{line}\n".encode())
 
 
 def detach() -> None:
-    """In the owner: leave the starter (which reaps the launcher at once) and its session."""
+    """In the owner: leave the starter (which reaps the launcher at once) and its session; report
+    the pid the owner now runs as."""
     if os.fork():
         os._exit(0)
     os.setsid()
+    _report(f"pid {os.getpid()}")
+
+
+def failed() -> int:
+    """In the owner: its start failed (its traceback is in the log); the exit status."""
+    _report("failed")
+    return 1
 
 
 def serve(shutdown: Callable[[], None], serve_forever: Callable[[], None]) -> int:
     """In the owner, once it can serve: exit cleanly on SIGTERM (``shutdown`` first), tell the
-    starter it is ready, stop writing to the starter's pipes, and serve."""
+    starter it is ready, close the start pipe and stdin, and serve (stdout and stderr stay the log)."""
 
     def terminate(*_: object) -> None:
         shutdown()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, terminate)
-    print("ready", flush=True)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
+    _report("ready")
+    fd = os.environ.pop(_START_FD, None)
+    if fd is not None:
+        os.close(int(fd))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     serve_forever()
     return 0

@@ -8,7 +8,8 @@ needs it (``python -m modelshare._owners.server``, handed the pickled SharedMode
 * Files, beside the model's segments, per copy ``i``: ``<key>--<version>.copy<i>.sock`` (the
   socket; the directory is the user's own, mode 0700, and every connection's peer uid is
   checked), ``.copy<i>.srv`` (a tiny status table clients read to pick the least busy copy; the
-  server holds an exclusive ``flock`` on it for its life, so "alive" is a lock test) and
+  server holds an exclusive ``flock`` on it for its life, so "alive" is a lock test),
+  ``.copy<i>.log`` (its stdout and stderr: whatever the loader or the model prints) and
   ``.copy<i>.start`` (a lock that serialises starting and stopping the copy).
 * Calls on one copy run one at a time (a model is not assumed thread-safe); copies run in
   parallel. With torch loaded, calls run under ``torch.no_grad()``.
@@ -43,10 +44,11 @@ from .._host.directory import SegmentName
 from .._host.locks import lock_holders
 from .._host.trust import open_own, read_own, warn_skipped
 from ..errors import UntrustedFileError
-from .owner import OwnerFiles, detach, peer_credentials, serve
+from .owner import OwnerFiles, detach, failed, peer_credentials, serve
 from .wire import Channel
 
-_STATS = struct.Struct("=qiiiqd32s")  # pid, copy, clients, in flight, calls served, started, device
+# pid, copy, clients, in flight, calls served, started, device, when the running call started (0: none)
+_STATS = struct.Struct("=qiiiqd32sd")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,21 @@ class StatsView:
     def in_flight(self) -> int:
         return _STATS.unpack_from(self._map)[3]
 
+    def load(self) -> tuple[int, float]:
+        """(calls in flight, how long the running one has run): what makes a copy busy."""
+        fields = _STATS.unpack_from(self._map)
+        return fields[3], time.time() - fields[7] if fields[7] else 0.0
+
+    def running_since(self) -> float:
+        """When the call running now started (0: none): which call it is."""
+        return _STATS.unpack_from(self._map)[7]
+
+    def received(self) -> int:
+        """Calls this server has taken so far (served or running): unchanged across a failed call
+        means the server never took it."""
+        fields = _STATS.unpack_from(self._map)
+        return fields[3] + fields[4]
+
     def pid(self) -> int:
         return _STATS.unpack_from(self._map)[0]
 
@@ -108,7 +125,7 @@ def read_stats(path: Path) -> Optional[ServerStats]:
         return None
     if len(data) < _STATS.size:
         return None
-    pid, copy, clients, in_flight, calls, started, device = _STATS.unpack(data)
+    pid, copy, clients, in_flight, calls, started, device, _running = _STATS.unpack(data)
     return ServerStats(pid, copy, clients, in_flight, calls, started, device.rstrip(b"\0").decode())
 
 
@@ -191,6 +208,7 @@ class _Server:
         self.closing = False
         self.clients = 0
         self.in_flight = 0
+        self.running_since = 0.0
         self.calls = 0
         self.started = time.time()
         self.idle_since = time.monotonic()
@@ -204,7 +222,7 @@ class _Server:
 
     def _write_stats(self) -> None:
         _STATS.pack_into(self.stats, 0, self.pid, self.files.copy, self.clients, self.in_flight, self.calls,
-                         self.started, self.device_bytes)
+                         self.started, self.device_bytes, self.running_since)
 
     def serve_forever(self) -> None:
         uid = os.getuid()
@@ -231,6 +249,11 @@ class _Server:
                     request, end = channel.receive(copy=False)
                 except (EOFError, OSError):
                     return
+                except Exception as exc:  # noqa: BLE001 -- the message was whole; its pickle did not load here
+                    channel.send(_error_reply(TypeError(
+                        f"the server of this model could not unpickle the call's arguments ({type(exc).__name__}: "
+                        f"{exc}); send what its process can import (arrays, tensors, built-in types)")))
+                    continue
                 with self.state_lock:
                     self.in_flight += 1
                     self._write_stats()
@@ -264,9 +287,19 @@ class _Server:
             if kind == "attr":
                 return ("callable", None) if callable(target) else ("ok", target)
             with self.call_lock, _no_grad():
-                return ("ok", target(*args, **kwargs))
+                self._running(time.time())
+                try:
+                    return ("ok", target(*args, **kwargs))
+                finally:
+                    self._running(0.0)
         except BaseException as exc:  # noqa: BLE001 -- every failure goes back to the caller
             return _error_reply(exc)
+
+    def _running(self, since: float) -> None:
+        """Publish when the running call started (0: none), so clients steer around a hung copy."""
+        with self.state_lock:
+            self.running_since = since
+            self._write_stats()
 
     def _exit_if_idle(self) -> None:
         with self.files.starting():
@@ -336,7 +369,7 @@ def main() -> int:
     except BaseException:
         files.status.unlink(missing_ok=True)
         traceback.print_exc()
-        return 1
+        return failed()
     server = _Server(model, files, device, shared.mode.idle_exit, stats_fd)
     return serve(server.shutdown, server.serve_forever)
 

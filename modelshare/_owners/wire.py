@@ -11,7 +11,14 @@ whatever was killed.
 
 The receiving server decodes arrays as views of the arena (zero-copy); it writes the result
 after the request's buffers, so a result that is a view of an argument stays intact. The client
-copies results out of the arena, so they outlive the next call.
+copies results out of the arena, so they outlive the next call. An arena shrinks again: a
+message that needs far less room than the arena has gets a new, smaller one, and a message with
+no large buffer lets a large arena go (the header says so); both ends then drop the old one.
+
+Receiving is linear in the message's size whatever it is (a 256 MiB ``bytes`` result included),
+and can be bounded in time (``timeout``: a ``TimeoutError``, after which the connection must not
+be used again). Before sleeping on a small reply the receiver polls for ``SPIN_S`` -- only while
+the machine has an idle core: on a busy one polling would take the very time the other end needs.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ import time
 from typing import Any, Optional
 
 INLINE_MAX = 64 * 1024
-_HEADER = struct.Struct("!IIi")  # pickle length, buffer-table length, 1 if an arena fd follows
+_HEADER = struct.Struct("!IIi")  # pickle length, buffer-table length, arena change (below)
+_ARENA_KEPT, _ARENA_NEW, _ARENA_DROPPED = 0, 1, 2  # a new arena's fd comes with the message
+_SHRINK_ABOVE = 16 << 20  # an arena larger than this, and than 4x what a message needs, is replaced
 _FIRST_READ = 256 * 1024
 _FDS_SPACE = socket.CMSG_SPACE(4)  # room for one file descriptor
 _NOW = int(socket.MSG_DONTWAIT)
@@ -36,6 +45,23 @@ _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # how long a receiver polls before sleeping: long enough for a small call's round trip
 SPIN_S = float(os.environ.get("MODELSHARE_SPIN_US", "100")) / 1e6
 _ALIGN = 64
+
+
+class _IdleCores:
+    """Whether the machine has a core to spare for polling, re-read at most once a second."""
+
+    def __init__(self) -> None:
+        self._next, self._idle = 0.0, True
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + 1.0
+            self._idle = os.getloadavg()[0] < (os.cpu_count() or 1) - 0.5
+        return self._idle
+
+
+_idle_cores = _IdleCores()
 
 
 class Arena:
@@ -124,69 +150,117 @@ class Channel:
             raw = buffer.raw()
             table.append((offset, raw.nbytes))
             offset = _aligned(offset + raw.nbytes)
-        new_fd = -1
-        if large and (self.arena is None or offset > self.arena.size):
+        change = _ARENA_KEPT
+        arena_size = self.arena.size if self.arena is not None else 0
+        if large and (offset > arena_size or arena_size > max(4 * offset, _SHRINK_ABOVE)):
             self._replace_arena(Arena.create(offset))
-            new_fd = self.arena.fd
+            change = _ARENA_NEW
+        elif not large and arena_size > _SHRINK_ABOVE:
+            self._replace_arena(None)  # a large arena nothing uses now: both ends let it go
+            change = _ARENA_DROPPED
         for buffer, (start, nbytes) in zip(large, table):
-            self.arena.map[start : start + nbytes] = buffer.raw()
+            self.arena.map[start : start + nbytes] = buffer.raw()  # type: ignore[union-attr]
         table_bytes = pickle.dumps(table, protocol=5) if table else b""
-        header = _HEADER.pack(len(body), len(table_bytes), 1 if new_fd >= 0 else 0)
+        header = _HEADER.pack(len(body), len(table_bytes), change)
         parts = [header, table_bytes, body]
-        sent = socket.send_fds(self.sock, parts, [new_fd]) if new_fd >= 0 else self.sock.sendmsg(parts)
-        if sent < sum(len(p) for p in parts):  # a short write: the rest goes the plain way
-            self.sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
+        if change == _ARENA_NEW:
+            sent = socket.send_fds(self.sock, parts, [self.arena.fd])  # type: ignore[union-attr]
+        else:
+            sent = self.sock.sendmsg(parts)
+        for part in parts:  # a short write: the rest goes the plain way, part by part (no copy of the body)
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            self.sock.sendall(memoryview(part)[sent:])
+            sent = 0
 
-    def receive(self, copy: bool) -> tuple[Any, int]:
+    def receive(self, copy: bool, timeout: Optional[float] = None) -> tuple[Any, int]:
         """The next message (raises ``EOFError`` when the other end is gone), and where its arena
-        buffers end. ``copy``: copy arrays out of the arena (else they are views of it)."""
+        buffers end. ``copy``: copy arrays out of the arena (else they are views of it).
+        ``timeout``: seconds to wait at most, else ``TimeoutError`` (the connection is then out of
+        step: close it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return self._receive(copy, deadline)
+        finally:
+            if deadline is not None:
+                self.sock.settimeout(None)
+
+    def _receive(self, copy: bool, deadline: Optional[float]) -> tuple[Any, int]:
         data = self._pending
         fds: list[int] = []
         if len(data) < _HEADER.size:  # one system call brings a small message whole
-            chunk, ancillary = self._first_read()
+            chunk, ancillary = self._first_read(deadline)
             if not chunk:
                 raise EOFError("the other end closed the connection")
             data += chunk
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds += array.array("i", payload[: len(payload) - len(payload) % 4]).tolist()
-        while len(data) < _HEADER.size:
-            data += self._receive_some()
-        body_len, table_len, has_fd = _HEADER.unpack_from(data)
-        total = _HEADER.size + table_len + body_len
-        while len(data) < total:
-            data += self._receive_some()
-        self._pending = data[total:]
-        if has_fd:
-            if not fds:
-                raise EOFError("an arena was announced but no file descriptor came with it")
-            self._replace_arena(Arena(fds[0], os.fstat(fds[0]).st_size))
+        try:
+            if len(data) < _HEADER.size:
+                data = self._receive_into(data, _HEADER.size, deadline)
+            body_len, table_len, change = _HEADER.unpack_from(data)
+            total = _HEADER.size + table_len + body_len
+            if len(data) < total:
+                data = self._receive_into(data, total, deadline)
+            if change == _ARENA_NEW:
+                if not fds:
+                    raise EOFError("an arena was announced but no file descriptor came with it")
+                self._replace_arena(Arena(fds[0], os.fstat(fds[0]).st_size))
+                fds = fds[1:]
+            elif change == _ARENA_DROPPED:
+                self._replace_arena(None)
+        finally:
+            for fd in fds:  # none expected: never leak one
+                os.close(fd)
+        self._pending = bytes(data[total:])
         message = memoryview(data)
         table = pickle.loads(message[_HEADER.size : _HEADER.size + table_len]) if table_len else []
         body = message[_HEADER.size + table_len : total]
-        buffers = [(bytearray(self.arena.view(o, n)) if copy else self.arena.view(o, n)) for o, n in table]
+        buffers = [(bytearray(self.arena.view(o, n)) if copy else self.arena.view(o, n))  # type: ignore[union-attr]
+                   for o, n in table]
         end = _aligned(table[-1][0] + table[-1][1]) if table else 0
         return pickle.loads(body, buffers=buffers), end
 
-    def _first_read(self) -> tuple[bytes, list[Any]]:
-        """The first bytes of the next message; polls for up to ``spin_s`` before sleeping: on a
-        virtual machine waking a sleeping vCPU costs ~30 us each way, more than a small call's work."""
-        deadline = time.perf_counter() + self.spin_s
-        while self.spin_s:
-            try:
-                chunk, ancillary, _, _ = self.sock.recvmsg(_FIRST_READ, _FDS_SPACE, _NOW)
-                return chunk, ancillary
-            except BlockingIOError:
-                if time.perf_counter() > deadline:
-                    break
+    def _wait_at_most(self, deadline: Optional[float]) -> None:
+        """The socket's blocking reads end at ``deadline`` (``TimeoutError``)."""
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the other end did not answer in time")
+            self.sock.settimeout(remaining)
+
+    def _first_read(self, deadline: Optional[float]) -> tuple[bytes, list[Any]]:
+        """The first bytes of the next message; polls for up to ``spin_s`` before sleeping, while
+        the machine has an idle core: on a virtual machine waking a sleeping vCPU costs ~30 us each
+        way, more than a small call's work -- but polling on a busy machine costs more than that."""
+        if self.spin_s and _idle_cores():
+            until = time.perf_counter() + self.spin_s
+            while True:
+                try:
+                    chunk, ancillary, _, _ = self.sock.recvmsg(_FIRST_READ, _FDS_SPACE, _NOW)
+                    return chunk, ancillary
+                except BlockingIOError:
+                    if time.perf_counter() > until:
+                        break
+        self._wait_at_most(deadline)
         chunk, ancillary, _, _ = self.sock.recvmsg(_FIRST_READ, _FDS_SPACE)
         return chunk, ancillary
 
-    def _receive_some(self) -> bytes:
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise EOFError("the other end closed the connection mid-message")
-        return chunk
+    def _receive_into(self, data: bytes, total: int, deadline: Optional[float]) -> bytearray:
+        """``data`` completed to ``total`` bytes (or more, never past the next message's start):
+        received straight into one buffer, so any size costs linear time."""
+        buffer = bytearray(total)
+        buffer[: len(data)] = data
+        view, got = memoryview(buffer), len(data)
+        while got < total:
+            self._wait_at_most(deadline)
+            n = self.sock.recv_into(view[got:], total - got)
+            if n == 0:
+                raise EOFError("the other end closed the connection mid-message")
+            got += n
+        return buffer
 
     def peer_closed(self) -> bool:
         """Whether the other end has gone (its socket shows end-of-file), without waiting."""

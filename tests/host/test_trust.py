@@ -264,7 +264,7 @@ def test_gc_signals_no_process_it_cannot_prove_is_its_server() -> None:
     directory = Path(tempfile.mkdtemp(prefix="modelshare-test-", dir="/dev/shm"))
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     files = ServerFiles(SharedModel(dict, key="forged", directory=directory).segment_name, 0)
-    files.status.write_bytes(_STATS.pack(victim.pid, 0, 0, 0, 0, time.time() - 3600, b""))  # idle for an hour
+    files.status.write_bytes(_STATS.pack(victim.pid, 0, 0, 0, 0, time.time() - 3600, b"", 0.0))  # idle for an hour
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(files.status)], stdout=subprocess.PIPE, text=True)
     start_holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(files.start)], stdout=subprocess.PIPE,
                                     text=True)

@@ -263,7 +263,7 @@ def test_modelshare_ls_shows_servers_and_gc_cleans_after_a_crash(shm_dir: Path) 
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
         assert "dead (modelshare gc)" in cli("ls")
-        assert "removed 6 file(s)" in cli("gc")  # each copy's socket, status table and start lock
+        assert "removed 8 file(s)" in cli("gc")  # each copy's socket, status table, log and start lock
     assert left_after(shm_dir) == []
 
 

@@ -161,8 +161,10 @@ class Unsplittable:
         self.handle = open(os.devnull, "rb")
         self.weights = np.arange(width * width, dtype=np.float32).reshape(width, width) / (width * width)
         self.delay = delay
+        self.calls = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
         with self.lock:
             time.sleep(self.delay)
             return x @ self.weights
@@ -173,6 +175,49 @@ class Unsplittable:
 
     def boom(self) -> None:
         raise ValueError("raised inside the model")
+
+    def slow(self, x: Any, seconds: float) -> Any:
+        """``x`` back after ``seconds``: a call long enough to interrupt."""
+        self.calls += 1
+        time.sleep(seconds)
+        return x
+
+    def blob(self, nbytes: int) -> bytes:
+        """``nbytes`` of a pattern, as one ``bytes`` object (in-band, not an array)."""
+        return (b"0123456789abcdef" * (nbytes // 16 + 1))[:nbytes]
+
+    def seen(self) -> int:
+        """How many calls of ``slow`` and ``__call__`` this instance has started."""
+        return self.calls
+
+
+
+def noisy_model(stdout_bytes: int, stderr_bytes: int) -> Unsplittable:
+    """A loader that prints (to stdout and stderr) before returning the model."""
+    import sys
+
+    print("loading the model" + "." * stdout_bytes, flush=True)
+    sys.stderr.write("warming up" + "!" * stderr_bytes + "\n")
+    sys.stderr.flush()
+    return Unsplittable()
+
+
+def slow_model(seconds: float, counter: Optional[str] = None) -> Unsplittable:
+    """A loader that takes ``seconds`` (its pid appended to ``counter`` first)."""
+    model = Unsplittable(counter=counter)
+    time.sleep(seconds)
+    return model
+
+
+def _refuse_to_load() -> Any:
+    raise ImportError("this object cannot be rebuilt where it is unpickled")
+
+
+class Unloadable:
+    """Pickles fine; unpickling it fails (as an object of a module the server lacks would)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_to_load, ())
 
 
 def server_calls_worker(shared: Any, x: np.ndarray, calls: int, results: Any) -> None:
