@@ -234,14 +234,17 @@ class _Keeper:
 
     def _leave(self) -> bool:
         """With no holder left: leave, unless a process connected meanwhile (then serve it)."""
-        with self.files.starting():
-            self.listener.setblocking(False)
-            came = self._accept()
-            self.listener.setblocking(True)
-            if came and self.holders:
-                return False
-            self.shutdown()
-            self.files.remove()
+        try:
+            with self.files.starting():
+                self.listener.setblocking(False)
+                came = self._accept()
+                self.listener.setblocking(True)
+                if came and self.holders:
+                    return False
+                self.shutdown()
+                self.files.remove()
+        except OSError:  # its directory is gone (or no longer usable): nobody can reach it, leave
+            pass
         return True
 
     def shutdown(self) -> None:

@@ -104,10 +104,7 @@ class ServerClient:
         retries, unsent = self._mode.retries, 0
         while True:
             copy = self._least_busy()
-            channel = self._channel(copy)
-            if channel.peer_closed():  # its server died between calls: this call goes to a new one
-                self._forget(copy, channel)
-                continue
+            channel = self._channel(copy)  # its server may have died since: then it never takes this call
             view = self._stats.get(copy)
             taken_before = view.received() if view is not None else None
             try:

@@ -132,6 +132,9 @@ class OwnerFiles:
                                        f"the owner at {self.start}; raise timeout=")
 
         fd = lock_file(self.start, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB, deadline, timed_out)
+        if fd is None and wait:
+            raise SegmentDirectoryError(errno.ENOENT, f"the segment directory {self.name.directory} is gone (removed "
+                                        "while in use); nothing can be started or stopped there")
         try:
             yield fd is not None
         finally:

@@ -302,13 +302,16 @@ class _Server:
             self._write_stats()
 
     def _exit_if_idle(self) -> None:
-        with self.files.starting():
-            with self.state_lock:
-                if self.clients or self.closing or time.monotonic() - self.idle_since < self.idle_exit * 0.99:
-                    return  # a client came (and maybe went: its own timer decides)
-                self.closing = True
-            self.shutdown()
-            self.files.remove()
+        try:
+            with self.files.starting():
+                with self.state_lock:
+                    if self.clients or self.closing or time.monotonic() - self.idle_since < self.idle_exit * 0.99:
+                        return  # a client came (and maybe went: its own timer decides)
+                    self.closing = True
+                self.shutdown()
+                self.files.remove()
+        except OSError:  # its directory is gone (or no longer usable): nobody can reach it, leave
+            pass
         os._exit(0)
 
     def shutdown(self) -> None:

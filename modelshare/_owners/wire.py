@@ -48,16 +48,31 @@ _ALIGN = 64
 
 
 class _IdleCores:
-    """Whether the machine has a core to spare for polling, re-read at most once a second."""
+    """Whether the machine had half a core idle over the last ``every`` seconds (``/proc/stat``),
+    re-read at most that often: polling pays only where a core would otherwise sit idle."""
 
-    def __init__(self) -> None:
-        self._next, self._idle = 0.0, True
+    def __init__(self, every: float = 0.25) -> None:
+        self.every = every
+        self._next, self._idle, self._last = 0.0, True, self._cpu_times()
+
+    @staticmethod
+    def _cpu_times() -> tuple[int, int]:
+        """(idle, total) jiffies of the whole machine so far."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return 0, 0
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)
 
     def __call__(self) -> bool:
         now = time.monotonic()
         if now >= self._next:
-            self._next = now + 1.0
-            self._idle = os.getloadavg()[0] < (os.cpu_count() or 1) - 0.5
+            self._next = now + self.every
+            idle, total = self._cpu_times()
+            (last_idle, last_total), self._last = self._last, (idle, total)
+            if total > last_total:
+                self._idle = (idle - last_idle) / (total - last_total) * (os.cpu_count() or 1) >= 0.5
         return self._idle
 
 
@@ -139,12 +154,13 @@ class Channel:
         large.clear()
         try:
             self._pickler.dump(obj)
-            self._send(self._stream.getvalue(), large, reserved)
+            with self._stream.getbuffer() as body:  # no copy of a large in-band payload
+                self._send(body, large, reserved)
         finally:
             large.clear()
             self._pickler.clear_memo()  # let go of what was sent
 
-    def _send(self, body: bytes, large: list[pickle.PickleBuffer], reserved: int) -> None:
+    def _send(self, body: memoryview, large: list[pickle.PickleBuffer], reserved: int) -> None:
         table, offset = [], _aligned(reserved)
         for buffer in large:
             raw = buffer.raw()

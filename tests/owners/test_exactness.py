@@ -247,3 +247,18 @@ with shared.use() as model:
     assert "OSERROR 24" in out.stdout and "WRONG" not in out.stdout, out.stdout + out.stderr
     assert "AFTER" in out.stdout
     assert left_after(shm_dir) == []
+
+
+def test_a_server_whose_directory_was_removed_still_leaves() -> None:
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="modelshare-test-", dir="/dev/shm"))
+    shared = SharedModel(Unsplittable, key="orphaned", share=Server(idle_exit=0.5), directory=directory)
+    with shared.use() as model:
+        (pid,) = model.servers()
+        shutil.rmtree(directory)  # a test's fixture, a user's rm -rf: while the server runs
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid), "the server outlived its directory"
