@@ -232,7 +232,8 @@ def launch(module: str, orders: bytes, what: str, log: Path, pass_fds: Sequence[
     """
     read_fd, write_fd = os.pipe()
     log_fd = open_own(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **{_START_FD: str(write_fd)})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), PYTHONUNBUFFERED="1",
+               **{_START_FD: str(write_fd)})  # unbuffered: the log is in order, and whole if the owner is killed
     try:
         proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE, stdout=log_fd, stderr=log_fd,
                                 env=env, close_fds=True, pass_fds=(*pass_fds, write_fd))
