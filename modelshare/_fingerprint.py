@@ -12,6 +12,12 @@ agrees on it. It covers:
 
 It does not see into files a loader reads or functions it calls by name: pass ``version=`` for
 those. Values that cannot be pickled are fingerprinted by type only, with a warning.
+
+The fingerprint is the same in every process for the same loader -- independently started
+interpreters, spawn-start children -- so they share one segment: values are fed in a canonical
+form (sets and dict keys sorted, objects by their type and attributes, never by hash order,
+object ids or cloudpickle's class-tracker ids), and a script's ``__main__`` is the same module as
+its spawn children's ``__mp_main__``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import functools
 import hashlib
 import types
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import cloudpickle
 
@@ -41,10 +47,59 @@ def _feed(digest: "hashlib._Hash", *parts: Any) -> None:
         digest.update(data)
 
 
-def _feed_value(digest: "hashlib._Hash", value: Any) -> None:
+def _module(name: str) -> str:
+    """A module's name as every process knows it (spawn children run the script as ``__mp_main__``)."""
+    return "__main__" if name == "__mp_main__" else name
+
+
+def _feed_value(digest: "hashlib._Hash", value: Any, seen: Optional[set[int]] = None) -> None:
+    """``value`` in a canonical form: equal values feed equal bytes in every process."""
+    seen = set() if seen is None else seen
     if isinstance(value, _SIMPLE):
         _feed(digest, type(value).__name__, value)
         return
+    if isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+        _feed_callable(digest, value, seen)
+        return
+    if id(value) in seen:
+        _feed(digest, "cycle")
+        return
+    seen.add(id(value))
+    kind = type(value)
+    if kind in (list, tuple):
+        _feed(digest, kind.__name__, len(value))
+        for item in value:
+            _feed_value(digest, item, seen)
+    elif kind in (set, frozenset):
+        _feed(digest, kind.__name__, sorted(_value_digest(item, seen) for item in value))
+    elif kind is dict:
+        items = sorted((_value_digest(k, seen), _value_digest(v, seen)) for k, v in value.items())
+        _feed(digest, "dict", items)
+    elif type(value).__module__ == "numpy" and hasattr(value, "tobytes") and hasattr(value, "dtype"):
+        _feed(digest, "ndarray", str(value.dtype), getattr(value, "shape", ()),
+              hashlib.blake2b(value.tobytes(), digest_size=16).digest())
+    elif isinstance(value, type):
+        _feed(digest, "class", _module(value.__module__), value.__qualname__)
+    elif _plain_state(value):
+        _feed(digest, "object", _module(kind.__module__), kind.__qualname__)
+        _feed_value(digest, dict(vars(value)), seen)
+    else:
+        _feed_pickled(digest, value)
+
+
+def _plain_state(value: Any) -> bool:
+    """Whether ``value``'s state is its ``__dict__`` (the default ``__getstate__``)."""
+    getstate = getattr(type(value), "__getstate__", None)
+    return hasattr(value, "__dict__") and getstate is getattr(object, "__getstate__", None)
+
+
+def _value_digest(value: Any, seen: set[int]) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    _feed_value(digest, value, set(seen))
+    return digest.digest()
+
+
+def _feed_pickled(digest: "hashlib._Hash", value: Any) -> None:
     try:
         _feed(digest, cloudpickle.dumps(value, protocol=5))
     except Exception as exc:  # unpicklable: fall back to the type, and say so
@@ -53,7 +108,7 @@ def _feed_value(digest: "hashlib._Hash", value: Any) -> None:
             "change to it will not be noticed -- pass version= to SharedModel to be explicit",
             stacklevel=4,
         )
-        _feed(digest, "unpicklable", type(value).__module__, type(value).__qualname__)
+        _feed(digest, "unpicklable", _module(type(value).__module__), type(value).__qualname__)
 
 
 def _feed_code(digest: "hashlib._Hash", code: types.CodeType) -> None:
@@ -68,7 +123,7 @@ def _feed_code(digest: "hashlib._Hash", code: types.CodeType) -> None:
 
 
 def _feed_function(digest: "hashlib._Hash", func: types.FunctionType, seen: set[int]) -> None:
-    _feed(digest, func.__module__, func.__qualname__)
+    _feed(digest, _module(func.__module__), func.__qualname__)
     _feed_code(digest, func.__code__)
     for value in (func.__defaults__ or ()) + tuple((func.__kwdefaults__ or {}).items()):
         _feed_value(digest, value)
@@ -104,12 +159,12 @@ def _feed_callable(digest: "hashlib._Hash", loader: Any, seen: set[int]) -> None
         _feed_callable(digest, loader.__func__, seen)
         _feed_value(digest, loader.__self__)
     elif isinstance(loader, type):
-        _feed(digest, "class", loader.__module__, loader.__qualname__)
+        _feed(digest, "class", _module(loader.__module__), loader.__qualname__)
         init = loader.__dict__.get("__init__")
         if isinstance(init, types.FunctionType):
             _feed_function(digest, init, seen)
     else:
-        _feed(digest, "object", type(loader).__module__, type(loader).__qualname__)
+        _feed(digest, "object", _module(type(loader).__module__), type(loader).__qualname__)
         call = getattr(type(loader), "__call__", None)
         if isinstance(call, types.FunctionType):
             _feed_function(digest, call, seen)

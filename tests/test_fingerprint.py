@@ -60,3 +60,54 @@ def test_same_loader_same_fingerprint_in_another_process() -> None:
             for seed in (1, 2)]
     assert runs[0] == runs[1]
     assert runs[0].split() == [loader_fingerprint(functools.partial(make_mlp, 8)), loader_fingerprint(load_weights)]
+
+
+_SCRIPT = '''
+import functools, multiprocessing, sys
+sys.path.insert(0, {root!r})
+from modelshare import loader_fingerprint
+
+LABELS = {{"cat", "dog", "emu", "gnu", "yak"}}
+
+class Loader:
+    def __init__(self):
+        self.labels = frozenset(LABELS)
+        self.options = {{"tags": set(LABELS), 3: "three", ("a", 1): [1.5, None]}}
+
+    def __call__(self):
+        return self.labels
+
+def load(labels, size):
+    return sorted(labels)[:size]
+
+def fingerprints():
+    return [loader_fingerprint(functools.partial(load, LABELS, 2)), loader_fingerprint(Loader()),
+            loader_fingerprint(load)]
+
+def child(queue):
+    queue.put(fingerprints())
+
+if __name__ == "__main__":
+    mine = fingerprints()
+    spawn = multiprocessing.get_context("spawn")
+    queue = spawn.Queue()
+    proc = spawn.Process(target=child, args=(queue,))
+    proc.start()
+    theirs = queue.get(timeout=60)
+    proc.join()
+    print(mine == theirs, *mine)
+'''
+
+
+def test_independent_interpreters_and_spawn_children_agree(tmp_path) -> None:
+    """Sets (hash order), objects of classes defined in a script (cloudpickle's tracker ids), and the
+    script's module seen as __mp_main__ by its spawn children: the same loader, the same fingerprint."""
+    script = tmp_path / "serve.py"
+    script.write_text(_SCRIPT.format(root=str(ROOT)))
+    outputs = set()
+    for seed in ("1", "2", "3", "4", "5"):
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=120,
+                             env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"}).stdout.split()
+        assert out[0] == "True", "a spawn child computed another fingerprint than its parent"
+        outputs.add(tuple(out[1:]))
+    assert len(outputs) == 1, f"5 interpreters, {len(outputs)} fingerprints"
