@@ -133,6 +133,7 @@ class SharedModel(Generic[M]):
         self.codec_option = codec
         self.keep_warm = bool(keep_warm)
         self.timeout = timeout
+        self._admit_publish: Optional[Callable[[int], None]] = None  # a router's check of the exact size
         self.mode.check(self)
 
 
@@ -313,7 +314,7 @@ class SharedModel(Generic[M]):
                     f"{self!r} cannot be pickled because its loader cannot ({type(exc).__name__}: "
                     f"{exc}); use a module-level function, or a closure over picklable values"
                 ) from exc
-        state = dict(self.__dict__, _loader=None)
+        state = dict(self.__dict__, _loader=None, _admit_publish=None)  # a router's check stays with it
         return (_restore, (state,))
 
 

@@ -15,7 +15,8 @@ from both, so code written against the built-in keeps working. The tree::
     ├── AcquireTimeoutError (TimeoutError)    waited longer than ``timeout`` for a model
     ├── ModelReleasedError (RuntimeError)     a model used after its release
     ├── MemoryBudgetExceeded (MemoryError)    a model does not fit its budget
-    │   └── GpuMemoryExceeded                 ... on a GPU
+    │   ├── GpuMemoryExceeded                 ... on a GPU
+    │   └── AdmissionRefused                  ... now, found out before its segment was written
     ├── ServerDiedError                       a model server died during a call (or while starting)
     ├── CallTimeoutError (TimeoutError)       a call took longer than ``Server(call_timeout=)``
     ├── RemoteError                           a server-side exception that could not travel as is
@@ -43,6 +44,7 @@ __all__ = [
     "ModelReleasedError",
     "MemoryBudgetExceeded",
     "GpuMemoryExceeded",
+    "AdmissionRefused",
     "ServerDiedError",
     "CallTimeoutError",
     "RemoteError",
@@ -106,6 +108,12 @@ class MemoryBudgetExceeded(ModelShareError, MemoryError):
 
 class GpuMemoryExceeded(MemoryBudgetExceeded):
     """A model's GPU copy does not fit the GPU's budget or its free memory (``Processes(device=...)``)."""
+
+
+class AdmissionRefused(MemoryBudgetExceeded):
+    """A routed model's exact size, known once it was loaded and encoded, does not fit the budget now:
+    nothing was written. Its router waits for room (the size now known) and raises
+    :class:`MemoryBudgetExceeded` if none comes within ``wait``."""
 
 
 class ServerDiedError(ModelShareError):

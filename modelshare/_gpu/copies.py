@@ -50,7 +50,13 @@ from ..errors import (
     GpuMemoryExceeded,
 )
 from .cuda import Driver, driver
-from .keeper import DeviceCopyFiles, list_device_copies, read_status, request_copy, start_keeper
+from .keeper import (
+    DeviceCopyFiles,
+    list_device_copies,
+    read_status,
+    request_copy,
+    start_keeper,
+)
 
 __all__ = ["DeviceCopy", "check_device", "device_driver", "open_device_copy", "device_layout", "admit"]
 

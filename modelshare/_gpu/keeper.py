@@ -36,7 +36,14 @@ from typing import Any, ClassVar, Optional
 
 from .._host.directory import SegmentName
 from .._host.trust import read_own, warn_skipped
-from .._owners.owner import OwnerFiles, connect_own, detach, launch, peer_credentials, serve
+from .._owners.owner import (
+    OwnerFiles,
+    connect_own,
+    detach,
+    launch,
+    peer_credentials,
+    serve,
+)
 from ..errors import UntrustedFileError
 
 __all__ = ["DeviceCopyFiles", "DeviceCopyInfo", "start_keeper", "request_copy", "read_status", "list_device_copies",

@@ -30,7 +30,7 @@ from typing import Literal, Optional
 from ..errors import InvalidKeyError, SegmentDirectoryError
 
 __all__ = ["default_directory", "directory_error", "is_modelshare_name", "ROUTER_FILES", "validate_key", "make_key",
-           "SegmentName", "DirEntry", "parse", "scan", "temporary_beside"]
+           "SegmentName", "DirEntry", "parse", "split_name", "scan", "temporary_beside"]
 
 _KEY = r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}"
 _KEY_RE = re.compile(_KEY)
@@ -126,7 +126,13 @@ class SegmentName:
 
     def temporaries(self) -> list[Path]:
         """This version's temporary files: segments being written, files codecs wrote beside them."""
-        return [entry.path for entry in scan(self.directory) if entry.kind == "temporary" and entry.name == self]
+        prefix = self.stem + TEMPORARY
+        try:
+            filenames = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return [self.directory / f for f in filenames
+                if f.startswith(prefix) and split_name(f) == (self.stem, "temporary")]
 
 
 def temporary_beside(seg_path: Path, purpose: str = "") -> Path:
@@ -140,12 +146,27 @@ def temporary_beside(seg_path: Path, purpose: str = "") -> Path:
 class DirEntry:
     """A file of modelshare's in a segment directory, as :func:`parse` read its name."""
 
-    path: Path
     name: SegmentName
+    filename: str
     kind: Kind
     owner: str = ""  # for kind "owner": copy<N> or gpu-<uuid>
-    owner_kind: str = ""  # for kind "owner": .sock, .srv, .gpu or .start
+    owner_kind: str = ""  # for kind "owner": .sock, .srv, .gpu, .start or .log
     binding: bool = False  # an owner's socket bound under a temporary name
+
+    @property
+    def path(self) -> Path:
+        return self.name.directory / self.filename
+
+
+def split_name(filename: str) -> Optional[tuple[str, Kind]]:
+    """(stem, kind) of a name modelshare makes, else None: :func:`parse` without the rest (for
+    listings of thousands of files)."""
+    match = _NAME_RE.fullmatch(filename)
+    if match is None or "--" in match["key"]:
+        return None
+    kind: Kind = ("segment" if match["segment"] else "lock" if match["lock"] else
+                  "temporary" if match["temporary"] else "owner")
+    return match["stem"], kind
 
 
 def parse(directory: Path, filename: str) -> Optional[DirEntry]:
@@ -154,19 +175,18 @@ def parse(directory: Path, filename: str) -> Optional[DirEntry]:
     if match is None or "--" in match["key"]:
         return None
     name = SegmentName(directory, match["stem"])
-    path = directory / filename
     if match["segment"]:
-        return DirEntry(path, name, "segment")
+        return DirEntry(name, filename, "segment")
     if match["lock"]:
-        return DirEntry(path, name, "lock")
+        return DirEntry(name, filename, "lock")
     if match["temporary"]:
-        return DirEntry(path, name, "temporary")
-    return DirEntry(path, name, "owner", match["owner"], match["kind"], bool(match["binding"]))
+        return DirEntry(name, filename, "temporary")
+    return DirEntry(name, filename, "owner", match["owner"], match["kind"], bool(match["binding"]))
 
 
 def is_modelshare_name(filename: str) -> bool:
     """Whether ``filename`` is a name modelshare makes (a model version's file, or a router's)."""
-    return filename in ROUTER_FILES or parse(Path("."), filename) is not None
+    return filename in ROUTER_FILES or split_name(filename) is not None
 
 
 def scan(directory: Path) -> list[DirEntry]:

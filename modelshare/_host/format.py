@@ -61,11 +61,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done : done + _WRITE_CHUNK], offset + done)
 
 
-def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: Encoded, *, keep_warm: bool) -> None:
-    """Write ``encoded`` as the segment ``path``: into ``temporary`` first, then an atomic rename.
-
-    The caller makes sure it is the only writer of ``path`` (``segments`` holds a lock).
-    """
+def _layout(fields: dict[str, Any], encoded: Encoded) -> tuple[dict[str, Any], int, int]:
+    """Where everything of ``encoded`` goes: (header with room for the checksums, data offset, file size)."""
     skeleton = memoryview(encoded.skeleton)
     offset = _align(len(skeleton), BUFFER_ALIGN)
     manifest = []
@@ -73,13 +70,26 @@ def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: 
         manifest.append({"offset": offset, "nbytes": buf.nbytes, "crc32": 0,
                          "info": encoded.buffer_info[i] if i < len(encoded.buffer_info) else {}})
         offset = _align(offset + buf.nbytes, BUFFER_ALIGN)
-    data_size = offset
     header = dict(fields, skeleton={"offset": 0, "nbytes": len(skeleton), "crc32": zlib.crc32(skeleton)},
                   manifest=manifest, fingerprint="0" * 64)
     header_len = len(json.dumps(header).encode()) + 32 * len(manifest) + 64
     data_offset = _align(PREAMBLE_SIZE + header_len, DATA_ALIGN)
-    size = data_offset + data_size
+    return header, data_offset, data_offset + offset
 
+
+def segment_size(fields: dict[str, Any], encoded: Encoded) -> int:
+    """The exact size of the file ``write_segment`` would write: known before a byte is written."""
+    return _layout(fields, encoded)[2]
+
+
+def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: Encoded, *, keep_warm: bool) -> None:
+    """Write ``encoded`` as the segment ``path``: into ``temporary`` first, then an atomic rename.
+
+    The caller makes sure it is the only writer of ``path`` (``segments`` holds a lock).
+    """
+    skeleton = memoryview(encoded.skeleton)
+    header, data_offset, size = _layout(fields, encoded)
+    manifest = header["manifest"]
     try:
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:

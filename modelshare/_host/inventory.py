@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..errors import SegmentCorruptedError, UntrustedFileError
-from .directory import DirEntry, SegmentName, scan
+from .directory import DirEntry, SegmentName, scan, split_name
 from .format import FLAG_KEEP_WARM, is_warm, read_header
-from .locks import lock_file, lock_holders
+from .locks import LockTable, lock_file, lock_holders, lock_table
 from .trust import check_own, foreign_names, open_own, warn_skipped
 
-__all__ = ["SegmentInfo", "segment_names", "list_segments", "evict", "sweep"]
+__all__ = ["SegmentInfo", "segment_names", "segment_sizes", "list_segments", "evict", "sweep"]
 
 
 def segment_names(directory: Path) -> list[SegmentName]:
@@ -50,6 +51,27 @@ def _versions(directory: Path) -> dict[SegmentName, list[DirEntry]]:
             continue
         found.setdefault(entry.name, []).append(entry)
     return found
+
+
+def segment_sizes(directory: Path) -> dict[str, int]:
+    """Bytes each model version takes in ``directory`` -- its segment, or what is written of it --
+    by stem, from one listing and no file read: what a budget counts."""
+    sizes: dict[str, int] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return sizes
+    for dir_entry in entries:
+        split = split_name(dir_entry.name)
+        if split is None or split[1] not in ("segment", "temporary"):
+            continue
+        try:
+            st = dir_entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # renamed into place, or removed, since the listing
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+            sizes[split[0]] = sizes.get(split[0], 0) + st.st_size
+    return sizes
 
 
 def _temporaries(entries: list[DirEntry]) -> list[Path]:
@@ -139,16 +161,16 @@ class SegmentInfo:
 
 def list_segments(directory: Path) -> list[SegmentInfo]:
     """Every segment (and segment being published) in ``directory``, with its holders."""
-    infos = []
+    infos, locks = [], lock_table()
     for name, entries in _versions(directory).items():
-        info = _segment_info(name, _temporaries(entries))
+        info = _segment_info(name, _temporaries(entries), locks)
         if info is not None:
             infos.append(info)
     return infos
 
 
-def _segment_info(name: SegmentName, temporaries: list[Path]) -> Optional[SegmentInfo]:
-    holders = lock_holders(name.lock_path)
+def _segment_info(name: SegmentName, temporaries: list[Path], locks: LockTable) -> Optional[SegmentInfo]:
+    holders = lock_holders(name.lock_path, locks)
     seg = name.seg_path
     try:
         fd = open_own(seg, os.O_RDONLY)

@@ -19,7 +19,7 @@ from .directory import directory_error
 from .trust import open_own
 from .waiting import Deadline
 
-__all__ = ["same_file", "inode", "lock_file", "flock_until", "lock_holders"]
+__all__ = ["same_file", "inode", "lock_file", "flock_until", "lock_table", "lock_holders", "LockTable"]
 
 
 def inode(path: Path) -> Optional[tuple[int, int]]:
@@ -89,21 +89,30 @@ def lock_file(path: Path, op: int, deadline: Optional[Deadline] = None,
             return None
 
 
-def lock_holders(lock_path: Path) -> list[int]:
-    """Pids holding a ``flock`` on ``lock_path``, read from ``/proc/locks`` (no bookkeeping)."""
+LockTable = dict[tuple[int, int], list[int]]  # (device, inode) -> pids holding a flock on it
+
+
+def lock_table() -> LockTable:
+    """Every ``flock`` on the machine, from one read of ``/proc/locks`` (no bookkeeping of ours)."""
     try:
-        st = os.stat(lock_path)
         with open("/proc/locks") as f:
             lines = f.readlines()
     except OSError:
-        return []
-    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    pids = []
+        return {}
+    table: dict[tuple[int, int], set[int]] = {}
     for line in lines:
         parts = line.split()
         if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
             continue
         major, minor, ino = parts[5].split(":")
-        if (int(major, 16), int(minor, 16), int(ino)) == want:
-            pids.append(int(parts[4]))
-    return sorted(set(pids))
+        table.setdefault((os.makedev(int(major, 16), int(minor, 16)), int(ino)), set()).add(int(parts[4]))
+    return {key: sorted(pids) for key, pids in table.items()}
+
+
+def lock_holders(lock_path: Path, table: Optional[LockTable] = None) -> list[int]:
+    """Pids holding a ``flock`` on ``lock_path`` (``table``: a :func:`lock_table` already read, for
+    many lookups at the cost of one read)."""
+    found = inode(lock_path)
+    if found is None:
+        return []
+    return (lock_table() if table is None else table).get(found, [])

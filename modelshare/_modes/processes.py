@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from .. import _process
 from .._host import inventory
+from .._host.format import segment_size
 from .._host.holds import SegmentHandle, release
 from .._host.locks import lock_holders
 from .._host.segments import open_or_publish
@@ -152,8 +153,9 @@ class _SegmentHold(Hold):
 
 
 def _produce(shared: "SharedModel[Any]") -> tuple[dict[str, Any], Encoded, bool]:
-    """Load and encode the model, for publishing (runs under the segment's exclusive lock)."""
-    inventory.sweep(shared.directory)  # reclaim what crashes left before using more memory
+    """Load and encode the model, for publishing (runs under the segment's exclusive lock). (What
+    crashes left is swept when a process first uses the directory, and by ``modelshare gc``; a
+    router evicts it when it needs the room.)"""
     model = shared._load()
     codec = shared._codec_for(model)
     encoded = codec.encode(model)
@@ -166,6 +168,8 @@ def _produce(shared: "SharedModel[Any]") -> tuple[dict[str, Any], Encoded, bool]
         "created": time.time(),
         "loader_pid": os.getpid(),
     }
+    if shared._admit_publish is not None:  # a router's: the exact size, before a byte is written
+        shared._admit_publish(segment_size(fields, encoded))
     return fields, encoded, shared.keep_warm
 
 

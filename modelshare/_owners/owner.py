@@ -38,7 +38,12 @@ from .._host.directory import SegmentName, scan
 from .._host.locks import lock_file
 from .._host.trust import check_own, open_own, read_own, warn_skipped
 from .._host.waiting import Deadline
-from ..errors import AcquireTimeoutError, OwnerStartError, SegmentDirectoryError, UntrustedFileError
+from ..errors import (
+    AcquireTimeoutError,
+    OwnerStartError,
+    SegmentDirectoryError,
+    UntrustedFileError,
+)
 
 Files = TypeVar("Files", bound="OwnerFiles")
 

@@ -12,7 +12,12 @@ read, and tested, without a process or a file:
   size times the largest cost ratio measured here, 2 before any).
 * :func:`plan`: which models to evict, least recently used first and never one in use, so that
   the load fits both the budget and the available memory -- or that it cannot fit now (then
-  nothing is evicted: warm models are not thrown away for a load that waits anyway).
+  nothing is evicted: warm models are not thrown away for a load that waits anyway; a load of
+  unknown size takes all the room there is instead).
+
+Estimates only decide when a load may start. The bound itself is enforced with the exact size:
+once a model is loaded and encoded, its segment's size is known before a byte is written, and
+the router admits it again with that size (``ModelRouter._admit_publish``).
 """
 
 from __future__ import annotations
@@ -66,9 +71,11 @@ class Plan:
 
 
 def plan(need: int, held: Mapping[str, int], in_use: Collection[str], last_used: Mapping[str, float],
-         budget: Optional[int], available: int) -> Plan:
+         budget: Optional[int], available: int, *, best_effort: bool = False) -> Plan:
     """Make room for ``need`` bytes: ``held`` is bytes by stem (what counts against the budget),
-    ``in_use`` the stems no one may evict, ``available`` the machine's available memory."""
+    ``in_use`` the stems no one may evict, ``available`` the machine's available memory.
+    ``best_effort``: when it cannot fit, evict every idle model anyway (a load of unknown size
+    takes all the room there is; its exact size is checked before it is written)."""
     total, free, chosen = sum(held.values()), available, []
     candidates = sorted((stem for stem in held if stem not in in_use),
                         key=lambda stem: (last_used.get(stem, 0.0), stem))
@@ -79,5 +86,5 @@ def plan(need: int, held: Mapping[str, int], in_use: Collection[str], last_used:
         total -= held[stem]
         free += held[stem]
     if not fits(total, need, free, budget):
-        return Plan((), False)
+        return Plan(tuple(chosen) if best_effort else (), False)
     return Plan(tuple(chosen), True)

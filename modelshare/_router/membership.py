@@ -18,6 +18,7 @@ from pathlib import Path
 from .. import _process
 from .._host.directory import SegmentName
 from .._host.inventory import evict
+from .._host.locks import lock_file
 from .._host.trust import open_own
 from .ledger import Ledger
 
@@ -56,26 +57,25 @@ def join(directory: Path) -> None:
     with _join_lock:
         if any(m.directory == directory for m in _process.tracked(_Membership)):
             return
-        fd = open_own(directory / USERS, os.O_RDWR | os.O_CREAT)
-        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a last user is sweeping
+        fd = lock_file(directory / USERS, fcntl.LOCK_SH)  # waits while a last user is sweeping
+        assert fd is not None
         _process.track(_Membership(directory, fd))
 
 
 def sweep_router(directory: Path) -> list[Path]:
     """If no process uses a router in ``directory`` any more (a SIGKILLed last user included),
-    evict the models routers kept warm there; what was removed."""
+    evict the models routers kept warm there -- and, once none is left, the routers' own files;
+    what was removed."""
     ledger = Ledger(directory)
     if not ledger.exists():
         return []
     try:
-        fd = open_own(directory / USERS, os.O_RDWR | os.O_CREAT)
+        fd = lock_file(directory / USERS, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # not there to be made, or not this uid's (UntrustedFileError)
         return []
+    if fd is None:
+        return []  # routers are in use: their models stay
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return []  # routers are in use: their models stay
         removed = []
         with ledger.locked() as state:
             for stem in list(state.models):
@@ -85,6 +85,12 @@ def sweep_router(directory: Path) -> list[Path]:
                 if not name.seg_path.exists():
                     del state.models[stem]  # the routers are gone: their models' records go with them
             state.reservations.clear()
+            models_left = bool(state.models)
+        if not models_left:  # no router user (their lock is ours), nothing routed: the routers' files go too
+            for path in (*ledger.files(), directory / USERS):
+                if path.exists():
+                    path.unlink()
+                    removed.append(path)
         return removed
     finally:
         os.close(fd)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -52,14 +53,14 @@ import psutil
 
 from .._host.directory import SegmentName, default_directory
 from .._host.holds import forget_lingering
-from .._host.inventory import evict, list_segments
-from .._host.locks import lock_holders
+from .._host.inventory import evict, segment_sizes
+from .._host.locks import lock_holders, lock_table
 from .._host.trust import ensure_directory
 from .._host.waiting import Deadline
 from .._modes.processes import Processes
 from .._shared import SharedModel
 from ..budget import Budget, Size, format_size, parse_size
-from ..errors import GpuMemoryExceeded, MemoryBudgetExceeded
+from ..errors import AdmissionRefused, GpuMemoryExceeded, MemoryBudgetExceeded
 from ..memory import Peak, anonymous_bytes
 from . import admission
 from .ledger import Ledger, LedgerState, Reservation
@@ -155,9 +156,12 @@ class ModelRouter:
             if gpu is not None:
                 own = None if mode.gpu_budget is None else parse_size(mode.gpu_budget)
                 mode = dataclasses.replace(mode, gpu_budget=gpu if own is None else min(gpu, own))
-        # a released model stays loaded until the budget needs its room
-        self._models[key] = shared._with(keep_warm=True, mode=mode)
-        return self._models[key]
+        # a released model stays loaded until the budget needs its room; its exact size is admitted
+        # before its segment is written
+        routed = shared._with(keep_warm=True, mode=mode)
+        routed._admit_publish = functools.partial(self._admit_publish, key, routed.segment_name.stem)
+        self._models[key] = routed
+        return routed
 
     def model(self, key: str) -> SharedModel[Any]:
         """The router's SharedModel for ``key`` (from ``models``, else made by ``factory``)."""
@@ -219,6 +223,7 @@ class ModelRouter:
                     return model
                 record.hits += 1
                 record.last_used = time.time()
+                record.bytes = _file_size(name.seg_path) or record.bytes  # what it really takes
                 return shared, model
             admitted = self._admit(state, key, name)
             if isinstance(admitted, _NoRoom):
@@ -228,48 +233,66 @@ class ModelRouter:
         try:
             with Peak(anonymous_bytes, every=0.002) as peak:  # what the load costs this process beside the segment
                 model = _acquire_within_gpu_budget(shared)  # single-flight per machine; the ledger is free meanwhile
+        except AdmissionRefused as refused:  # its exact size does not fit now: nothing was written
+            with ledger.locked() as state:
+                _drop_own_reservation(state, name.stem)
+            return _NoRoom(str(refused))
         except BaseException:
             with ledger.locked() as state:
-                state.reservations.pop(name.stem, None)
+                _drop_own_reservation(state, name.stem)
             raise
         info = shared.hold_info()
         with ledger.locked() as state:
-            state.reservations.pop(name.stem, None)
+            _drop_own_reservation(state, name.stem)
             if isinstance(model, _NoRoom):
                 return model
             record = state.record(name.stem, key)
-            record.bytes = _file_size(name.seg_path) or admitted
+            record.bytes = _file_size(name.seg_path) or record.bytes
             record.loads += 1
             if info is not None and info.loaded_here:
                 record.load_bytes = record.bytes + max(0, peak.value - start)  # its next load reserves this much
-            no_room = self._make_room(state, 0, exclude=name.stem, key=key, loaded=record.bytes)
-            if no_room is not None:
-                shared.release(model)  # larger than its estimate, and nothing else can go: undo, and wait
-                evict(name)
-                return no_room
         return shared, model
+
+    def _admit_publish(self, key: str, stem: str, size: int) -> None:
+        """A loaded model's exact segment size, checked before a byte is written (whoever loads it:
+        this process's load, or one that took over a dead loader's): room is made and reserved, or
+        :class:`AdmissionRefused` (nothing is written; the router waits, the size now known), or
+        :class:`MemoryBudgetExceeded` if it is larger than the whole budget."""
+        with Ledger(self.directory).locked() as state:
+            state.record(stem, key).bytes = size  # remembered, refused or not: the next admission knows
+            too_big = self.budget.host is not None and size > self.budget.host
+            no_room = None if too_big else self._make_room(state, size, exclude=stem, key=key)
+            if too_big or no_room is not None:
+                _drop_own_reservation(state, stem)
+            else:
+                state.reservations[stem] = Reservation.here(size)  # until the segment is there to count
+        if too_big:
+            raise MemoryBudgetExceeded(self._too_big(key, size))
+        if no_room is not None:
+            raise AdmissionRefused(no_room.reason)
 
     # -- admission ------------------------------------------------------------------------------
 
+    def _too_big(self, key: str, size: int) -> str:
+        return (f"model {key!r} needs {format_size(size)}, more than the whole host budget of "
+                f"{format_size(self.budget.host or 0)}: raise Budget(host=...) or make the model smaller")
+
     def _admit(self, state: LedgerState, key: str, name: SegmentName) -> Union[int, _NoRoom]:
-        """Make room for ``key`` (evicting if needed) and reserve its estimated size; the size."""
+        """Make room for ``key`` (evicting if needed) and reserve what its load needs; its size as
+        estimated (0 when nothing is known: the exact size is checked before publishing)."""
         reservation = state.live_reservations().get(name.stem)
         if reservation is not None:
-            return reservation.bytes  # another process is loading it: this one will attach
+            return reservation.bytes  # another process is loading it: this one will attach (or take over)
         hint = self._hint(key)
         size = admission.size_estimate(state.models, name.stem, key, hint)
-        if size is None:  # nothing measured yet: this load runs alone, with all the room there is
-            held = sum(self._held(state, exclude=name.stem).values())
-            if held:
-                return _NoRoom(f"model {key!r} has no known size yet and waits for the budget to be free")
-            size = need = self.budget.host if self.budget.host is not None else 0
-        else:
-            need = admission.load_need(state.models, name.stem, size, self.load_overhead)
+        if size is None:  # nothing measured yet: all the room there is -- whatever nobody holds goes
+            self._make_room(state, self.budget.host or 0, exclude=name.stem, key=key, best_effort=True)
+            state.reservations[name.stem] = Reservation.here(0)
+            return 0
         known = bool(state.models[name.stem].bytes) or hint is not None
         if self.budget.host is not None and size > self.budget.host and known:
-            raise MemoryBudgetExceeded(
-                f"model {key!r} needs {format_size(size)}, more than the whole host budget of "
-                f"{format_size(self.budget.host)}: raise Budget(host=...) or make the model smaller")
+            raise MemoryBudgetExceeded(self._too_big(key, size))
+        need = admission.load_need(state.models, name.stem, size, self.load_overhead)
         if self.budget.host is not None:
             need = min(need, self.budget.host)  # an estimate above the budget: this load runs alone
         no_room = self._make_room(state, need, exclude=name.stem, key=key)
@@ -284,29 +307,25 @@ class ModelRouter:
         return None if hint is None else parse_size(hint)
 
     def _held(self, state: LedgerState, exclude: str = "") -> dict[str, int]:
-        """Bytes held in the directory by stem: segments (and segments being published) plus live
-        reservations; ``exclude`` left out."""
-        sizes: dict[str, int] = {}
-        for info in list_segments(self.directory):
-            sizes[info.stem] = sizes.get(info.stem, 0) + info.nbytes
+        """Bytes held in the directory by stem (one listing): segments, and segments being written,
+        or the reservations of live loads where larger; ``exclude`` left out."""
+        sizes = segment_sizes(self.directory)
         for stem, reservation in state.live_reservations().items():
             sizes[stem] = max(sizes.get(stem, 0), reservation.bytes)
         sizes.pop(exclude, None)
         return sizes
 
     def _make_room(self, state: LedgerState, size: int, *, exclude: str, key: str,
-                   loaded: int = 0) -> Optional[_NoRoom]:
-        """Evict unheld models, least recently used first, until ``size`` more bytes fit (``loaded``:
-        the bytes of ``exclude``, just loaded, which count and stay); why not, if they cannot."""
+                   best_effort: bool = False) -> Optional[_NoRoom]:
+        """Evict unheld models, least recently used first, until ``size`` more bytes fit beside what
+        is held (``exclude`` not counted); why not, if they cannot. ``best_effort``: evict every
+        unheld model when they cannot (and say nothing)."""
         held = self._held(state, exclude)
         last_used = {stem: record.last_used for stem, record in state.models.items()}
         in_use = {stem for stem in state.live_reservations() if stem != exclude}
         while True:
             available = psutil.virtual_memory().available
-            plan = admission.plan(size, {**held, exclude: loaded}, in_use | {exclude}, last_used, self.budget.host,
-                                  available)
-            if not plan.fits:
-                return self._no_room(state, key, size or loaded, held, loaded, available)
+            plan = admission.plan(size, held, in_use, last_used, self.budget.host, available, best_effort=best_effort)
             for stem in plan.evict:
                 name = SegmentName(self.directory, stem)
                 forget_lingering(name)  # this process's leftover references do not count as use
@@ -317,18 +336,19 @@ class ModelRouter:
                 if stem in state.models:
                     state.models[stem].evictions += 1
             else:
-                return None
+                if plan.fits or best_effort:
+                    return None
+                return self._no_room(state, key, size, held, available)
 
-    def _no_room(self, state: LedgerState, key: str, size: int, held: dict[str, int], loaded: int,
-                 available: int) -> _NoRoom:
+    def _no_room(self, state: LedgerState, key: str, size: int, held: dict[str, int], available: int) -> _NoRoom:
+        locks = lock_table()
         holders = {state.models[stem].key if stem in state.models else stem:
-                   SegmentName(self.directory, stem) for stem in held}
-        in_use = ", ".join(f"{k} (pids {p})" for k, name in holders.items()
-                           if (p := lock_holders(name.lock_path))) or "nothing"
+                   lock_holders(SegmentName(self.directory, stem).lock_path, locks) for stem in held}
+        in_use = ", ".join(f"{k} (pids {p})" for k, p in holders.items() if p) or "nothing"
         budget = format_size(self.budget.host) if self.budget.host is not None else "none"
         return _NoRoom(
             f"model {key!r} needs {format_size(size)}; the host budget is {budget}, "
-            f"{format_size(sum(held.values()) + loaded)} is held by models in use -- {in_use} -- and "
+            f"{format_size(sum(held.values()))} is held by models in use -- {in_use} -- and "
             f"{format_size(available)} is available on the machine. Release models, raise Budget(host=...), or "
             "route fewer keys at once")
 
@@ -337,16 +357,23 @@ class ModelRouter:
     def stats(self) -> dict[str, KeyStats]:
         """Per key, machine-wide: loads, hits, evictions, bytes, last use, loaded now, holders."""
         state = Ledger(ensure_directory(self.directory)).read()
-        result = {}
+        result, locks = {}, lock_table()
         for stem, r in state.models.items():
             name = SegmentName(self.directory, stem)
             result[r.key] = KeyStats(r.key, r.loads, r.hits, r.evictions, r.bytes, r.last_used,
-                                     name.seg_path.exists(), lock_holders(name.lock_path))
+                                     name.seg_path.exists(), lock_holders(name.lock_path, locks))
         return result
 
     def held_bytes(self) -> int:
         """Bytes of models held in the router's directory now."""
-        return sum(info.nbytes for info in list_segments(self.directory))
+        return sum(segment_sizes(self.directory).values())
+
+
+def _drop_own_reservation(state: LedgerState, stem: str) -> None:
+    """Remove this process's reservation for ``stem`` (another process's is its own to remove)."""
+    reservation = state.reservations.get(stem)
+    if reservation is not None and reservation.pid == os.getpid():
+        del state.reservations[stem]
 
 
 def _acquire_within_gpu_budget(shared: SharedModel[Any]) -> Any:
