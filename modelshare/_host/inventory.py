@@ -91,8 +91,8 @@ def evict(name: SegmentName) -> bool:
     if fd is None:
         return False  # in use (or being published): never evicted
     try:
-        name.seg_path.unlink(missing_ok=True)
-        name.lock_path.unlink(missing_ok=True)
+        for path in (*name.temporaries(), name.seg_path, name.lock_path):  # what a killed writer left counts too
+            path.unlink(missing_ok=True)
         return True
     finally:
         os.close(fd)

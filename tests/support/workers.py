@@ -191,7 +191,6 @@ class Unsplittable:
         return self.calls
 
 
-
 def noisy_model(stdout_bytes: int, stderr_bytes: int) -> Unsplittable:
     """A loader that prints (to stdout and stderr) before returning the model."""
     import sys
@@ -262,6 +261,13 @@ class OnDevice:
 def blob(mib: int, seed: int = 0) -> dict:
     """A model that is just ``mib`` MiB of weights (the router tests' unit of memory)."""
     return {"w": np.full(mib * MiB, seed % 251, dtype=np.uint8), "seed": seed}
+
+
+def counted_blob(counter: str, mib: int, seed: int = 0) -> dict:
+    """``blob``, appending this pid to the file ``counter`` first (to count loads)."""
+    with open(counter, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return blob(mib, seed)
 
 
 def slow_blob(mib: int, seed: int = 0) -> dict:
