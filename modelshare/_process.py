@@ -24,6 +24,11 @@ Everything that needs either is in this module's table; nothing else in modelsha
 * resources (:func:`track`): what lives apart from a model's entry -- a released segment that a
   live array still maps, a GPU copy that tensors still use, a directory's router membership.
 
+Instances handed out by ``SharedModel.instance()`` are released when they become garbage
+(:func:`when_collected`). A weak reference's callback runs wherever the collector happens to run --
+inside any lock of this process, this module's included -- so it only queues the instance, and a
+thread of this module's (the reaper, started on first use, anew in a forked child) releases it.
+
 At exit, models are released first, then resources by ``exit_stage``: what a release leaves
 behind (stage 1) goes before what needs everything else gone (stage 2: the last router user's
 eviction).
@@ -34,15 +39,16 @@ from __future__ import annotations
 import atexit
 import multiprocessing.util
 import os
+import queue
 import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, TypeVar
 
 if TYPE_CHECKING:
     from ._modes import Hold
 
-__all__ = ["Resource", "ModelEntry", "model_entry", "track", "untrack", "tracked", "sweep_once"]
+__all__ = ["Resource", "ModelEntry", "model_entry", "track", "untrack", "tracked", "sweep_once", "when_collected"]
 
 
 class Resource:
@@ -69,13 +75,20 @@ R = TypeVar("R", bound=Resource)
 
 
 class ModelEntry:
-    """One model in this process: the lock its acquires and releases take, how many holds, and
-    the mode's hold (``_modes.Hold``, itself a :class:`Resource`), or None when not held."""
+    """One model in this process: the lock its acquires and releases take, how many acquires,
+    the instances handed out (by ``id``: a reference that gives the instance back while it lives),
+    and the mode's hold (``_modes.Hold``, itself a :class:`Resource`), or None when not held."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.refcount = 0
+        self.instances: dict[int, Callable[[], Any]] = {}
         self.held: "Optional[Hold]" = None
+
+    @property
+    def in_use(self) -> bool:
+        """Whether anything handed out for this model is still held."""
+        return bool(self.refcount or self.instances)
 
 
 class _Table:
@@ -132,6 +145,34 @@ def sweep_once(directory: Path, sweep: Callable[[Path], object]) -> None:
         sweep(directory)
 
 
+class _Reaper:
+    """The thread that runs :func:`when_collected` callbacks, outside the collector."""
+
+    def __init__(self) -> None:
+        self.queue: "queue.SimpleQueue[tuple[Callable[[weakref.ref[Any]], None], weakref.ref[Any]]]" = \
+            queue.SimpleQueue()  # put() is safe inside a weakref callback, by design
+        self.thread = threading.Thread(target=self._run, name="modelshare-reaper", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            callback, ref = self.queue.get()
+            _quietly(lambda: callback(ref))  # nothing to raise to: the instance was garbage
+
+
+_reaper: Optional[_Reaper] = None
+
+
+def when_collected(obj: object, callback: "Callable[[weakref.ref[Any]], None]") -> "weakref.ref[Any]":
+    """A weak reference to ``obj``; once ``obj`` is garbage, ``callback(ref)`` runs in the reaper
+    thread. TypeError where ``obj`` cannot be weakly referenced."""
+    global _reaper
+    with _table.lock:
+        if _reaper is None:
+            _reaper = _Reaper()
+    return weakref.ref(obj, lambda ref: _reaper.queue.put((callback, ref)) if _reaper is not None else None)
+
+
 def _resources() -> list[Resource]:
     with _table.lock:
         return sorted([*_table.resources.values(), *_table.weak_resources], key=lambda r: r.exit_stage)
@@ -162,8 +203,11 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     """In the child: every lock anew (a thread of the parent may have held one), then each
     model's hold and each resource deals with the fork."""
+    global _reaper
     _table.lock = threading.Lock()
     _table.exited_pid = 0
+    if _reaper is not None:  # the parent's thread is not here, and its queue may be mid-put
+        _reaper = _Reaper()
     for entry in _table.models.values():
         entry.lock = threading.Lock()
     held = _holds()
@@ -184,6 +228,7 @@ def _release_all_at_exit() -> None:
         entries = list(_table.models.values())
     for entry in entries:
         held, entry.held, entry.refcount = entry.held, None, 0
+        entry.instances.clear()
         if held is not None:
             _quietly(held.release_at_exit)
     for resource in _resources():

@@ -24,6 +24,8 @@ Lifetime rules:
 * ``acquire()`` returns the model and counts a hold; ``release(model)`` gives it back;
   ``use()`` does both around a ``with`` block. Within a process every acquire of the same model
   (by any thread, through any unpickled copy of the same SharedModel) returns the same object.
+  ``instance()`` returns a new instance each time (its own state, the same weights), held until
+  it is released or garbage.
 * When a process's last hold is released and the caller's own references to the model are gone
   too, it unmaps and drops its shared lock; the last process on the machine unlinks the segment.
   (A released model still referenced is still mapped, so it still counts as held: nothing
@@ -219,6 +221,49 @@ class SharedModel(Generic[M]):
 
     def acquire(self) -> M:
         """The model; loads or attaches it on this process's first hold. Pair with release()."""
+        with self._held_entry() as entry:
+            entry.refcount += 1
+            return entry.held.model  # type: ignore[union-attr,no-any-return]
+
+    def instance(self) -> M:
+        """A model instance of its own -- its own Python objects and state, so a stateful model
+        behaves as if loaded alone -- over the weights every holder shares (once per machine for
+        ``"processes"``, once per process for ``"threads"``). Counted as a hold until
+        ``release(instance)`` or until it is garbage (Beam drops an instance that timed out).
+        Not for ``"server"``, whose model lives in the servers: TypeError."""
+        with self._held_entry() as entry:
+            try:
+                model = entry.held.new_instance()  # type: ignore[union-attr]
+            except BaseException:
+                self._let_go_if_unused(entry)
+                raise
+            key = id(model)
+            try:
+                entry.instances[key] = _process.when_collected(model, lambda ref: self._collected(key, ref))
+            except TypeError:  # cannot be weakly referenced: held until release() or exit
+                entry.instances[key] = lambda: model
+            return model
+
+    def release(self, model: M) -> None:
+        """Give back a model from acquire() or instance(); the last release frees this process's hold."""
+        entry = _process.model_entry(self.mode.ident(self))
+        with entry.lock:
+            held = entry.held
+            reference = entry.instances.get(id(model))
+            if reference is not None and reference() is model:
+                del entry.instances[id(model)]
+            elif entry.refcount and held is not None and model is held.model:
+                entry.refcount -= 1
+            else:
+                raise ValueError(
+                    f"release() got an object that {self!r} did not hand out, or more releases "
+                    "than acquires; pass exactly the object acquire() or instance() returned, once"
+                )
+            self._let_go_if_unused(entry)
+
+    @contextlib.contextmanager
+    def _held_entry(self) -> Iterator[_process.ModelEntry]:
+        """This model's entry, locked, with the mode's hold taken (the first hold loads or attaches)."""
         entry = _process.model_entry(self.mode.ident(self))
         if not entry.lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
             raise AcquireTimeoutError(f"waited {self.timeout:g} s for another thread of this process to load "
@@ -226,26 +271,26 @@ class SharedModel(Generic[M]):
         try:
             if entry.held is None:
                 entry.held = self.mode.hold(self)
-            entry.refcount += 1
-            return entry.held.model  # type: ignore[no-any-return]
+            yield entry
         finally:
             entry.lock.release()
 
-    def release(self, model: M) -> None:
-        """Give back a model from acquire(); the last release frees this process's hold."""
+    @staticmethod
+    def _let_go_if_unused(entry: _process.ModelEntry) -> None:
+        """Free the hold once nothing handed out is held (unless the mode keeps it). Under entry.lock."""
+        held = entry.held
+        if entry.in_use or held is None or held.stays_loaded:
+            return
+        entry.held = None
+        held.release()
+
+    def _collected(self, key: int, reference: Any) -> None:
+        """An instance became garbage: it no longer holds the model (the reaper thread runs this)."""
         entry = _process.model_entry(self.mode.ident(self))
         with entry.lock:
-            held = entry.held
-            if entry.refcount == 0 or held is None or model is not held.model:
-                raise ValueError(
-                    f"release() got an object that {self!r} did not hand out, or more releases "
-                    "than acquires; pass exactly the object acquire() returned, once per acquire"
-                )
-            entry.refcount -= 1
-            if entry.refcount or held.stays_loaded:
-                return
-            entry.held = None
-            held.release()
+            if entry.instances.get(key) is reference:  # not an id reused by a newer instance
+                del entry.instances[key]
+                self._let_go_if_unused(entry)
 
     @contextlib.contextmanager
     def use(self) -> Iterator[M]:
@@ -283,11 +328,10 @@ class SharedModel(Generic[M]):
         try:
             return self._loader_function()()
         except Exception as exc:
-            raise LoaderError(
+            raise LoaderError.caused_by(
                 f"the loader for model {self.key!r} raised {type(exc).__name__}: {exc}. Nothing "
                 "was published and other processes are unaffected; fix the loader -- the next "
-                "acquire() runs it again"
-            ) from exc
+                "acquire() runs it again", exc) from exc
 
     def _codec_for(self, model: Any) -> Codec:
         """The codec that splits ``model``: the one given, else the registry's for its type."""

@@ -7,7 +7,8 @@ from both, so code written against the built-in keeps working. The tree::
 
     ModelShareError
     ├── InvalidKeyError (ValueError)          a key that cannot name a segment file
-    ├── LoaderError                           the user's loader raised; nothing was published
+    ├── LoaderError (RuntimeError)            the user's loader raised; nothing was published (and
+    │                                         is an instance of what it raised too: ``caused_by``)
     ├── EncodeError (TypeError)               a codec cannot split the model into skeleton + buffers
     ├── SegmentCorruptedError                 a segment file that is not a complete, valid segment
     ├── SegmentDirectoryError (OSError)       the segment directory cannot be used (or trusted)
@@ -66,8 +67,21 @@ class InvalidKeyError(ModelShareError, ValueError):
     """A model key that cannot name a segment file (empty, too long, or with path characters)."""
 
 
-class LoaderError(ModelShareError):
-    """The user's loader raised; nothing was published. The original exception is ``__cause__``."""
+class LoaderError(ModelShareError, RuntimeError):
+    """The user's loader raised; nothing was published. The original exception is ``__cause__``.
+
+    Made with :meth:`caused_by`, it is an instance of the cause's class too, so that code written
+    against what the loader raises -- ``except FileNotFoundError``, a framework's own error, Beam's
+    handlers' -- catches it as before, with modelshare's context in the message.
+    """
+
+    @classmethod
+    def caused_by(cls, message: str, cause: BaseException) -> "LoaderError":
+        """A LoaderError that is also an instance of ``type(cause)`` (where that class can be
+        subclassed with a message alone), with ``cause`` as its ``__cause__``."""
+        error = _loader_error_class(type(cause))(message)
+        error.__cause__ = cause
+        return error
 
 
 class EncodeError(ModelShareError, TypeError):
@@ -164,3 +178,43 @@ class CopiedOnLoadWarning(UserWarning):
 
 class UntrustedFileWarning(UserWarning):
     """``ls`` / ``gc`` skipped a file that is not modelshare's (the message says which and why)."""
+
+
+_loader_error_classes: dict[type, type] = {}
+
+
+def _loader_error_class(cause: type) -> type:
+    """``LoaderError`` and ``cause`` in one class (made once per cause class); ``LoaderError``
+    alone where ``cause`` cannot take part (a final class, a layout or an ``__init__`` that a
+    message alone does not satisfy)."""
+    if issubclass(LoaderError, cause) or not issubclass(cause, Exception):
+        return LoaderError
+    made = _loader_error_classes.get(cause)
+    if made is None:
+        try:
+            made = type("LoaderError", (LoaderError, cause), {
+                "__module__": __name__,
+                "__qualname__": f"LoaderError[{cause.__qualname__}]",
+                "__init__": _message_init,
+                "__str__": BaseException.__str__,
+                "__reduce__": _reduce_loader_error,
+            })
+            made("a probe")
+        except Exception:  # noqa: BLE001 - whatever the class refuses, the plain LoaderError serves
+            made = LoaderError
+        _loader_error_classes[cause] = made
+    return made
+
+
+def _message_init(self: BaseException, message: str) -> None:
+    BaseException.__init__(self, message)
+
+
+def _reduce_loader_error(self: LoaderError) -> tuple:
+    cause = next(base for base in type(self).__bases__ if base is not LoaderError)
+    return (_rebuild_loader_error, (cause, str(self)))
+
+
+def _rebuild_loader_error(cause: type, message: str) -> LoaderError:
+    """Unpickle a ``LoaderError.caused_by`` error (a worker's, sent to its parent)."""
+    return _loader_error_class(cause)(message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -46,9 +47,28 @@ def test_loader_that_raises(shm_dir: Path, share: str) -> None:
                                           r"next acquire\(\) runs it again") as info:
         shared.acquire()
     assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, RuntimeError), \
+        "code that catches what the loader raises (or Beam's RuntimeError) must catch the LoaderError"
     assert not shm_dir.exists() or list(shm_dir.iterdir()) == []
     with shared.use() as model:  # recovers on the next acquire
         assert model["w"][-1] == 2047.0
+
+
+class _NeedsTwoArguments(Exception):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+
+
+@pytest.mark.parametrize("cause", [FileNotFoundError("w.pt"), KeyError("layer.3"), ValueError("bad shape"),
+                                   _NeedsTwoArguments("w.pt", "truncated")], ids=type)
+def test_a_loader_error_is_what_the_loader_raised_and_survives_pickling(cause: Exception) -> None:
+    error = LoaderError.caused_by(f"the loader raised {cause!r}", cause)
+    assert isinstance(error, LoaderError) and isinstance(error, RuntimeError) and error.__cause__ is cause
+    if not isinstance(cause, _NeedsTwoArguments):  # a class a message alone cannot build: plain LoaderError
+        assert isinstance(error, type(cause))
+    assert str(error) == f"the loader raised {cause!r}"
+    again = pickle.loads(pickle.dumps(error))  # a worker's error, sent to its parent
+    assert type(again) is type(error) and str(again) == str(error)
 
 
 def test_unpicklable_model(shm_dir: Path) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from .. import _process
 
@@ -47,14 +47,23 @@ class Hold(_process.Resource):
     #: the model stays in this process after its last release (``Threads`` with ``keep_warm``)
     stays_loaded: bool = False
 
-    def __init__(self, model: Any, info: HoldInfo) -> None:
+    def __init__(self, model: Any, info: HoldInfo, rebuild: Optional[Callable[[], Any]] = None) -> None:
         self.model = model
         self.info = info
+        self._rebuild = rebuild
+
+    def new_instance(self) -> Any:
+        """Another instance of the model over what this hold holds: its own Python objects and
+        state, the same weights (``SharedModel.instance``)."""
+        if self._rebuild is None:
+            raise TypeError("share='server': the model lives in the server processes, one instance per copy for "
+                            "every process; for more instances use Server(copies=N), or another key")
+        return self._rebuild()
 
     def release(self) -> None:
         """Give back what this process holds for the model (the model object is dropped first, so
         that memory nothing else references can go at once)."""
-        self.model = None
+        self.model = self._rebuild = None
 
     def release_at_exit(self) -> None:
         self.release()

@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import queue
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..codecs import SegmentBuffers
 
 if TYPE_CHECKING:
     from .._shared import SharedModel
 
-__all__ = ["InstancePool", "check_instances", "pooled", "instances_of"]
+__all__ = ["InstancePool", "check_instances", "pooled", "instances_of", "rebuilder"]
 
 
 def check_instances(instances: object) -> None:
@@ -34,22 +34,32 @@ def pooled(instances: Sequence[Any]) -> Any:
     return instances[0] if len(instances) == 1 else InstancePool(instances)
 
 
-def instances_of(shared: "SharedModel[Any]", model: Any, count: int) -> Any:
-    """``count`` instances of a loaded ``model``: rebuilt over its own buffers where its codec can,
-    else loaded again (``Threads(instances=N)``); the model itself when one is asked for."""
-    if count == 1:
-        return model
-    instances = [model]
+def rebuilder(shared: "SharedModel[Any]", model: Any) -> Callable[[], Any]:
+    """How to make another instance of a loaded ``model``: rebuilt over its own buffers where its
+    codec can (the weights stay one copy), else loaded again."""
     try:
         codec = shared._codec_for(model)
         encoded = codec.encode(model)
-        rebuild = functools.partial(codec.decode, memoryview(encoded.skeleton), SegmentBuffers(encoded.buffers))
-        instances.append(rebuild())
     except Exception:
-        rebuild = shared._load  # this codec cannot: every instance is a load of its own
-        instances.append(rebuild())
-    instances += [rebuild() for _ in range(count - 2)]
-    return InstancePool(instances)
+        return shared._load  # this codec cannot: every instance is a load of its own
+    skeleton, buffers = memoryview(encoded.skeleton), SegmentBuffers(encoded.buffers)
+
+    def rebuild() -> Any:
+        try:
+            return codec.decode(skeleton, buffers)
+        except Exception:
+            return shared._load()
+
+    return rebuild
+
+
+def instances_of(shared: "SharedModel[Any]", model: Any, count: int) -> Any:
+    """``count`` instances of a loaded ``model`` (``Threads(instances=N)``): the model itself and
+    ``count - 1`` rebuilt (``rebuilder``); the model itself when one is asked for."""
+    if count == 1:
+        return model
+    rebuild = rebuilder(shared, model)
+    return InstancePool([model] + [rebuild() for _ in range(count - 1)])
 
 
 class InstancePool:

@@ -17,7 +17,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from .. import _process
 from .._host import inventory
@@ -104,13 +104,17 @@ class Processes(Mode):
                 handle.mapping.verify()
             buffers = self._buffers(shared, handle.mapping)
             codec = shared._decoder(handle.mapping.header["codec"])
-            model = pooled([codec.decode(handle.mapping.skeleton, buffers) for _ in range(self.instances)])
+
+            def new_instance() -> Any:
+                return pooled([codec.decode(handle.mapping.skeleton, buffers) for _ in range(self.instances)])
+
+            model = new_instance()
         except BaseException:
             release(handle)
             raise
         device_bytes = buffers.device.nbytes if buffers.device is not None else 0
         info = HoldInfo(published, time.perf_counter() - start, handle.mapping.nbytes, device_bytes)
-        return _SegmentHold(model, info, handle, buffers.device)
+        return _SegmentHold(model, info, handle, buffers.device, new_instance)
 
     def _buffers(self, shared: "SharedModel[Any]", mapping: "Mapping") -> SegmentBuffers:
         """The segment's buffers, with the model's GPU copy where ``device`` asks for one (the copy
@@ -128,8 +132,9 @@ class Processes(Mode):
 class _SegmentHold(Hold):
     """A model rebuilt over a segment this process holds (and, with ``device``, a GPU copy)."""
 
-    def __init__(self, model: Any, info: HoldInfo, handle: SegmentHandle, device_copy: "Optional[DeviceCopy]") -> None:
-        super().__init__(model, info)
+    def __init__(self, model: Any, info: HoldInfo, handle: SegmentHandle, device_copy: "Optional[DeviceCopy]",
+                 rebuild: Callable[[], Any]) -> None:
+        super().__init__(model, info, rebuild)
         self.handle: Optional[SegmentHandle] = handle
         self.device_copy = device_copy
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from . import Hold, HoldInfo, Mode
-from .pool import check_instances, instances_of
+from .pool import check_instances, instances_of, pooled, rebuilder
 
 if TYPE_CHECKING:
     from .._shared import SharedModel
@@ -38,7 +38,15 @@ class Threads(Mode):
 
     def hold(self, shared: "SharedModel[Any]") -> Hold:
         start = time.perf_counter()
-        model = instances_of(shared, shared._load(), self.instances)
-        hold = Hold(model, HoldInfo(True, time.perf_counter() - start, 0))
+        loaded = shared._load()
+        model = instances_of(shared, loaded, self.instances)
+        rebuild: list[Callable[[], Any]] = []  # made on the first new instance: most holds never ask
+
+        def new_instance() -> Any:
+            if not rebuild:
+                rebuild.append(rebuilder(shared, loaded))
+            return pooled([rebuild[0]() for _ in range(self.instances)])
+
+        hold = Hold(model, HoldInfo(True, time.perf_counter() - start, 0), new_instance)
         hold.stays_loaded = shared.keep_warm
         return hold

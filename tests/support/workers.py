@@ -385,3 +385,29 @@ def publish_and_measure(shared: Any, results: Any) -> None:
     info = shared.hold_info()
     results.put((max(0, peak.value - start), bool(info and info.loaded_here)))
     shared.release(model)
+
+
+class Stateful:
+    """A model with state: each call counts, and the count is part of the answer (as a stateful
+    Beam model's would be)."""
+
+    def __init__(self, mib: int = 1) -> None:
+        self.weights = np.ones(mib * MiB // 4, dtype=np.float32)
+        self.calls = 0
+
+    def __call__(self, x: float) -> float:
+        self.calls += 1
+        return float(self.weights[0]) * x + self.calls
+
+
+def stateful(mib: int = 1) -> Stateful:
+    return Stateful(mib)
+
+
+def instances_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
+    """Take three instances of ``shared``; report their first answers; hold them until ``done``."""
+    models = [shared.instance() for _ in range(3)]
+    results.put((os.getpid(), [m(x) for m in models], True))
+    done.wait()
+    for m in models:
+        shared.release(m)
