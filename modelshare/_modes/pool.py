@@ -21,7 +21,7 @@ from ..codecs import SegmentBuffers
 if TYPE_CHECKING:
     from .._shared import SharedModel
 
-__all__ = ["InstancePool", "check_instances", "pooled", "instances_of", "rebuilder"]
+__all__ = ["InstancePool", "check_instances", "pooled", "rebuilder"]
 
 
 def check_instances(instances: object) -> None:
@@ -51,15 +51,6 @@ def rebuilder(shared: "SharedModel[Any]", model: Any) -> Callable[[], Any]:
             return shared._load()
 
     return rebuild
-
-
-def instances_of(shared: "SharedModel[Any]", model: Any, count: int) -> Any:
-    """``count`` instances of a loaded ``model`` (``Threads(instances=N)``): the model itself and
-    ``count - 1`` rebuilt (``rebuilder``); the model itself when one is asked for."""
-    if count == 1:
-        return model
-    rebuild = rebuilder(shared, model)
-    return InstancePool([model] + [rebuild() for _ in range(count - 1)])
 
 
 class InstancePool:

@@ -130,3 +130,29 @@ def test_processes_pay_for_the_weights_once_whatever_their_instances(shm_dir: Pa
     assert run.outputs == [[2.0, 2.0, 2.0]] * 2
     weights = 256 * MiB
     assert run.total_pss <= run.budget(weights), run.report(weights)
+
+
+def test_threads_hand_the_loaded_model_to_the_first_taker(shm_dir: Path, tmp_path: Path) -> None:
+    """One user costs one load; a model no codec can split is loaded once per further instance
+    (as without modelshare), never once more for the hold itself."""
+    counter = str(tmp_path / "loads")
+    shared = SharedModel(functools.partial(_workers.Unsplittable, counter=counter), key="once", share="threads")
+    first = shared.instance()
+    assert len(_workers.loads_counted(counter)) == 1
+    second = shared.instance()
+    held = shared.acquire()
+    assert len({id(first), id(second), id(held)}) == 3
+    assert len(_workers.loads_counted(counter)) == 3
+    for model in (first, second, held):
+        shared.release(model)
+    assert shared.hold_info() is None
+
+
+def test_threads_instances_start_from_the_loaded_state(shm_dir: Path) -> None:
+    shared = SharedModel(_workers.stateful, key="pristine", share="threads")
+    first = shared.instance()
+    assert [first(1.0) for _ in range(3)] == [2.0, 3.0, 4.0]
+    second = shared.instance()  # rebuilt from the model as loaded, not from the first instance's state
+    assert second(1.0) == 2.0 and np.shares_memory(first.weights, second.weights)
+    shared.release(first)
+    shared.release(second)
