@@ -35,7 +35,10 @@ reported from the first batch, since Beam drops metrics set outside a bundle.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from apache_beam.metrics import Metrics
@@ -56,11 +59,13 @@ from modelshare import (
 from modelshare.threads import Threads, ThreadShare
 
 from ._batches import BatchRunner, Ragged
-from ._devices import handler_device, usable_device
+from ._devices import fall_back_to_cpu, handler_device, usable_device
 from ._keyed import is_multi_model, keyed_router, run_keyed
 from ._loaders import cpu_loader, lean_loader
 
 __all__ = ["SharedModelHandler", "release_all"]
+
+_log = logging.getLogger(__name__)
 
 
 def _default_key(handler: ModelHandler) -> str:
@@ -71,21 +76,35 @@ def _is_onnx_handler(handler: ModelHandler) -> bool:
     return any(cls.__module__ == "apache_beam.ml.inference.onnx_inference" for cls in type(handler).__mro__)
 
 
-# The models this process holds through the adapter, one per handler (directory, key, handler
-# fingerprint): Beam gives handlers no teardown, so a hold lasts until a model update replaces
-# it, release_all(), or exit.
-_holds: dict[tuple[str, str, str], tuple[SharedModel[Any], Any]] = {}
+# What this process holds through the adapter: instances (one per transform, as Beam asks them;
+# released when Beam drops them, or by release_all) and server clients (one per handler settings,
+# replaced by a model update). Beam gives handlers no teardown: the rest goes at exit.
+_instances: list[tuple[SharedModel[Any], Callable[[], Any]]] = []
+_servers: dict[tuple[str, str, str], tuple[SharedModel[Any], Any]] = {}
 _holds_lock = threading.Lock()
+
+
+def _remember(shared: SharedModel[Any], model: Any) -> None:
+    try:
+        reference: Callable[[], Any] = weakref.ref(model)
+    except TypeError:  # Beam's Shared needs a weak reference too; outside Beam, hold it strongly
+        reference = lambda: model  # noqa: E731
+    with _holds_lock:
+        _instances[:] = [(s, r) for s, r in _instances if r() is not None] + [(shared, reference)]
 
 
 def release_all() -> None:
     """Let go of every model this process holds through the adapter (e.g. after an in-process
     pipeline run); worker processes let go when they exit."""
     with _holds_lock:
-        held = list(_holds.values())
-        _holds.clear()
-    for shared, model in held:
-        shared.release(model)
+        instances = [(shared, r()) for shared, r in _instances]
+        servers = list(_servers.values())
+        _instances.clear()
+        _servers.clear()
+    for shared, model in instances + servers:
+        if model is not None:
+            with contextlib.suppress(ValueError):  # already released: a garbage instance the reaper took
+                shared.release(model)
 
 
 class SharedModelHandler(ModelHandler):
@@ -134,8 +153,11 @@ class SharedModelHandler(ModelHandler):
         self._device_asked = device is not None
         device = handler_device(handler, device)
         if device is not None and (share not in (None, "processes") or budget is not None):
-            raise ValueError("device= puts one copy of the model on a GPU for every worker process (share='processes', "
-                             "no budget=); for a model that cannot be split, use share='server'")
+            if self._device_asked:
+                raise ValueError("device= puts one copy of the model on a GPU for every worker process "
+                                 "(share='processes', no budget=); for a model that cannot be split, use "
+                                 "share='server'")
+            device = None  # threads, server: the handler places its model itself, as unwrapped
         super().__init__()
         self._device = device
         self._handler = handler
@@ -145,6 +167,7 @@ class SharedModelHandler(ModelHandler):
         self._share = share or ("server" if (copies or beams_copies) > 1 else "processes")
         self._copies = copies or (beams_copies if self._share == "server" else 1)
         self._server_fallback = share is None and handler.share_model_across_processes()
+        self._share_asked = share
         self._key = key or _default_key(handler)
         self._version = version or loader_fingerprint(handler.load_model)
         self._model_path = ""
@@ -158,35 +181,64 @@ class SharedModelHandler(ModelHandler):
     # -- loading: the one thing this wrapper changes -----------------------------------------
 
     def load_model(self) -> Any:
-        """The wrapped handler's model, loaded once per machine; a previous one is let go. (With a
-        budget: a router over the keyed handler's models, each loaded when its key comes.)"""
+        """A model instance of the wrapped handler's, over weights loaded once per machine: a new
+        one per call, as Beam asks one per transform (or ``model_identifier``), per model update
+        and after a timeout, and releases it by dropping it. (``share="server"``: the client of the
+        handler's servers; with a budget: a router over the keyed handler's models.)"""
+        if fall_back_to_cpu(self._handler) and not self._device_asked:
+            self._device = None
         if self._budget is not None:
             return keyed_router(self._handler, self._budget, self._directory)
+        if self._share == "server":
+            return self._server_client()
         shared = self._share_model()
-        slot = (str(shared.directory), self._key, self._version)  # one per handler; updates replace it
+        first = shared.hold_info() is None
+        before = memory.process(directory=shared.directory).private if first else 0
+        try:
+            model = shared.instance()
+        except EncodeError as exc:
+            return self._unsplittable(exc)
+        _remember(shared, model)
+        self._shared = shared
+        info = shared.hold_info()
+        if first and info is not None:  # reported from run_inference: Beam drops metrics outside a bundle
+            self._pending_metrics = (info, max(0, memory.process(directory=shared.directory).private - before))
+        return model
+
+    def _unsplittable(self, error: EncodeError) -> Any:
+        """What a model that cannot be split into weights gets: a server where the handler asked
+        for Beam's sharing (``large_model``), an error where ``share="processes"`` was asked for,
+        else one instance per transform in each process -- Beam's default -- with a warning."""
+        name = f"{type(self._handler).__name__}.load_model()"
+        if self._server_fallback:
+            self._share = "server"  # large_model=True on a model that cannot be split: Beam's meaning
+            return self._server_client()
+        if self._share_asked == "processes":
+            raise EncodeError(
+                f"the model that {name} returns cannot be split into shared weights ({error}). Use "
+                "SharedModelHandler(handler, share='server') for one copy per machine in a server process, "
+                "or share='threads' for one copy per process"
+            ) from error
+        _log.warning("the model that %s returns cannot be split into shared weights (%s): every worker process "
+                     "loads its own, as without modelshare. share='server' keeps one copy per machine in a server "
+                     "process; share='threads' says that one per process is meant (and this warning goes)",
+                     name, error)
+        self._share = "threads"
+        return self.load_model()
+
+    def _server_client(self) -> Any:
+        """The client of this handler's servers, one per process and handler settings (every
+        transform calls the same servers); a model update replaces it."""
+        shared = self._share_model()
+        slot = (str(shared.directory), self._key, self._version)
         with _holds_lock:
-            previous = _holds.get(slot)
+            previous = _servers.get(slot)
             if previous is not None and previous[0].version_hash == shared.version_hash:
                 self._shared = previous[0]
-                return previous[1]  # another DoFn instance or pipeline in this process holds it already
-            before = memory.process(directory=shared.directory).private
-            try:
-                model = shared.acquire()
-            except EncodeError as exc:
-                if not self._server_fallback:
-                    raise EncodeError(
-                        f"the model that {type(self._handler).__name__}.load_model() returns cannot be split into "
-                        f"shared weights ({exc}). Use SharedModelHandler(handler, share='server') for one copy per "
-                        "machine in a server process, or share='threads' for one copy per process"
-                    ) from exc
-                self._share = "server"  # large_model=True on a model that cannot be split: Beam's meaning
-                shared = self._share_model()
-                model = shared.acquire()
-            _holds[slot] = (shared, model)
+                return previous[1]
+            model = shared.acquire()
+            _servers[slot] = (shared, model)
             self._shared = shared
-            info = shared.hold_info()
-            if info is not None:  # reported from run_inference: Beam drops metrics outside a bundle
-                self._pending_metrics = (info, max(0, memory.process(directory=shared.directory).private - before))
         if previous is not None:  # a model update: let the old version go once the new one is in place
             previous[0].release(previous[1])
         return model

@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler
 
 from modelshare import Budget, ModelRouter, Processes, SharedModel, loader_fingerprint, make_key
 
-from ._devices import handler_device, usable_device
+from ._devices import fall_back_to_cpu, handler_device, usable_device
 from ._loaders import cpu_loader, lean_loader
 
 __all__ = ["is_multi_model", "keyed_router", "run_keyed"]
@@ -36,6 +36,7 @@ def keyed_router(handler: KeyedModelHandler, budget: Budget, directory: Optional
     models, lean = {}, True
     for model_id, mh in handler._id_to_mh_map.items():
         key = make_key(f"beam-keyed-{model_id}", "beam-keyed-model")
+        fall_back_to_cpu(mh)
         device = usable_device(mh, handler_device(mh, None), False, key)  # a PyTorch handler built for the GPU
         loader = lean_loader(mh, on_cpu=device is not None)
         lean = lean and loader is not None

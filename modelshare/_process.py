@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, TypeVar
 if TYPE_CHECKING:
     from ._modes import Hold
 
-__all__ = ["Resource", "ModelEntry", "model_entry", "track", "untrack", "tracked", "sweep_once", "when_collected"]
+__all__ = ["Resource", "ModelEntry", "model_entry", "track", "untrack", "tracked", "sweep_once", "when_collected",
+           "settle"]
 
 
 class Resource:
@@ -171,6 +172,17 @@ def when_collected(obj: object, callback: "Callable[[weakref.ref[Any]], None]") 
         if _reaper is None:
             _reaper = _Reaper()
     return weakref.ref(obj, lambda ref: _reaper.queue.put((callback, ref)) if _reaper is not None else None)
+
+
+def settle(timeout: float = 30.0) -> bool:
+    """Wait until instances already collected are released (the reaper runs callbacks in order).
+    Whether that happened within ``timeout``."""
+    reaper = _reaper
+    if reaper is None:
+        return True
+    done = threading.Event()
+    reaper.queue.put((lambda _: done.set(), weakref.ref(done)))
+    return done.wait(timeout)
 
 
 def _resources() -> list[Resource]:

@@ -11,6 +11,8 @@ from typing import Iterator
 
 import pytest
 
+from modelshare import _process
+
 
 @pytest.fixture
 def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
@@ -19,6 +21,7 @@ def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MODELSHARE_DIR", str(directory))
     yield directory
     gc.collect()  # a test's frame kept in a cycle by a caught exception still maps its models until now
+    _process.settle()  # instances collected just now are released by modelshare's reaper thread
     leftover = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
     shutil.rmtree(directory, ignore_errors=True)
     assert leftover == [], f"the test left files in the segment directory: {leftover}"

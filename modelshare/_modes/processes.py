@@ -28,6 +28,7 @@ from .._host.segments import open_or_publish
 from .._host.trust import ensure_directory
 from ..budget import Size, parse_size
 from ..codecs import Encoded, SegmentBuffers
+from ..errors import EncodeError
 from . import Hold, HoldInfo, Mode
 from .pool import check_instances, pooled
 
@@ -163,7 +164,14 @@ def _produce(shared: "SharedModel[Any]") -> tuple[dict[str, Any], Encoded, bool]
     router evicts it when it needs the room.)"""
     model = shared._load()
     codec = shared._codec_for(model)
-    encoded = codec.encode(model)
+    try:
+        encoded = codec.encode(model)
+    except EncodeError:
+        raise
+    except Exception as exc:  # a codec's own failure (a RecursionError deep in an object graph) says the same
+        raise EncodeError(f"the {codec.name} codec could not split model {shared.key!r} "
+                          f"({type(model).__qualname__}) into shared weights: {type(exc).__name__}: {exc}. Use "
+                          "share='threads' (one copy per process), or register a codec for this type") from exc
     fields = {
         "key": shared.key,
         "version": shared.version,
