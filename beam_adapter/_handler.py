@@ -14,16 +14,26 @@ attaches and computes locally on zero-copy views. Every other method -- batching
 environment variables, model updates -- is the wrapped handler's, so ``with_exception_handling``,
 ``with_no_batching``, ``KeyedModelHandler`` and side-input model updates behave as before.
 
+Beam's contracts hold as unwrapped (``tests/beam_adapter/test_contracts.py``): each call of
+``load_model`` returns an instance of its own (``SharedModel.instance()``) -- Beam asks one per
+transform, per model update and after a timed-out batch, and releases it by dropping it -- so a
+stateful model behaves as unwrapped while its weights stay once per machine; a load failure
+raises an instance of what the handler raised (a ``LoaderError`` too); a PyTorch handler built for
+a GPU the machine lacks falls back with Beam's own warning; a model that cannot be split runs one
+per process (with a warning naming why) unless ``share="processes"`` was asked for.
+
 How the model is shared is decided by ``_share_model``: the generic path shares whatever the
 handler's ``load_model`` returns (a torch module, a scikit-learn estimator); ONNX Runtime
 handlers, whose ``load_model`` returns an unpicklable ``InferenceSession``, are shared from their
-model file with ``SharedModel.from_onnx``. Server mode, exact copies and keyed routing under a
-byte budget plug in there, behind the same constructor (``budget=``: ``_keyed``).
+model file with ``SharedModel.from_onnx``. Server mode (one client per process and handler
+settings: every transform calls the same servers), exact copies and keyed routing under a byte
+budget plug in there, behind the same constructor (``budget=``: ``_keyed``). A keyed handler over
+several models without a budget runs as Beam runs it (Beam's manager keeps one copy per machine).
 
 Model updates (``model_metadata_pcoll``): Beam calls ``update_model_path`` and then
 ``load_model``; the new path is part of the segment's version, so the new model is loaded once per
-machine, and the old one is released as soon as the new one is in place -- the last process to
-let go of it unlinks its segment.
+machine, and the old one is released when Beam drops its instances -- the last process to let go
+of it unlinks its segment.
 
 What the wrapper adds around ``run_inference``: ragged batches (``ragged=``) and out-of-memory
 splitting (``_batches``), intra-op threads shared out among the processes that hold the model
@@ -48,6 +58,7 @@ from modelshare import (
     Budget,
     EncodeError,
     HoldInfo,
+    LoaderError,
     ModelRouter,
     Processes,
     Server,
@@ -177,6 +188,9 @@ class SharedModelHandler(ModelHandler):
         self._threads = ThreadShare(threads)
         self._shared: Optional[SharedModel[Any]] = None
         self._budget = budget
+        # a keyed handler over several models without a budget runs as Beam runs it: Beam's manager
+        # keeps one copy of each model per machine itself (budget= routes them under a byte budget)
+        self._beams_own = budget is None and is_multi_model(handler)
 
     # -- loading: the one thing this wrapper changes -----------------------------------------
 
@@ -189,6 +203,8 @@ class SharedModelHandler(ModelHandler):
             self._device = None
         if self._budget is not None:
             return keyed_router(self._handler, self._budget, self._directory)
+        if self._beams_own:
+            return self._handler.load_model()
         if self._share == "server":
             return self._server_client()
         shared = self._share_model()
@@ -253,8 +269,12 @@ class SharedModelHandler(ModelHandler):
             from modelshare.codecs.onnx import session_options_dict
 
             options = session_options_dict(handler._session_options)
-            shared = SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
-                                           directory=self._directory, providers=providers, session_options=options)
+            try:
+                shared = SharedModel.from_onnx(handler._model_uri, key=self._key, version=version,
+                                               directory=self._directory, providers=providers,
+                                               session_options=options)
+            except OSError as exc:  # what the handler's own load_model would have met: a load failure
+                raise LoaderError.caused_by(f"{type(handler).__name__} cannot load its model: {exc}", exc) from exc
             threads = self._threads.count(shared, joining=True)
             if "intra_op_num_threads" in options or threads is None:
                 return shared
@@ -284,10 +304,12 @@ class SharedModelHandler(ModelHandler):
         self._handler.update_model_paths(model, model_paths)
 
     def share_model_across_processes(self) -> bool:
+        if self._beams_own:
+            return self._handler.share_model_across_processes()
         return False  # modelshare shares across processes itself, with local compute
 
     def model_copies(self) -> int:
-        return 1
+        return self._handler.model_copies() if self._beams_own else 1
 
     # -- everything else is the wrapped handler's ---------------------------------------------
 

@@ -13,6 +13,7 @@ handlers built for the GPU get one copy on it each (``_devices``), under ``Budge
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -51,7 +52,10 @@ def keyed_router(handler: KeyedModelHandler, budget: Budget, directory: Optional
 def run_keyed(handler: KeyedModelHandler, router: ModelRouter, batch: Sequence[tuple[Any, Any]],
               inference_args: Optional[dict[str, Any]],
               run: Callable[..., Iterable[Any]]) -> list[tuple[Any, Any]]:
-    """``KeyedModelHandler.run_inference`` with each model taken from ``router`` for its group.
+    """``KeyedModelHandler.run_inference`` with each model taken from ``router`` for its group,
+    and the handler's metrics -- per model (``<id>-num_inferences``, ...) and in aggregate --
+    updated as it updates them (a model's load metrics where this call loaded it: its load time,
+    and its size in the segment).
 
     ``run(mh.run_inference, examples, model, inference_args)`` runs one group (the adapter's
     ragged/out-of-memory batching, or a plain call).
@@ -64,11 +68,36 @@ def run_keyed(handler: KeyedModelHandler, router: ModelRouter, batch: Sequence[t
     predictions = []
     for model_id, keys in keys_by_id.items():
         mh = handler._id_to_mh_map[model_id]
+        collectors = _collectors(handler, model_id)
+        brought_in = router.model(model_id).hold_info() is None
         shared, model = router.acquire(model_id)
+        info = shared.hold_info()
+        if brought_in and info is not None and info.loaded_here:  # Beam counts loads, once per machine
+            for collector in collectors:
+                collector.update_load_model_metrics(int(info.seconds * 1000), info.shared_bytes)
+        start = time.time_ns() // 1000
+        num_bytes = num_elements = 0
         try:
             for key in keys:
-                predictions += [(key, p) for p in run(mh.run_inference, batch_by_key[key], model, inference_args)]
+                examples = batch_by_key[key]
+                try:
+                    predictions += [(key, p) for p in run(mh.run_inference, examples, model, inference_args)]
+                except BaseException:
+                    for collector in collectors:
+                        collector.failed_batches_counter.inc()
+                    raise
+                num_bytes += mh.get_num_bytes(examples)
+                num_elements += len(examples)
         finally:
             shared.release(model)
             del model  # before the next model is admitted: an evicted segment is freed once nothing maps it
+        for collector in collectors:
+            collector.update(num_elements, num_bytes, time.time_ns() // 1000 - start)
     return predictions
+
+
+def _collectors(handler: KeyedModelHandler, model_id: str) -> list[Any]:
+    """The handler's metrics collectors for ``model_id`` and for all models (Beam makes them in
+    ``override_metrics``, which RunInference calls before any batch)."""
+    own = getattr(handler, "_metrics_collectors", {}).get(model_id)
+    return [c for c in (own, getattr(handler, "_default_metrics_collector", None)) if c is not None]
