@@ -11,7 +11,9 @@ agrees on it. It covers:
 * ``functools.partial`` arguments; a bound method's instance; a callable object's state.
 
 It does not see into files a loader reads or functions it calls by name: pass ``version=`` for
-those. Values that cannot be pickled are fingerprinted by type only, with a warning.
+those. Values that cannot be pickled are fingerprinted by type only, with a warning; a loader
+whose bound values are too deep to walk is fingerprinted by its pickle (the same for every
+process that gets the ``SharedModel`` pickled, not necessarily for one that builds its own).
 
 The fingerprint is the same in every process for the same loader -- independently started
 interpreters, spawn-start children -- so they share one segment: values are fed in a canonical
@@ -36,7 +38,12 @@ _SIMPLE = (str, bytes, int, float, complex, bool, type(None))
 def loader_fingerprint(loader: Callable[[], Any]) -> str:
     """A hex digest that identifies ``loader``'s code and bound values."""
     digest = hashlib.blake2b(digest_size=16)
-    _feed_callable(digest, loader, set())
+    try:
+        _feed_callable(digest, loader, set())
+    except RecursionError:  # bound values too deep to walk (a mock, a long linked graph): pickle them whole
+        digest = hashlib.blake2b(digest_size=16)
+        _feed(digest, "deep")
+        _feed_pickled(digest, loader)
     return digest.hexdigest()
 
 

@@ -111,3 +111,20 @@ def test_independent_interpreters_and_spawn_children_agree(tmp_path) -> None:
         assert out[0] == "True", "a spawn child computed another fingerprint than its parent"
         outputs.add(tuple(out[1:]))
     assert len(outputs) == 1, f"5 interpreters, {len(outputs)} fingerprints"
+
+
+def test_a_loader_bound_to_a_graph_too_deep_to_walk_still_gets_a_fingerprint() -> None:
+    class Node:
+        def __init__(self, child: object) -> None:
+            self.child = child
+
+    deep: object = None
+    for _ in range(300):
+        deep = Node(deep)
+    first = loader_fingerprint(functools.partial(_echo, deep))
+    assert first == loader_fingerprint(functools.partial(_echo, deep))
+    assert first != loader_fingerprint(functools.partial(_echo, Node(None)))
+
+
+def _echo(value: object) -> object:
+    return value
