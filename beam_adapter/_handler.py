@@ -83,6 +83,11 @@ def _default_key(handler: ModelHandler) -> str:
     return make_key(f"beam-{type(handler).__name__}", "beam-model")
 
 
+def _is_server_only(handler: ModelHandler) -> bool:
+    """A handler whose model is a process of its own (vLLM's server): never loaded to be split."""
+    return any(cls.__module__ == "apache_beam.ml.inference.vllm_inference" for cls in type(handler).__mro__)
+
+
 def _is_onnx_handler(handler: ModelHandler) -> bool:
     return any(cls.__module__ == "apache_beam.ml.inference.onnx_inference" for cls in type(handler).__mro__)
 
@@ -175,7 +180,8 @@ class SharedModelHandler(ModelHandler):
         beams_copies = handler.model_copies() if handler.share_model_across_processes() else 1
         # Beam's own sharing keeps its meaning: model_copies=N -> N server copies; large_model -> one copy
         # per machine (weights shared, compute local; a server if the model cannot be split)
-        self._share = share or ("server" if (copies or beams_copies) > 1 else "processes")
+        server_only = _is_server_only(handler) or (copies or beams_copies) > 1
+        self._share = share or ("server" if server_only else "processes")
         self._copies = copies or (beams_copies if self._share == "server" else 1)
         self._server_fallback = share is None and handler.share_model_across_processes()
         self._share_asked = share

@@ -27,11 +27,12 @@ RELEASE = "release"
 
 
 def _thread(spec: RunSpec, first_call: int, results: list[dict[str, Any]], outputs: list[Any],
-            errors: list[BaseException]) -> None:
+            errors: list[BaseException], held: list[Any]) -> None:
     try:
         framework = FRAMEWORKS[spec.framework]
         x = framework.sample()
         infer = APPROACHES[spec.approach](spec)
+        held.append(infer)  # a serving thread keeps its model: the process holds every thread's until released
         outputs.append(np.asarray(infer(first_call, x)))
         first = time.time() - spec.launched_at
         latencies, start = [], time.time()
@@ -52,7 +53,9 @@ def main(spec_path: str, index: int) -> int:
     results: list[dict[str, Any]] = []
     outputs: list[Any] = []
     errors: list[BaseException] = []
-    threads = [threading.Thread(target=_thread, args=(spec, index * 1_000_000 + t * 10_000, results, outputs, errors))
+    held: list[Any] = []
+    threads = [threading.Thread(target=_thread, args=(spec, index * 1_000_000 + t * 10_000, results, outputs, errors,
+                                                      held))
                for t in range(spec.threads)]  # every call has an index of its own: keyed approaches pick by it
     for thread in threads:
         thread.start()

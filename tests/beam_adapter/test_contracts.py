@@ -354,3 +354,12 @@ def test_contracts_hold_in_worker_processes(tmp_path: Path, shm_dir: Path) -> No
     wrapped = run_pipeline(_two_transforms(SharedModelHandler(StatefulHandler())), tmp_path, workers=2)
     assert wrapped.error is None and wrapped.outputs == beams.outputs
     assert sorted(os.listdir(shm_dir)) == [] or not list(shm_dir.glob("*.seg"))
+
+
+def test_vllm_handlers_run_in_server_mode() -> None:
+    """vLLM's model is a server process of its own: never loaded in a worker to be split."""
+    pytest.importorskip("openai", reason="Beam's vLLM handlers import openai (not installed)")
+    from apache_beam.ml.inference.vllm_inference import VLLMCompletionsModelHandler
+
+    wrapped = SharedModelHandler(VLLMCompletionsModelHandler(model_name="facebook/opt-125m"))
+    assert wrapped._share == "server" and wrapped._copies == 1

@@ -5,7 +5,7 @@ per machine where it can be split into weights (Beam's metrics count the loads).
 Models are built here with random weights (Hugging Face ones from configs), nothing downloaded.
 A handler whose framework is not installed is skipped with the reason: Hugging Face handlers need
 ``transformers<5`` *and* TensorFlow (Beam 2.77's module imports both), XGBoost's needs ``xgboost``
-and ``datatable`` -- ``pip install -e '.[handlers]'``.
+and ``datatable`` -- all in ``pip install -e '.[dev]'``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Case(NamedTuple):
 
 def _need(*modules: str) -> None:
     for module in modules:
-        pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[handlers]')")
+        pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[dev]')")
 
 
 def _rounded(value: Any) -> list[float]:
