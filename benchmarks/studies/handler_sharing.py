@@ -1,6 +1,7 @@
 """What is shared, handler by handler: each Beam handler wrapped in ``SharedModelHandler``, its
 model published by this process, then attached by a fresh spawned process that reports how many
-bytes the attach added to its own private memory beside the segment it maps.
+bytes the attach added to its own private memory beside the segment it maps, and what a second
+instance (a second transform's) added.
 
 A handler whose codec rebuilds the model over the segment (PyTorch, scikit-learn arrays, ONNX
 initializers) adds next to nothing; one whose model pickles its weights as bytes (XGBoost's
@@ -125,9 +126,12 @@ def _attach(handler: Any, results: Any) -> None:
     model = wrapped.load_model()
     gc.collect()
     added = memory.process().private - before
+    another = wrapped.load_model()  # a second transform's instance: no framework start-up in it
+    gc.collect()
+    again = memory.process().private - before - added
     info = wrapped._shared.hold_info() if wrapped._shared is not None else None
-    results.put((wrapped._share, info.loaded_here if info else None, added, info.shared_bytes if info else 0))
-    del model
+    results.put((wrapped._share, info.loaded_here if info else None, added, again, info.shared_bytes if info else 0))
+    del model, another
 
 
 def measure(name: str, folder: Path, mib: int) -> dict[str, Any]:
@@ -140,12 +144,12 @@ def measure(name: str, folder: Path, mib: int) -> dict[str, Any]:
     results = spawn.Queue()
     child = spawn.Process(target=_attach, args=(handler, results))
     child.start()
-    share, loaded_here, added, segment = results.get(timeout=600)
+    share, loaded_here, added, again, segment = results.get(timeout=600)
     child.join(120)
     del model
     release_all()
     return {"handler": name, "share": share, "attached": loaded_here is False, "segment_mib": segment / MiB,
-            "private_mib": added / MiB}
+            "private_mib": added / MiB, "instance_mib": again / MiB}
 
 
 def main() -> None:
@@ -162,11 +166,12 @@ def main() -> None:
             except ImportError as exc:
                 print(f"{name}: left out ({exc})")
     print(f"\nmodels of ~{args.size_mib} MiB; a spawned process attaches to what this one published\n")
-    print("| handler | share | segment | private bytes the attach added |")
-    print("|---|---|---|---|")
+    print("| handler | share | segment | private bytes the attach added (framework start-up included) "
+          "| a second instance added |")
+    print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['handler']} | {row['share']}{'' if row['attached'] else ' (loaded, not attached)'} | "
-              f"{row['segment_mib']:.0f} MiB | {row['private_mib']:.1f} MiB |")
+              f"{row['segment_mib']:.0f} MiB | {row['private_mib']:.1f} MiB | {row['instance_mib']:.1f} MiB |")
 
 
 if __name__ == "__main__":
