@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 import types
 import warnings
 from typing import Any, Callable, Optional
@@ -38,13 +39,23 @@ _SIMPLE = (str, bytes, int, float, complex, bool, type(None))
 def loader_fingerprint(loader: Callable[[], Any]) -> str:
     """A hex digest that identifies ``loader``'s code and bound values."""
     digest = hashlib.blake2b(digest_size=16)
+    _walk.memo = {}
     try:
         _feed_callable(digest, loader, set())
     except RecursionError:  # bound values too deep to walk (a mock, a long linked graph): pickle them whole
         digest = hashlib.blake2b(digest_size=16)
         _feed(digest, "deep")
         _feed_pickled(digest, loader)
+    finally:
+        _walk.memo = {}
     return digest.hexdigest()
+
+
+# Each value's digest, once per fingerprint: an object reached by many paths (a framework's
+# module-level state, a shared config) is walked once, not once per path -- which grows
+# exponentially with the graph's depth. Values are kept with their digests so that no id is
+# reused by a temporary while the walk lasts.
+_walk = threading.local()
 
 
 def _feed(digest: "hashlib._Hash", *parts: Any) -> None:
@@ -76,7 +87,7 @@ def _feed_value(digest: "hashlib._Hash", value: Any, seen: Optional[set[int]] = 
     if kind in (list, tuple):
         _feed(digest, kind.__name__, len(value))
         for item in value:
-            _feed_value(digest, item, seen)
+            _feed(digest, _value_digest(item, seen))
     elif kind in (set, frozenset):
         _feed(digest, kind.__name__, sorted(_value_digest(item, seen) for item in value))
     elif kind is dict:
@@ -101,8 +112,14 @@ def _plain_state(value: Any) -> bool:
 
 
 def _value_digest(value: Any, seen: set[int]) -> bytes:
+    memo: dict[int, tuple[Any, bytes]] = getattr(_walk, "memo", None) or {}
+    known = memo.get(id(value))
+    if known is not None and known[0] is value:
+        return known[1]
     digest = hashlib.blake2b(digest_size=16)
     _feed_value(digest, value, set(seen))
+    if hasattr(_walk, "memo"):
+        _walk.memo[id(value)] = (value, digest.digest())
     return digest.digest()
 
 

@@ -128,3 +128,20 @@ def test_a_loader_bound_to_a_graph_too_deep_to_walk_still_gets_a_fingerprint() -
 
 def _echo(value: object) -> object:
     return value
+
+
+def test_objects_reached_by_many_paths_are_walked_once() -> None:
+    """A diamond chain 40 levels deep has 2**40 paths to its bottom: walked per path, never ends."""
+    class Pair:
+        def __init__(self, below: object) -> None:
+            self.left = self.right = below
+
+    graph: object = None
+    for _ in range(40):
+        graph = Pair(graph)
+    assert loader_fingerprint(functools.partial(_echo, graph)) == loader_fingerprint(functools.partial(_echo, graph))
+    other: object = None
+    for _ in range(40):
+        other = Pair(other)
+    other.left = Pair(None)  # type: ignore[attr-defined]
+    assert loader_fingerprint(functools.partial(_echo, graph)) != loader_fingerprint(functools.partial(_echo, other))
