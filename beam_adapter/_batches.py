@@ -6,10 +6,15 @@ out of memory split instead of failing.
   hands the model the mask as a keyword inference argument, and crops per-position outputs back
   to each element's own shape. Results come back in the batch's order, each with its original
   example.
-* **Out of memory**: a call that raises ``MemoryError`` or a CUDA out-of-memory error is retried
-  on the two halves of its batch, down to single elements; the size that worked becomes a cap,
-  and later batches are cut to it before they are tried. Beam's own batching grows batches until
-  they fail; here the worker and its elements survive.
+* **Out of memory**: a call that fails for memory -- ``MemoryError``, torch's
+  ``OutOfMemoryError`` (CUDA), its CPU allocator's "can't allocate memory", ONNX Runtime's
+  failed allocations, any "out of memory" -- is retried on the two halves of its batch, down to
+  single elements; the size that worked becomes a cap, and later batches are cut to it before
+  they are tried. After ``PROBE_AFTER`` batches in a row succeed at the cap it is doubled (and
+  lifted once it exceeds every batch seen), so one transient OOM does not shrink the rest of the
+  run. Beam's own batching grows batches until they fail; here the worker and its elements
+  survive, and what still fails (a single element) fails as before, counted by Beam's
+  ``failed_batches_counter``.
 """
 
 from __future__ import annotations
@@ -53,9 +58,22 @@ def ragged_policy(ragged: Ragged) -> Union[None, str, Pad]:
     raise ValueError(f"ragged must be None, 'bucket', 'pad' or a Pad(...), not {ragged!r}")
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            or ("out of memory" in str(exc) and "CUDA" in str(exc)))
+#: what allocators say when they fail, lower-cased: CUDA and generic ("out of memory"), torch's CPU
+#: allocator ("DefaultCPUAllocator: can't allocate memory"), errno 12 ("Cannot allocate memory"),
+#: ONNX Runtime ("Failed to allocate memory", "bad_alloc")
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate memory",
+                 "bad_alloc")
+
+#: successful batches in a row at the cap before it is doubled
+PROBE_AFTER = 4
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (on any allocator a user meets on CPU or GPU)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    message = str(exc).lower()
+    return any(text in message for text in _OOM_MESSAGES)
 
 
 def _free_memory() -> None:
@@ -71,6 +89,8 @@ class BatchRunner:
     def __init__(self, ragged: Ragged = None) -> None:
         self.ragged = ragged_policy(ragged)
         self.cap: Optional[int] = None  # the largest batch known to fit, once one did not
+        self._fits_in_a_row = 0  # successful calls at the cap since it was set or raised
+        self._largest = 0  # the largest batch asked for
 
     def run(self, call: RunInference, batch: Sequence[Any], model: Any,
             inference_args: Optional[dict[str, Any]]) -> list[Any]:
@@ -102,6 +122,7 @@ class BatchRunner:
 
     def _bounded(self, call: RunInference, batch: list[Any], model: Any, inference_args: Optional[dict[str, Any]],
                  masks: Optional[list[Any]] = None) -> list[Any]:
+        self._largest = max(self._largest, len(batch))
         if self.cap is not None and len(batch) > self.cap:
             step = self.cap
             return [result for start in range(0, len(batch), step)
@@ -111,16 +132,33 @@ class BatchRunner:
         if masks is not None:  # the mask must match the piece actually run
             args = dict(inference_args or {}, **{self.ragged.mask_arg: _stack(masks)})  # type: ignore[union-attr]
         try:
-            return list(call(batch, model, args))
+            results = list(call(batch, model, args))
         except Exception as exc:
-            if not _is_out_of_memory(exc) or len(batch) == 1:
+            if not is_out_of_memory(exc) or len(batch) == 1:
                 raise
+        else:
+            self._probe(len(batch))
+            return results
         half = len(batch) // 2
         self.cap = half if self.cap is None else min(self.cap, half)
+        self._fits_in_a_row = 0
         _log.warning("a batch of %d ran out of memory; splitting it, and capping batches at %d", len(batch), self.cap)
         _free_memory()
         return (self._bounded(call, batch[:half], model, inference_args, masks[:half] if masks else None)
                 + self._bounded(call, batch[half:], model, inference_args, masks[half:] if masks else None))
+
+
+    def _probe(self, size: int) -> None:
+        """After ``PROBE_AFTER`` batches in a row fit at the cap, try twice the cap (and no cap
+        once it exceeds every batch seen): memory that ran out once may be back."""
+        if self.cap is None or size < self.cap:
+            return
+        self._fits_in_a_row += 1
+        if self._fits_in_a_row < PROBE_AFTER:
+            return
+        self._fits_in_a_row = 0
+        self.cap = None if self.cap * 2 >= self._largest else self.cap * 2
+        _log.info("%d batches in a row fitted: batches capped at %s now", PROBE_AFTER, self.cap or "no size")
 
 
 def _stack(items: list[Any]) -> Any:

@@ -37,10 +37,14 @@ of it unlinks its segment.
 
 What the wrapper adds around ``run_inference``: ragged batches (``ragged=``) and out-of-memory
 splitting (``_batches``), intra-op threads shared out among the processes that hold the model
-(``modelshare.threads``), and Beam metrics -- ``modelshare_loads`` / ``modelshare_attaches``, their
-latency distributions, and gauges of bytes shared (the segment), on the GPU (its copy, with
-``device=``) and private (what loading added to this process's own memory, the segment left out) --
-reported from the first batch, since Beam drops metrics set outside a bundle.
+(``modelshare.threads``), and Beam metrics that add up across workers -- counters
+``modelshare_loads`` / ``modelshare_attaches`` (one per process that took the model), their
+latency distributions (``modelshare_load_latency_ms`` / ``modelshare_attach_latency_ms``), and
+distributions of bytes shared (``modelshare_shared_bytes``: the segment each process maps), on the
+GPU (``modelshare_gpu_bytes``, with ``device=``) and private (``modelshare_private_bytes``: what
+loading added to the process's own memory, the segment left out): their sums are the machine's
+totals, their counts the processes -- reported from the first batch, since Beam drops metrics set
+outside a bundle.
 """
 
 from __future__ import annotations
@@ -337,15 +341,16 @@ class SharedModelHandler(ModelHandler):
         return self._batches.run(run_inference, batch, model, inference_args)
 
     def _report_load(self, info: HoldInfo, private_bytes: int) -> None:
-        """Beam metrics: loads vs. attaches, their latency, bytes shared vs. private."""
+        """Beam metrics: loads vs. attaches, their latency, bytes shared vs. private -- counters and
+        distributions, which Beam adds up across workers (a gauge would keep one worker's value)."""
         namespace = self.get_metrics_namespace()
         kind = "load" if info.loaded_here else "attach"
-        Metrics.counter(namespace, f"modelshare_{kind}s").inc()
+        Metrics.counter(namespace, {"load": "modelshare_loads", "attach": "modelshare_attaches"}[kind]).inc()
         Metrics.distribution(namespace, f"modelshare_{kind}_latency_ms").update(int(info.seconds * 1000))
-        Metrics.gauge(namespace, "modelshare_shared_bytes").set(info.shared_bytes)
-        Metrics.gauge(namespace, "modelshare_private_bytes").set(private_bytes)
+        Metrics.distribution(namespace, "modelshare_shared_bytes").update(info.shared_bytes)
+        Metrics.distribution(namespace, "modelshare_private_bytes").update(private_bytes)
         if info.device_bytes:
-            Metrics.gauge(namespace, "modelshare_gpu_bytes").set(info.device_bytes)
+            Metrics.distribution(namespace, "modelshare_gpu_bytes").update(info.device_bytes)
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
         return self._handler.get_num_bytes(batch)

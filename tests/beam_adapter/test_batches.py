@@ -17,7 +17,7 @@ beam = pytest.importorskip("apache_beam", reason="Apache Beam is not installed (
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install -e '.[torch]')")
 
 from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference  # noqa: E402
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference  # noqa: E402
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor  # noqa: E402
 
 from beam_adapter import Pad, SharedModelHandler, release_all  # noqa: E402
@@ -132,11 +132,11 @@ def test_metrics_count_loads_and_shared_bytes(tmp_path: Path) -> None:
     _, outcome = _run(SharedModelHandler(handler, ragged="bucket"), _sequences(), tmp_path)
     metrics = outcome.metrics().query(MetricsFilter().with_namespace(handler.get_metrics_namespace()))
     counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
-    gauges = {m.key.metric.name: m.committed.value for m in metrics["gauges"]}
-    assert counters.get("modelshare_loads") == 1 and "modelshare_attaches" not in counters
-    assert gauges["modelshare_shared_bytes"] > 32 << 20, "the weights are in the segment"
-    assert gauges["modelshare_private_bytes"] < 8 << 20, "and the loader kept no private copy of them"
-    assert any(m.key.metric.name == "modelshare_load_latency_ms" for m in metrics["distributions"])
+    sizes = {m.key.metric.name: m.committed for m in metrics["distributions"]}
+    assert counters.get("modelshare_loads") == 1 and counters.get("modelshare_attaches", 0) == 0
+    assert sizes["modelshare_shared_bytes"].sum > 32 << 20, "the weights are in the segment"
+    assert sizes["modelshare_private_bytes"].sum < 8 << 20, "and the loader kept no private copy of them"
+    assert sizes["modelshare_load_latency_ms"].count == 1 and "modelshare_attach_latency_ms" not in sizes
 
 
 def test_batching_helpers() -> None:
@@ -222,3 +222,122 @@ def test_threads_applied_to_torch_in_a_pipeline(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _overcommit_heuristic() -> bool:
+    try:
+        return Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "0"
+    except OSError:
+        return False
+
+
+class VirtualHungry:
+    """Asks torch's CPU allocator for ``share`` of the machine's RAM + swap per element (untouched):
+    the kernel's overcommit heuristic refuses a batch of 3 or more -- a real allocator failure."""
+
+    def __init__(self, share: float = 0.4) -> None:
+        import psutil
+
+        self.per_element = int((psutil.virtual_memory().total + psutil.swap_memory().total) * share)
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: Any) -> Any:
+        self.sizes.append(len(batch))
+        scratch = torch.empty(len(batch) * self.per_element, dtype=torch.uint8)
+        del scratch
+        return [float(x) * 2 for x in batch]
+
+
+class VirtualHungryHandler(ModelHandler):
+    def __init__(self) -> None:
+        super().__init__(min_batch_size=4, max_batch_size=4)
+
+    def load_model(self) -> VirtualHungry:
+        return VirtualHungry()
+
+    def run_inference(self, batch: Any, model: Any, inference_args: Any = None) -> Any:
+        return [PredictionResult(x, y) for x, y in zip(batch, model(batch))]
+
+
+@pytest.mark.skipif(not _overcommit_heuristic(), reason="needs vm.overcommit_memory=0 (the kernel's heuristic) "
+                                                         "for an allocation the allocator refuses")
+@pytest.mark.parametrize("share", ["threads", "processes"])
+def test_torch_cpu_allocator_failures_are_split(share: str, tmp_path: Path, shm_dir: Path) -> None:
+    def build(handler: Any) -> Any:
+        pipeline = beam.Pipeline()
+        _ = (pipeline | beam.Create([float(i) for i in range(12)]) | RunInference(handler)
+             | beam.Map(lambda r: json.dumps([r.example, r.inference]))
+             | beam.io.WriteToText(str(tmp_path / f"out-{share}-{type(handler).__name__}")))
+        return pipeline
+
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        build(VirtualHungryHandler()).run().wait_until_finish()  # Beam fails the batch
+    outcome = build(SharedModelHandler(VirtualHungryHandler(), share)).run()
+    outcome.wait_until_finish()
+    lines = [json.loads(line) for f in tmp_path.glob(f"out-{share}-SharedModelHandler*")
+             for line in f.read_text().splitlines()]
+    assert sorted(lines) == [[float(i), float(i) * 2] for i in range(12)]
+    counters = {m.key.metric.name: m.committed for m in outcome.metrics().query()["counters"]}
+    assert counters.get("failed_batches_counter", 0) == 0
+
+
+def test_the_cap_is_probed_back_up_after_a_transient_out_of_memory() -> None:
+    from beam_adapter._batches import PROBE_AFTER, BatchRunner
+
+    sizes: list[int] = []
+
+    def run_inference(batch: Any, model: Any, inference_args: Any) -> list[Any]:
+        sizes.append(len(batch))
+        if len(sizes) == 1:  # the first call meets memory that is briefly gone (a real allocator refusal)
+            torch.empty(1 << 62, dtype=torch.uint8)
+        return list(batch)
+
+    runner = BatchRunner()
+    for _ in range(2 * PROBE_AFTER):
+        assert runner.run(run_inference, list(range(8)), None, None) == list(range(8))
+    assert sizes[1:3] == [4, 4], "split once"
+    assert sizes[-1] == 8 and runner.cap is None, "the cap was lifted once batches fitted again"
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("out of memory"),
+    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 32212254720 bytes. Error code 12 (Cannot allocate memory)"),
+    RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running MatMul "
+                 "node. Name:'m' Status Message: Failed to allocate memory for requested buffer of size 4294967296"),
+    RuntimeError("std::bad_alloc"),
+    OSError(12, "Cannot allocate memory"),
+], ids=repr)
+def test_allocation_failures_are_recognised(error: BaseException) -> None:
+    from beam_adapter._batches import is_out_of_memory
+
+    assert is_out_of_memory(error)
+    assert not is_out_of_memory(ValueError("shapes (4,3) and (4,3) not aligned"))
+
+
+def test_metrics_add_up_across_worker_processes(tmp_path: Path, shm_dir: Path) -> None:
+    """Two SDK worker processes: one load, the other attaches; the distributions' sums and counts
+    are the machine's totals and its processes (a gauge would show one worker's value)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    handler = SharedModelHandler(_handler(tmp_path, Wide))
+    pipeline = beam.Pipeline(options=PipelineOptions(direct_num_workers=2, direct_running_mode="multi_processing"))
+    _ = (pipeline | beam.Create([torch.ones(3, WIDTH) * i for i in range(40)]) | beam.Reshuffle()
+         | RunInference(handler) | beam.Map(lambda r: None))
+    outcome = pipeline.run()
+    outcome.wait_until_finish()
+    metrics = outcome.metrics().query(MetricsFilter().with_namespace(handler.get_metrics_namespace()))
+    counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
+    sizes = {m.key.metric.name: m.committed for m in metrics["distributions"]}
+    loads, attaches = counters.get("modelshare_loads", 0), counters.get("modelshare_attaches", 0)
+    assert loads == 1 and "modelshare_attachs" not in counters
+    took = loads + attaches  # the processes that took the model
+    assert took >= 1 and sizes["modelshare_shared_bytes"].count == took
+    assert sizes["modelshare_shared_bytes"].sum == took * sizes["modelshare_shared_bytes"].max > took * (32 << 20)
+    assert sizes["modelshare_private_bytes"].count == took
+    assert sizes["modelshare_load_latency_ms"].count == 1
+    assert sizes.get("modelshare_attach_latency_ms", None) is None or \
+        sizes["modelshare_attach_latency_ms"].count == attaches
+    assert counters["num_inferences"] == 40
