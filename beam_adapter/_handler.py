@@ -56,7 +56,7 @@ import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
 from modelshare import (
     Budget,
@@ -332,6 +332,11 @@ class SharedModelHandler(ModelHandler):
             self._threads.apply(self._shared)
         if isinstance(model, ModelRouter):
             return run_keyed(self._handler, model, batch, inference_args, self._run_batch)
+        if isinstance(self._handler, KeyedModelHandler) and self._handler._single_model and batch:
+            # what KeyedModelHandler does, with ragged= and OOM splitting on the examples themselves
+            keys, examples = zip(*batch)
+            return list(zip(keys, self._run_batch(self._handler._unkeyed.run_inference, examples, model,
+                                                  inference_args)))
         return self._run_batch(self._handler.run_inference, batch, model, inference_args)
 
     def _run_batch(self, run_inference: Callable[..., Iterable[Any]], batch: Sequence[Any], model: Any,

@@ -341,3 +341,20 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path, shm_dir: Path) -
     assert sizes.get("modelshare_attach_latency_ms", None) is None or \
         sizes["modelshare_attach_latency_ms"].count == attaches
     assert counters["num_inferences"] == 40
+
+
+@pytest.mark.parametrize("ragged", ["bucket", "pad"])
+def test_a_wrapped_keyed_handler_honours_ragged(ragged: str, tmp_path: Path) -> None:
+    """SharedModelHandler(KeyedModelHandler(h), ragged=...): the keyed examples are bucketed or padded
+    (unwrapped, the same pipeline fails with "stack expects each tensor to be equal size")."""
+    examples = _sequences()
+    handler = SharedModelHandler(KeyedModelHandler(_handler(tmp_path, PerPosition)), ragged=ragged)
+    out = tmp_path / "keyed"
+    pipeline = beam.Pipeline()
+    _ = (pipeline | beam.Create(list(enumerate(examples))) | RunInference(handler)
+         | beam.MapTuple(lambda i, r: json.dumps([i, r.inference.numpy().tolist()]))
+         | beam.io.WriteToText(str(out)))
+    pipeline.run().wait_until_finish()
+    got = dict(json.loads(line) for f in tmp_path.glob("keyed*") for line in f.read_text().splitlines())
+    for i, expected in enumerate(_one_by_one(PerPosition().eval(), examples)):
+        np.testing.assert_allclose(np.asarray(got[i], dtype=np.float32), expected, rtol=1e-6, atol=1e-6)
