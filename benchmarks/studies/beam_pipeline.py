@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from modelshare.memory import Peak, total_pss
 
@@ -138,10 +139,16 @@ class MLP:
 def run_config(framework: str, config: str, path: Path, size_mib: int, width: int, workers: int,
                examples: int, batch_size: int = 0) -> dict:
     """Run one configuration in a fresh process; its wall time and peak total PSS."""
-    proc = subprocess.Popen([sys.executable, "-c", _PIPELINE, framework, config, str(path), str(size_mib), str(width),
-                             str(workers), str(examples), str(batch_size)],
+    return run_measured(_PIPELINE, [framework, config, str(path), str(size_mib), str(width), str(workers),
+                                    str(examples), str(batch_size)], config)
+
+
+def run_measured(script: str, argv: list[str], config: str, measured: Optional[int] = None) -> dict:
+    """Run ``python -c script *argv`` (it prints a JSON line last); that, with the peak total PSS
+    of ``measured`` (default: the script's process) and all its descendants."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    with Peak(lambda: total_pss([proc.pid], descendants=True)) as peak:
+    with Peak(lambda: total_pss([measured or proc.pid], descendants=True)) as peak:
         out, err = proc.communicate(timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} failed:\n{err[-3000:]}")

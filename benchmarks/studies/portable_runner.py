@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -31,11 +30,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from modelshare.memory import Peak, total_pss
-
 from .. import ROOT
-from ..models import MiB
-from .beam_pipeline import save_model
+from .beam_pipeline import run_measured, save_model
 
 CONFIGS = ["beam-default", "beam-large-model", "modelshare-auto-threads"]
 
@@ -129,14 +125,8 @@ print(json.dumps({'wall_s': time.perf_counter() - start}))
 def run_config(config: str, path: Path, size_mib: int, width: int, workers: int, examples: int) -> dict:
     """One configuration through a fresh worker pool; wall time and the harnesses' peak total PSS."""
     with worker_pool() as (address, pool):
-        proc = subprocess.Popen([sys.executable, "-c", _PIPELINE, config, str(path), str(size_mib), str(width),
-                                 str(workers), str(examples), address],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        with Peak(lambda: total_pss([pool.pid], descendants=True)) as peak:
-            out, err = proc.communicate(timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{config} failed:\n{err[-3000:]}")
-    return dict(json.loads(out.strip().splitlines()[-1]), config=config, peak_pss_mib=peak.value / MiB)
+        return run_measured(_PIPELINE, [config, str(path), str(size_mib), str(width), str(workers), str(examples),
+                                        address], config, measured=pool.pid)
 
 
 def main() -> None:

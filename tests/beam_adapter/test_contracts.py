@@ -4,7 +4,6 @@ outputs, metrics, raised exceptions, log lines."""
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
@@ -30,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from beam_adapter import SharedModelHandler, release_all  # noqa: E402
 from modelshare import LoaderError  # noqa: E402
 
-from ..support import left_after  # noqa: E402
+from ..support import eventually, left_after  # noqa: E402
 from ..support.workers import Stateful  # noqa: E402
 
 SHARES = ["threads", "processes"]
@@ -71,15 +70,6 @@ def run_pipeline(build: Callable[[Any], Any], tmp_path: Path, workers: int = 0) 
         metrics[dist.key.metric.name] = dist.committed
     return Outcome(outputs, metrics, None)
 
-
-def _eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        gc.collect()
-        time.sleep(0.05)
-    return True
 
 
 def _beams(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +250,7 @@ def test_a_timed_out_batch_drops_its_instance(share: str, tmp_path: Path, shm_di
     assert ["failed"] in beams.outputs, beams.outputs
     assert wrapped.outputs == beams.outputs, "after a timeout the next batch must get a fresh instance"
     release_all()
-    assert _eventually(lambda: not list(shm_dir.glob("*.seg"))), "the hung instance is released once it returns"
+    assert eventually(lambda: not list(shm_dir.glob("*.seg"))), "the hung instance is released once it returns"
 
 
 # -- 5. per-key metrics of a keyed handler over several models ---------------------------------------
@@ -294,7 +284,7 @@ def test_keyed_metrics_per_model_are_reported_unchanged(budget: bool, tmp_path: 
     wrapped = run_pipeline(build(SharedModelHandler(keyed(), budget=Budget(host="1GiB") if budget else None)),
                            tmp_path, workers=2)  # worker processes: their routers go when they exit
     assert beams.error is None and wrapped.error is None, (beams.error, wrapped.error)
-    assert _eventually(lambda: not list(shm_dir.glob("*.seg"))), "the last router user evicts what it kept"
+    assert eventually(lambda: not list(shm_dir.glob("*.seg"))), "the last router user evicts what it kept"
     for path in [*shm_dir.glob("*.lock"), *shm_dir.glob("router.*")]:
         path.unlink()
     assert wrapped.outputs == beams.outputs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import pickle
@@ -28,7 +27,7 @@ from beam_adapter import SharedModelHandler, release_all  # noqa: E402
 from modelshare import ModelShareError, list_segments  # noqa: E402
 from modelshare.memory import Peak  # noqa: E402
 
-from ..support import ROOT, left_after  # noqa: E402
+from ..support import ROOT, eventually, left_after  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -39,16 +38,6 @@ def _release_after_each(shm_dir: Path) -> Iterable[None]:
 
 _runs = itertools.count()
 
-
-def _eventually(condition: Any, timeout: float = 30.0) -> bool:
-    """Whether ``condition()`` holds within ``timeout`` (dropped instances are released by a thread)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        gc.collect()
-        time.sleep(0.02)
-    return True
 
 
 def run(handler: ModelHandler, examples: list[Any], tmp_path: Path, *, workers: int = 0) -> dict[int, list[float]]:
@@ -248,7 +237,7 @@ def test_model_update_loads_the_new_version_and_frees_the_old(tmp_path: Path, sh
     second = handler.load_model()
     np.testing.assert_array_equal(second.coef_, newer.coef_)
     del first, again  # Beam drops the old instances once the new one is in place
-    assert _eventually(lambda: not old.path.exists()), "the old version's segment is gone"
+    assert eventually(lambda: not old.path.exists()), "the old version's segment is gone"
     (new,) = list_segments(shm_dir)
     assert new.path != old.path
 

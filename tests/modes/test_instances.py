@@ -15,20 +15,10 @@ import pytest
 
 from modelshare import SharedModel
 
+from ..support import eventually
 from ..support import workers as _workers
 from ..support.pss import run_shared
 from ..support.workers import MiB
-
-
-def _eventually(condition, timeout: float = 30.0) -> bool:
-    """Whether ``condition()`` holds within ``timeout`` (the reaper thread releases collected instances)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        gc.collect()
-        time.sleep(0.02)
-    return True
 
 
 @pytest.mark.parametrize("share", ["processes", "threads"])
@@ -62,7 +52,7 @@ def test_acquire_still_hands_out_one_object_beside_instances(shm_dir: Path) -> N
         shared.release(made)
     assert shared.hold_info() is None
     del held, made  # a released model still referenced still maps the segment
-    assert _eventually(lambda: not list(shm_dir.iterdir()))
+    assert eventually(lambda: not list(shm_dir.iterdir()))
 
 
 @pytest.mark.parametrize("share", ["processes", "threads"])
@@ -73,8 +63,8 @@ def test_an_instance_that_becomes_garbage_is_released(shm_dir: Path, share: str)
     if share == "processes":
         assert len(list(shm_dir.glob("*.seg"))) == 1
     del model
-    assert _eventually(lambda: shared.hold_info() is None), "a collected instance was never released"
-    assert _eventually(lambda: not list(shm_dir.glob("*.seg"))), sorted(os.listdir(shm_dir))
+    assert eventually(lambda: shared.hold_info() is None), "a collected instance was never released"
+    assert eventually(lambda: not list(shm_dir.glob("*.seg"))), sorted(os.listdir(shm_dir))
 
 
 def test_a_new_instance_whose_id_reuses_a_collected_one_stays_held(shm_dir: Path) -> None:
@@ -89,7 +79,7 @@ def test_a_new_instance_whose_id_reuses_a_collected_one_stays_held(shm_dir: Path
     assert kept(1.0) == 2.0
     shared.release(kept)
     del kept
-    assert _eventually(lambda: shared.hold_info() is None)
+    assert eventually(lambda: shared.hold_info() is None)
 
 
 def test_a_forked_child_releases_its_own_instances(shm_dir: Path) -> None:
@@ -101,7 +91,7 @@ def test_a_forked_child_releases_its_own_instances(shm_dir: Path) -> None:
         try:
             answered = held[0](1.0) == 2.0
             held.clear()
-            released = _eventually(lambda: shared.hold_info() is None, 20)
+            released = eventually(lambda: shared.hold_info() is None, 20)
             os.write(write, pickle.dumps((answered, released)))
         finally:
             os._exit(0)
@@ -120,7 +110,7 @@ def test_server_mode_has_no_instances_of_its_own(shm_dir: Path) -> None:
     with pytest.raises(TypeError, match="server"):
         shared.instance()
     assert shared.hold_info() is None, "the failed instance() left a hold"
-    assert _eventually(lambda: not list(shm_dir.iterdir()))
+    assert eventually(lambda: not list(shm_dir.iterdir()))
 
 
 def test_processes_pay_for_the_weights_once_whatever_their_instances(shm_dir: Path, spawn) -> None:

@@ -1,11 +1,13 @@
 """What the tests share: models, loaders and process entry points (``workers``, importable by
 spawned children), PSS runs (``pss``), where the repository is (``ROOT``), and waiting for
-owner processes to leave (``left_after``)."""
+owner processes to leave (``left_after``) or for anything else to come true (``eventually``)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository: run subprocesses from here
 
@@ -19,3 +21,15 @@ def left_after(directory: Path, timeout: float = 30.0) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Whether ``condition()`` comes true within ``timeout`` seconds (collecting garbage between
+    tries: instances dropped by their users are released by modelshare's reaper thread)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        gc.collect()
+        time.sleep(0.02)
+    return True
