@@ -3,9 +3,10 @@ out of memory split instead of failing.
 
 * **Ragged** (``ragged=``): ``"bucket"`` runs each group of equally shaped elements as its own
   call; ``"pad"`` (or ``Pad(...)``) pads every element to the batch's largest shape, optionally
-  hands the model the mask as a keyword inference argument, and crops per-position outputs back
-  to each element's own shape. Results come back in the batch's order, each with its original
-  example.
+  hands the model the mask as a keyword inference argument (``(B, L)``, as attention masks are,
+  or the full shape on request), and crops per-position outputs back to each element's own
+  shape -- never a pooled output whose size merely equals the padded length. Results come back
+  in the batch's order, each with its original example.
 * **Out of memory**: a call that fails for memory -- ``MemoryError``, torch's
   ``OutOfMemoryError`` (CUDA), its CPU allocator's "can't allocate memory", ONNX Runtime's
   failed allocations, any "out of memory" -- is retried on the two halves of its batch, down to
@@ -37,13 +38,15 @@ class Pad:
     """Pad ragged elements to the batch's largest shape.
 
     ``value`` fills the padding; ``mask_arg``, if set, is the keyword under which the model gets
-    the stacked boolean mask (True = real data), e.g. ``"attention_mask"``; ``crop`` cuts
-    per-position outputs back to each element's own length.
+    the stacked boolean mask (True = real data), e.g. ``"attention_mask"``: ``(B, L)`` over the
+    sequence dimensions by default, the elements' whole padded shape with ``full_mask=True``;
+    ``crop`` cuts per-position outputs back to each element's own length (``_ragged.crop``).
     """
 
     value: Any = 0
     mask_arg: Optional[str] = None
     crop: bool = True
+    full_mask: bool = False
 
 
 Ragged = Union[None, str, Pad]
@@ -109,7 +112,7 @@ class BatchRunner:
                 inference_args: Optional[dict[str, Any]]) -> list[Any]:
         policy = self.ragged
         assert isinstance(policy, Pad)
-        padded, masks = pad(batch, policy.value)
+        padded, masks = pad(batch, policy.value, policy.full_mask)
         results = self._bounded(call, padded, model, inference_args, masks if policy.mask_arg else None)
         fixed = []
         for original, grown, result in zip(batch, padded, results):

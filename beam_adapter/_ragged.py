@@ -6,8 +6,13 @@ Two ways, both framework-agnostic (numpy arrays and torch tensors; torch is neve
 * ``group_by_shape(items)``: split a batch into groups of equal shape (order kept within each
   group), so each group stacks; every element is computed exactly as in a batch of its own shape.
 * ``pad(items, value)``: pad every element to the batch's largest size in each dimension, and say
-  which entries are real with a boolean mask of the padded shape; for models that take a mask
-  (attention masks, masked pooling).
+  which positions are real with a boolean mask over the *sequence* dimensions -- the leading ones,
+  up to the last that differs in the batch: ``(L,)`` for ``(L, 16)`` embeddings or ``(L,)`` token
+  ids, stacked to the ``(B, L)`` a Hugging Face-style ``attention_mask`` is -- or, with
+  ``full_mask=True``, of the element's whole padded shape.
+* ``crop(output, original, padded)``: a per-position output cut back to its element's lengths,
+  along the padded dimensions only, and only where the output keeps the input's rank (a pooled
+  output whose width happens to equal the padded length is left alone).
 
 Example::
 
@@ -21,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["group_by_shape", "pad", "crop"]
+__all__ = ["group_by_shape", "pad", "crop", "ragged_dims"]
 
 
 def _shape(item: Any) -> tuple[int, ...]:
@@ -36,8 +41,9 @@ def group_by_shape(items: Sequence[Any]) -> list[list[int]]:
     return list(groups.values())
 
 
-def pad(items: Sequence[Any], value: Any = 0) -> tuple[list[Any], list[Any]]:
-    """Each item padded (at the end of each dimension) to the largest size; and its mask.
+def pad(items: Sequence[Any], value: Any = 0, full_mask: bool = False) -> tuple[list[Any], list[Any]]:
+    """Each item padded (at the end of each dimension) to the largest size; and its mask (over the
+    sequence dimensions, or the whole shape with ``full_mask``).
 
     Items must have the same number of dimensions and dtype. Returns items of the input's kind
     (numpy arrays or torch tensors, on the item's device) and boolean masks of the same kind.
@@ -49,6 +55,8 @@ def pad(items: Sequence[Any], value: Any = 0) -> tuple[list[Any], list[Any]]:
         raise ValueError(f"cannot pad elements with different numbers of dimensions {sorted(ndims)}; "
                          "reshape them first, or use ragged='bucket' to group them by shape")
     target = tuple(max(sizes) for sizes in zip(*(_shape(item) for item in items)))
+    ragged = ragged_dims(items)
+    mask_dims = len(target) if full_mask else (ragged[-1] + 1 if ragged else 1)
     padded, masks = [], []
     for item in items:
         region = tuple(slice(0, d) for d in _shape(item))
@@ -56,21 +64,31 @@ def pad(items: Sequence[Any], value: Any = 0) -> tuple[list[Any], list[Any]]:
             import torch
 
             out = torch.full(target, value, dtype=item.dtype, device=item.device)
-            mask = torch.zeros(target, dtype=torch.bool, device=item.device)
+            mask = torch.zeros(target[:mask_dims], dtype=torch.bool, device=item.device)
         else:
             out = np.full(target, value, dtype=item.dtype)
-            mask = np.zeros(target, dtype=bool)
+            mask = np.zeros(target[:mask_dims], dtype=bool)
         out[region] = item
-        mask[region] = True
+        mask[region[:mask_dims]] = True
         padded.append(out)
         masks.append(mask)
     return padded, masks
 
 
+def ragged_dims(items: Sequence[Any]) -> list[int]:
+    """The dimensions whose sizes differ among ``items`` (those padding grows)."""
+    shapes = [_shape(item) for item in items]
+    return [dim for dim, sizes in enumerate(zip(*shapes)) if len(set(sizes)) > 1]
+
+
 def crop(output: Any, original: tuple[int, ...], padded: tuple[int, ...]) -> Any:
-    """``output`` cut back to ``original`` in the dimensions that padding grew, where it kept the
-    padded size (a per-position output); other dimensions are left alone."""
+    """``output`` cut back to ``original`` along the dimensions padding grew -- where it kept the
+    padded size, and only if the output has at least the input's rank (and two dimensions for a
+    rank-1 input: per-token scores over a vocabulary), as a per-position output does; a pooled
+    output is never cut, even where its width equals the padded length."""
     shape = _shape(output) if hasattr(output, "shape") else ()
+    if len(shape) < max(len(original), 2):
+        return output
     index = tuple(slice(0, size) if size != grown and shape[dim] == grown else slice(None)
-                  for dim, (size, grown) in enumerate(zip(original[:len(shape)], padded)))
+                  for dim, (size, grown) in enumerate(zip(original, padded)))
     return output[index] if index else output

@@ -49,16 +49,28 @@ class Wide(PerPosition):
 
 
 class MaskedMean(torch.nn.Module):
-    """Mean over the real positions of each sequence, then a linear layer."""
+    """Mean over the real positions of each sequence, then a linear layer; the mask is
+    ``(B, L)``, as a Hugging Face ``attention_mask`` (or the input's full shape)."""
+
+    outputs = 2
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(1)
-        self.linear = torch.nn.Linear(WIDTH, 2)
+        self.linear = torch.nn.Linear(WIDTH, self.outputs)
 
     def forward(self, x: Any, attention_mask: Any = None) -> Any:
-        mask = torch.ones_like(x) if attention_mask is None else attention_mask.to(x.dtype)
+        mask = torch.ones(x.shape[:2]) if attention_mask is None else attention_mask.to(x.dtype)
+        if mask.dim() == 2:
+            mask = mask.unsqueeze(-1)
         return self.linear((x * mask).sum(1) / mask.sum(1))
+
+
+class MaskedMeanOfSix(MaskedMean):
+    """Pooled to 6 values: the longest sequence's length, so a pooled output and a per-position
+    one have the same size whenever a batch holds a sequence of 6."""
+
+    outputs = 6
 
 
 @pytest.fixture(autouse=True)
@@ -111,11 +123,35 @@ def test_bucket_by_shape_matches_one_by_one(tmp_path: Path) -> None:
         np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_pad_with_mask_matches_one_by_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("full_mask", [False, True], ids=["(B, L) mask", "full-shape mask"])
+def test_pad_with_mask_matches_one_by_one(full_mask: bool, tmp_path: Path) -> None:
     examples = _sequences()
-    handler = SharedModelHandler(_handler(tmp_path, MaskedMean), ragged=Pad(value=0.0, mask_arg="attention_mask"))
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(MaskedMean):
+        def forward(self, x: Any, attention_mask: Any = None) -> Any:
+            seen.append(tuple(attention_mask.shape))
+            return super().forward(x, attention_mask)
+
+    handler = SharedModelHandler(_handler(tmp_path, MaskedMean),
+                                 ragged=Pad(value=0.0, mask_arg="attention_mask", full_mask=full_mask))
     got, _ = _run(handler, examples, tmp_path)
     for i, expected in enumerate(_one_by_one(MaskedMean().eval(), examples)):
+        np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
+    model = handler.load_model()
+    model.__class__ = Recording  # the same weights; records the mask it is given
+    handler.run_inference(examples[:3], model)
+    longest = max(e.shape[0] for e in examples[:3])
+    assert seen == [(3, longest, WIDTH) if full_mask else (3, longest)]
+
+
+def test_pad_never_crops_a_pooled_output_whose_size_matches_the_padding(tmp_path: Path) -> None:
+    examples = _sequences(20)
+    assert max(e.shape[0] for e in examples) == MaskedMeanOfSix.outputs
+    handler = SharedModelHandler(_handler(tmp_path, MaskedMeanOfSix), ragged=Pad(mask_arg="attention_mask"))
+    got, _ = _run(handler, examples, tmp_path)
+    for i, expected in enumerate(_one_by_one(MaskedMeanOfSix().eval(), examples)):
+        assert got[i].shape == (6,), f"element {i} (length {examples[i].shape[0]}) was cropped to {got[i].shape}"
         np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -143,8 +179,13 @@ def test_batching_helpers() -> None:
     a, b = np.ones((2, 3)), np.ones((4, 3))
     assert batching.group_by_shape([a, b, a]) == [[0, 2], [1]]
     padded, masks = batching.pad([a, b], value=-1)
-    assert padded[0].shape == (4, 3) and padded[0][3, 0] == -1 and masks[0].sum() == 6
+    assert padded[0].shape == (4, 3) and padded[0][3, 0] == -1
+    assert masks[0].shape == (4,) and masks[0].sum() == 2, "a sequence mask: one entry per position"
+    _, full = batching.pad([a, b], value=-1, full_mask=True)
+    assert full[0].shape == (4, 3) and full[0].sum() == 6
     assert batching.crop(np.zeros((4, 7)), (2, 3), (4, 3)).shape == (2, 7)
+    assert batching.crop(np.zeros(4), (2, 3), (4, 3)).shape == (4,), "pooled: never cut"
+    assert batching.crop(np.zeros((4, 9)), (2,), (4,)).shape == (2, 9), "token ids: per-token scores are cut"
     with pytest.raises(ValueError, match="different numbers of dimensions"):
         batching.pad([np.ones(3), np.ones((2, 2))])
 
