@@ -310,6 +310,9 @@ class _Server:
                     self.closing = True
                 self.shutdown()
                 self.files.remove()
+                # exit still holding the start lock: another idle timer of this process, waiting on
+                # it, would otherwise take it once released and create the start file anew
+                os._exit(0)
         except OSError:  # its directory is gone (or no longer usable): nobody can reach it, leave
             pass
         os._exit(0)
