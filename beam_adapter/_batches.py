@@ -1,12 +1,19 @@
-"""How a batch reaches the wrapped handler: ragged elements made stackable, and batches that run
-out of memory split instead of failing.
+"""How a batch reaches the wrapped handler: ragged elements grouped before they are batched, and
+batches that run out of memory split instead of failing.
 
-* **Ragged** (``ragged=``): ``"bucket"`` runs each group of equally shaped elements as its own
-  call; ``"pad"`` (or ``Pad(...)``) pads every element to the batch's largest shape, optionally
-  hands the model the mask as a keyword inference argument (``(B, L)``, as attention masks are,
-  or the full shape on request), and crops per-position outputs back to each element's own
-  shape -- never a pooled output whose size merely equals the padded length. Results come back
-  in the batch's order, each with its original example.
+* **Ragged** (``ragged=``): Beam forms batches in arrival order, so with varied lengths a batch
+  holds many shapes and grouping inside it makes a call per element or two. With ``ragged=``,
+  ``window_kwargs`` has Beam's ``BatchElements`` hand ``run_inference`` a *window* instead --
+  the bundle's elements, up to ``WINDOW_BYTES`` of inputs or ``WINDOW_ELEMENTS`` elements, on every
+  runner (no state, no timers) -- and the model is called on groups formed over the whole window,
+  each at most the handler's ``max_batch_size``: ``"bucket"`` makes one call per distinct shape
+  (a dict of tensors by the shapes of its values); ``"pad"`` (or ``Pad(...)``) sorts elements by
+  size into groups whose padding adds at most ``Pad.max_waste`` of the values they hold, pads each
+  group to its largest shape, optionally hands the model the mask as a keyword inference argument
+  (``(B, L)``, as attention masks are, or the full shape on request), and crops per-position
+  outputs back to each element's own shape -- never a pooled output whose size merely equals the
+  padded length. Results come back in the window's order, each with its original example; keyed
+  elements (``(key, example)``) are grouped by their examples.
 * **Out of memory**: a call that fails for memory -- ``MemoryError``, torch's
   ``OutOfMemoryError`` (CUDA), its CPU allocator's "can't allocate memory", ONNX Runtime's
   failed allocations, any "out of memory" -- is retried on the two halves of its batch, down to
@@ -20,13 +27,14 @@ out of memory split instead of failing.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from ._ragged import crop, group_by_shape, pad
+from ._ragged import crop, group_by_shape, group_for_padding, has_shape, pad
 
 _log = logging.getLogger(__name__)
 
@@ -35,18 +43,26 @@ RunInference = Callable[[Sequence[Any], Any, Optional[dict[str, Any]]], Iterable
 
 @dataclass(frozen=True)
 class Pad:
-    """Pad ragged elements to the batch's largest shape.
+    """Pad ragged elements, in groups of similar size, to their group's largest shape.
 
     ``value`` fills the padding; ``mask_arg``, if set, is the keyword under which the model gets
     the stacked boolean mask (True = real data), e.g. ``"attention_mask"``: ``(B, L)`` over the
     sequence dimensions by default, the elements' whole padded shape with ``full_mask=True``;
-    ``crop`` cuts per-position outputs back to each element's own length (``_ragged.crop``).
+    ``crop`` cuts per-position outputs back to each element's own length (``_ragged.crop``);
+    ``max_waste`` bounds the compute padding adds to a call, as a fraction of the values its
+    elements hold (0.25: at most a quarter more; ``None``: one shape per call, fewest calls).
     """
 
     value: Any = 0
     mask_arg: Optional[str] = None
     crop: bool = True
     full_mask: bool = False
+    max_waste: Optional[float] = 0.25
+
+    def __post_init__(self) -> None:
+        if self.max_waste is not None and not self.max_waste >= 0:
+            raise ValueError(f"Pad(max_waste=...) is the padding a call may add, a fraction >= 0 (or None for "
+                             f"no bound), not {self.max_waste!r}")
 
 
 Ragged = Union[None, str, Pad]
@@ -59,6 +75,42 @@ def ragged_policy(ragged: Ragged) -> Union[None, str, Pad]:
     if ragged == "pad":
         return Pad()
     raise ValueError(f"ragged must be None, 'bucket', 'pad' or a Pad(...), not {ragged!r}")
+
+
+#: the most a ragged window holds: bytes of inputs, and elements (or the handler's max_batch_size)
+WINDOW_BYTES = 64 << 20
+WINDOW_ELEMENTS = 4096
+
+#: BatchElements arguments a window keeps from the handler's: how long to wait, and Beam's own keying
+_WINDOW_KEEPS = ("max_batch_duration_secs", "length_fn", "bucket_boundaries", "clock", "record_metrics")
+
+
+def window_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``BatchElements`` arguments that hand ``run_inference`` a window -- the bundle's elements up
+    to ``WINDOW_BYTES`` of inputs or ``WINDOW_ELEMENTS`` (or ``max_batch_size``) elements -- for
+    ``BatchRunner`` to group by shape before it calls the model in batches of ``max_batch_size``."""
+    elements = max(WINDOW_ELEMENTS, int(kwargs.get("max_batch_size") or 0))
+    kept = {name: value for name, value in kwargs.items() if name in _WINDOW_KEEPS}
+    return dict(kept, min_batch_size=WINDOW_BYTES, max_batch_size=WINDOW_BYTES,
+                element_size_fn=functools.partial(_window_share, floor=WINDOW_BYTES // elements))
+
+
+def _window_share(element: Any, floor: int) -> int:
+    """What an element takes of a window: its bytes, at least ``floor`` (so a window holds at
+    most so many elements), at most the whole window (so one huge element is a window of its own)."""
+    return min(WINDOW_BYTES, max(floor, _nbytes(element)))
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(item) for item in value)
+    if isinstance(value, Mapping):
+        return sum(_nbytes(item) for item in value.values())
+    if hasattr(value, "nbytes"):
+        return int(value.nbytes)
+    if hasattr(value, "element_size") and hasattr(value, "nelement"):  # torch tensors
+        return int(value.element_size() * value.nelement())
+    return 0
 
 
 #: what allocators say when they fail, lower-cased: CUDA and generic ("out of memory"), torch's CPU
@@ -87,41 +139,60 @@ def _free_memory() -> None:
 
 
 class BatchRunner:
-    """Calls the wrapped handler's ``run_inference`` on ragged-safe, memory-bounded pieces."""
+    """Calls the wrapped handler's ``run_inference`` on ragged-safe, memory-bounded pieces.
 
-    def __init__(self, ragged: Ragged = None) -> None:
+    ``max_batch``: the most elements one call gets (the handler's ``max_batch_size``); ``on_call``:
+    told the size of each call made (the adapter's ``modelshare_call_size`` metric).
+    """
+
+    def __init__(self, ragged: Ragged = None, max_batch: Optional[int] = None,
+                 on_call: Optional[Callable[[int], None]] = None) -> None:
         self.ragged = ragged_policy(ragged)
+        self.max_batch = max_batch
+        self.on_call = on_call
         self.cap: Optional[int] = None  # the largest batch known to fit, once one did not
         self._fits_in_a_row = 0  # successful calls at the cap since it was set or raised
         self._largest = 0  # the largest batch asked for
 
     def run(self, call: RunInference, batch: Sequence[Any], model: Any,
-            inference_args: Optional[dict[str, Any]]) -> list[Any]:
+            inference_args: Optional[dict[str, Any]], keyed: bool = False) -> list[Any]:
+        """``call``'s results for ``batch``, in its order: grouped (``ragged=``) and split as needed.
+        ``keyed``: the elements are ``(key, example)`` pairs (a ``KeyedModelHandler``'s)."""
         batch = list(batch)
-        if isinstance(self.ragged, Pad) and batch and hasattr(batch[0], "shape"):
-            return self._padded(call, batch, model, inference_args)
-        if self.ragged == "bucket" and batch and hasattr(batch[0], "shape"):
-            results: list[Any] = [None] * len(batch)
-            for group in group_by_shape(batch):
-                for index, result in zip(group, self._bounded(call, [batch[i] for i in group], model, inference_args)):
-                    results[index] = result
-            return results
-        return self._bounded(call, batch, model, inference_args)
+        if self.ragged is None or not batch:
+            return self._bounded(call, batch, model, inference_args)
+        examples = [item[1] for item in batch] if keyed else batch
+        unshaped = next((e for e in examples if not has_shape(e)), None)
+        if unshaped is not None or (isinstance(self.ragged, Pad) and isinstance(examples[0], Mapping)):
+            raise TypeError(
+                f"ragged={self.ragged!r} groups numpy arrays and torch tensors ('bucket': dicts of them too), "
+                f"not {type(unshaped if unshaped is not None else examples[0]).__qualname__}: give such "
+                "elements a shape in a preprocess function, or leave ragged= out")
+        if isinstance(self.ragged, Pad):
+            groups = group_for_padding(examples, self.ragged.max_waste, self.max_batch)
+        else:
+            groups = group_by_shape(examples, self.max_batch)
+        results: list[Any] = [None] * len(batch)
+        for group in groups:
+            pieces = [batch[i] for i in group]
+            if isinstance(self.ragged, Pad):
+                done = self._padded(call, pieces, model, inference_args, keyed)
+            else:
+                done = self._bounded(call, pieces, model, inference_args)
+            for index, result in zip(group, done):
+                results[index] = result
+        return results
 
     def _padded(self, call: RunInference, batch: list[Any], model: Any,
-                inference_args: Optional[dict[str, Any]]) -> list[Any]:
+                inference_args: Optional[dict[str, Any]], keyed: bool) -> list[Any]:
         policy = self.ragged
         assert isinstance(policy, Pad)
-        padded, masks = pad(batch, policy.value, policy.full_mask)
-        results = self._bounded(call, padded, model, inference_args, masks if policy.mask_arg else None)
-        fixed = []
-        for original, grown, result in zip(batch, padded, results):
-            inference = result.inference
-            if policy.crop:
-                inference = crop(inference, tuple(original.shape), tuple(grown.shape))
-            fixed.append(result._replace(example=original, inference=inference)
-                         if hasattr(result, "_replace") else result)
-        return fixed
+        examples = [item[1] for item in batch] if keyed else batch
+        padded, masks = pad(examples, policy.value, policy.full_mask)
+        items = [(item[0], grown) for item, grown in zip(batch, padded)] if keyed else padded
+        results = self._bounded(call, items, model, inference_args, masks if policy.mask_arg else None)
+        return [_restore(result, original, grown, policy.crop, keyed)
+                for original, grown, result in zip(examples, padded, results)]
 
     def _bounded(self, call: RunInference, batch: list[Any], model: Any, inference_args: Optional[dict[str, Any]],
                  masks: Optional[list[Any]] = None) -> list[Any]:
@@ -134,6 +205,8 @@ class BatchRunner:
         args = inference_args
         if masks is not None:  # the mask must match the piece actually run
             args = dict(inference_args or {}, **{self.ragged.mask_arg: _stack(masks)})  # type: ignore[union-attr]
+        if self.on_call is not None:
+            self.on_call(len(batch))
         try:
             results = list(call(batch, model, args))
         except Exception as exc:
@@ -150,7 +223,6 @@ class BatchRunner:
         return (self._bounded(call, batch[:half], model, inference_args, masks[:half] if masks else None)
                 + self._bounded(call, batch[half:], model, inference_args, masks[half:] if masks else None))
 
-
     def _probe(self, size: int) -> None:
         """After ``PROBE_AFTER`` batches in a row fit at the cap, try twice the cap (and no cap
         once it exceeds every batch seen): memory that ran out once may be back."""
@@ -162,6 +234,18 @@ class BatchRunner:
         self._fits_in_a_row = 0
         self.cap = None if self.cap * 2 >= self._largest else self.cap * 2
         _log.info("%d batches in a row fitted: batches capped at %s now", PROBE_AFTER, self.cap or "no size")
+
+
+def _restore(result: Any, original: Any, grown: Any, cropping: bool, keyed: bool) -> Any:
+    """A padded element's result as its own: its original example, and (``cropping``) the
+    per-position output cut back to its shape; ``keyed``: inside its ``(key, result)`` pair."""
+    if keyed:
+        key, result = result
+        return key, _restore(result, original, grown, cropping, False)
+    if not hasattr(result, "_replace"):
+        return result
+    inference = crop(result.inference, tuple(original.shape), tuple(grown.shape)) if cropping else result.inference
+    return result._replace(example=original, inference=inference)
 
 
 def _stack(items: list[Any]) -> Any:

@@ -56,7 +56,7 @@ import weakref
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
+from apache_beam.ml.inference.base import KeyedModelHandler, MaybeKeyedModelHandler, ModelHandler, PredictionResult
 
 from modelshare import (
     Budget,
@@ -73,7 +73,7 @@ from modelshare import (
 )
 from modelshare.threads import Threads, ThreadShare
 
-from ._batches import BatchRunner, Ragged
+from ._batches import BatchRunner, Ragged, window_kwargs
 from ._devices import fall_back_to_cpu, handler_device, usable_device
 from ._keyed import is_multi_model, keyed_router, run_keyed
 from ._loaders import cpu_loader, lean_loader
@@ -193,7 +193,10 @@ class SharedModelHandler(ModelHandler):
         self._version = version or loader_fingerprint(handler.load_model)
         self._model_path = ""
         self._directory = directory
-        self._batches = BatchRunner(ragged) if (ragged is not None or split_on_oom) else None
+        self._batches = None
+        if ragged is not None or split_on_oom:
+            self._batches = BatchRunner(ragged, handler.batch_elements_kwargs().get("max_batch_size"),
+                                        on_call=self._count_call)
         self._pending_metrics: Optional[tuple[HoldInfo, int]] = None
         self._threads = ThreadShare(threads)
         self._shared: Optional[SharedModel[Any]] = None
@@ -332,18 +335,18 @@ class SharedModelHandler(ModelHandler):
             self._threads.apply(self._shared)
         if isinstance(model, ModelRouter):
             return run_keyed(self._handler, model, batch, inference_args, self._run_batch)
-        if isinstance(self._handler, KeyedModelHandler) and self._handler._single_model and batch:
-            # what KeyedModelHandler does, with ragged= and OOM splitting on the examples themselves
-            keys, examples = zip(*batch)
-            return list(zip(keys, self._run_batch(self._handler._unkeyed.run_inference, examples, model,
-                                                  inference_args)))
-        return self._run_batch(self._handler.run_inference, batch, model, inference_args)
+        keyed = isinstance(self._handler, KeyedModelHandler) or (
+            isinstance(self._handler, MaybeKeyedModelHandler) and bool(batch) and isinstance(batch[0], tuple))
+        return self._run_batch(self._handler.run_inference, batch, model, inference_args, keyed)
 
     def _run_batch(self, run_inference: Callable[..., Iterable[Any]], batch: Sequence[Any], model: Any,
-                   inference_args: Optional[dict[str, Any]]) -> Iterable[Any]:
+                   inference_args: Optional[dict[str, Any]], keyed: bool = False) -> Iterable[Any]:
         if self._batches is None:
             return run_inference(batch, model, inference_args)
-        return self._batches.run(run_inference, batch, model, inference_args)
+        return self._batches.run(run_inference, batch, model, inference_args, keyed)
+
+    def _count_call(self, size: int) -> None:
+        Metrics.distribution(self.get_metrics_namespace(), "modelshare_call_size").update(size)
 
     def _report_load(self, info: HoldInfo, private_bytes: int) -> None:
         """Beam metrics: loads vs. attaches, their latency, bytes shared vs. private -- counters and
@@ -367,6 +370,10 @@ class SharedModelHandler(ModelHandler):
         return self._handler.get_resource_hints()
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        """The wrapped handler's; with ``ragged=``, a window of the bundle to group before the model
+        is called in batches of the handler's ``max_batch_size`` (``_batches.window_kwargs``)."""
+        if self._batches is not None and self._batches.ragged is not None:
+            return window_kwargs(self._handler.batch_elements_kwargs())
         return self._handler.batch_elements_kwargs()
 
     def validate_inference_args(self, inference_args: Optional[dict[str, Any]]) -> None:

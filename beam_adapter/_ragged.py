@@ -1,13 +1,17 @@
 """Ragged inputs: elements of different shapes in one batch, without "stack expects each tensor to be
 equal size".
 
-Two ways, both framework-agnostic (numpy arrays and torch tensors; torch is never imported here):
+Framework-agnostic (numpy arrays and torch tensors; torch is never imported here):
 
-* ``group_by_shape(items)``: split a batch into groups of equal shape (order kept within each
-  group), so each group stacks; every element is computed exactly as in a batch of its own shape.
-* ``pad(items, value)``: pad every element to the batch's largest size in each dimension, and say
+* ``group_by_shape(items, max_size)``: indices grouped by shape (and dtype; a dict of arrays by the
+  shapes of its values), so each group stacks; every element is computed exactly as in a batch of
+  its own shape.
+* ``group_for_padding(items, max_waste, max_size)``: indices grouped by size so that padding each
+  group to its largest shape adds at most ``max_waste`` of the values it really holds -- length
+  buckets that bound the wasted compute, whatever the lengths.
+* ``pad(items, value)``: pad every element to the group's largest size in each dimension, and say
   which positions are real with a boolean mask over the *sequence* dimensions -- the leading ones,
-  up to the last that differs in the batch: ``(L,)`` for ``(L, 16)`` embeddings or ``(L,)`` token
+  up to the last that differs in the group: ``(L,)`` for ``(L, 16)`` embeddings or ``(L,)`` token
   ids, stacked to the ``(B, L)`` a Hugging Face-style ``attention_mask`` is -- or, with
   ``full_mask=True``, of the element's whole padded shape.
 * ``crop(output, original, padded)``: a per-position output cut back to its element's lengths,
@@ -22,23 +26,73 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["group_by_shape", "pad", "crop", "ragged_dims"]
+__all__ = ["group_by_shape", "group_for_padding", "pad", "crop", "ragged_dims", "has_shape"]
 
 
 def _shape(item: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in item.shape)
 
 
-def group_by_shape(items: Sequence[Any]) -> list[list[int]]:
-    """Indices of ``items`` grouped by shape (and dtype), groups in order of first appearance."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
+def has_shape(item: Any) -> bool:
+    """Whether ``item`` is an array or tensor, or a dict of them (what ``group_by_shape`` groups)."""
+    if isinstance(item, Mapping):
+        return bool(item) and all(hasattr(value, "shape") for value in item.values())
+    return hasattr(item, "shape") and hasattr(item, "dtype")
+
+
+def _signature(item: Any) -> Hashable:
+    if isinstance(item, Mapping):
+        return tuple(sorted((str(k), _shape(v), str(v.dtype)) for k, v in item.items()))
+    return _shape(item), str(item.dtype)
+
+
+def _chunks(indices: list[int], max_size: Optional[int]) -> list[list[int]]:
+    step = max_size or len(indices) or 1
+    return [indices[start:start + step] for start in range(0, len(indices), step)]
+
+
+def group_by_shape(items: Sequence[Any], max_size: Optional[int] = None) -> list[list[int]]:
+    """Indices of ``items`` grouped by shape and dtype (order kept within a group; groups in order
+    of first appearance), each group cut into pieces of at most ``max_size``."""
+    groups: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
-        groups.setdefault((_shape(item), str(item.dtype)), []).append(index)
-    return list(groups.values())
+        groups.setdefault(_signature(item), []).append(index)
+    return [piece for group in groups.values() for piece in _chunks(group, max_size)]
+
+
+def group_for_padding(items: Sequence[Any], max_waste: Optional[float],
+                      max_size: Optional[int] = None) -> list[list[int]]:
+    """Indices of ``items`` (arrays or tensors) in groups to pad together: of one rank and dtype, by
+    increasing size, a group closed before padding it to its largest shape would compute more than
+    ``1 + max_waste`` times the values its elements hold (``None``: no bound), or before it holds
+    more than ``max_size`` elements. Each group's padding overhead is at most ``max_waste``."""
+    kinds: dict[tuple[int, str], list[int]] = {}
+    for index, item in enumerate(items):
+        kinds.setdefault((len(_shape(item)), str(item.dtype)), []).append(index)
+    groups = []
+    for indices in kinds.values():
+        indices.sort(key=lambda i: (math.prod(_shape(items[i])), _shape(items[i])))
+        group: list[int] = []
+        target: tuple[int, ...] = ()
+        real = 0
+        for index in indices:
+            shape = _shape(items[index])
+            grown = tuple(map(max, target, shape)) if group else shape
+            holds = real + math.prod(shape)
+            full = max_size is not None and len(group) >= max_size
+            wasteful = max_waste is not None and (len(group) + 1) * math.prod(grown) > (1 + max_waste) * holds
+            if group and (full or wasteful):
+                groups.append(group)
+                group, grown, holds = [], shape, math.prod(shape)
+            group.append(index)
+            target, real = grown, holds
+        groups.append(group)
+    return groups
 
 
 def pad(items: Sequence[Any], value: Any = 0, full_mask: bool = False) -> tuple[list[Any], list[Any]]:

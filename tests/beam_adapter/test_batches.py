@@ -85,11 +85,11 @@ def _sequences(n: int = 10) -> list[Any]:
             for _ in range(n)]
 
 
-def _handler(tmp_path: Path, model_class: type) -> PytorchModelHandlerTensor:
+def _handler(tmp_path: Path, model_class: type, batch: int = 5) -> PytorchModelHandlerTensor:
     path = tmp_path / f"{model_class.__name__}.pt"
     torch.save(model_class().state_dict(), path)
-    return PytorchModelHandlerTensor(state_dict_path=str(path), model_class=model_class, min_batch_size=5,
-                                     max_batch_size=5)
+    return PytorchModelHandlerTensor(state_dict_path=str(path), model_class=model_class, min_batch_size=batch,
+                                     max_batch_size=batch)
 
 
 def _run(handler: Any, examples: list[Any], tmp_path: Path) -> tuple[dict[int, Any], Any]:
@@ -161,6 +161,115 @@ def test_pad_crops_per_position_outputs(tmp_path: Path) -> None:
     for i, expected in enumerate(_one_by_one(PerPosition().eval(), examples)):
         assert got[i].shape == expected.shape == (examples[i].shape[0], 3)
         np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
+
+
+#: input shapes of every forward call of a Recorded model (in-process pipelines)
+FORWARDS: list[tuple[int, ...]] = []
+
+
+class Recorded(PerPosition):
+    def forward(self, x: Any) -> Any:
+        FORWARDS.append(tuple(x.shape))
+        return super().forward(x)
+
+
+def _continuous(n: int = 60) -> list[Any]:
+    """Sequences of many lengths: as many shapes as elements, nearly (what batching in arrival order
+    cannot batch)."""
+    rng = np.random.default_rng(3)
+    return [torch.from_numpy(rng.standard_normal((int(length), WIDTH)).astype(np.float32))
+            for length in rng.integers(1, 64, n)]
+
+
+def _keyed_run(handler: Any, examples: list[Any], tmp_path: Path) -> tuple[dict[int, Any], Any]:
+    """Through RunInference(handler) over (index, example) pairs: {index: inference}, and the result."""
+    out = tmp_path / f"keyed-{len(list(tmp_path.glob('keyed-*')))}"
+    pipeline = beam.Pipeline()
+    _ = (pipeline | beam.Create(list(enumerate(examples))) | RunInference(handler)
+         | beam.MapTuple(lambda i, r: json.dumps([i, r.inference.numpy().tolist()]))
+         | beam.io.WriteToText(str(out)))
+    outcome = pipeline.run()
+    outcome.wait_until_finish()
+    got = dict(json.loads(line) for f in tmp_path.glob(out.name + "*") for line in f.read_text().splitlines())
+    return {i: np.asarray(value, dtype=np.float32) for i, value in got.items()}, outcome
+
+
+def _call_sizes(outcome: Any, handler: Any) -> Any:
+    metrics = outcome.metrics().query(MetricsFilter().with_namespace(handler.get_metrics_namespace()))
+    return {m.key.metric.name: m.committed for m in metrics["distributions"]}["modelshare_call_size"]
+
+
+@pytest.mark.parametrize("nesting", ["SharedModelHandler(KeyedModelHandler(h))",
+                                     "KeyedModelHandler(SharedModelHandler(h))"])
+def test_bucket_makes_one_call_per_distinct_shape(nesting: str, tmp_path: Path) -> None:
+    """60 sequences of 41 lengths, batches of 16: grouped over the bundle, not inside Beam's batches
+    of arrival order (56 calls there: nearly one per element)."""
+    examples = _continuous()
+    lengths = {e.shape[0] for e in examples}
+    inner = _handler(tmp_path, Recorded, batch=16)
+    handler = (SharedModelHandler(KeyedModelHandler(inner), ragged="bucket") if nesting.startswith("Shared")
+               else KeyedModelHandler(SharedModelHandler(inner, ragged="bucket")))
+    FORWARDS.clear()
+    got, outcome = _keyed_run(handler, examples, tmp_path)
+    assert len(FORWARDS) == len(lengths) > 30, "one call per distinct shape in the bundle"
+    assert max(shape[0] for shape in FORWARDS) <= 16, "no call over the handler's max_batch_size"
+    calls = _call_sizes(outcome, handler)
+    assert (calls.count, calls.sum, calls.max) == (len(lengths), len(examples), max(s[0] for s in FORWARDS))
+    for i, expected in enumerate(_one_by_one(PerPosition().eval(), examples)):
+        np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_waste", [0.25, 0.0, None], ids=["waste<=25%", "no waste", "unbounded"])
+def test_pad_groups_by_length_within_a_waste_bound(max_waste: Any, tmp_path: Path) -> None:
+    """Pad in length buckets: every call computes at most (1 + max_waste) times the values it holds,
+    with far fewer calls than shapes; outputs exact and cropped to each element's length."""
+    examples = _continuous()
+    inner = _handler(tmp_path, Recorded, batch=16)
+    handler = SharedModelHandler(KeyedModelHandler(inner), ragged=Pad(max_waste=max_waste))
+    FORWARDS.clear()
+    got, outcome = _keyed_run(handler, examples, tmp_path)
+    for i, expected in enumerate(_one_by_one(PerPosition().eval(), examples)):
+        assert got[i].shape == expected.shape
+        np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
+    computed = sum(b * length for b, length, _ in FORWARDS)
+    real = sum(e.shape[0] for e in examples)
+    lengths = len({e.shape[0] for e in examples})
+    if max_waste is None:
+        assert len(FORWARDS) == -(-len(examples) // 16), "one padded shape per call of 16"
+    elif max_waste == 0:
+        assert len(FORWARDS) == lengths and computed == real, "no waste: exact shapes, as bucket"
+    else:
+        assert len(FORWARDS) <= lengths // 3 and computed <= (1 + max_waste) * real
+    assert _call_sizes(outcome, handler).sum == len(examples)
+
+
+def test_ragged_refuses_elements_without_a_shape(tmp_path: Path) -> None:
+    class Echo(ModelHandler):
+        def load_model(self) -> Any:
+            return np.zeros(4)
+
+        def run_inference(self, batch: Any, model: Any, inference_args: Any = None) -> Any:
+            return [PredictionResult(x, x) for x in batch]
+
+    handler = SharedModelHandler(Echo(), ragged="pad")
+    with pytest.raises(TypeError, match="ragged=Pad.*numpy arrays and torch tensors.*not str"):
+        handler.run_inference(["a", "bc"], handler.load_model())
+    bucketed = SharedModelHandler(Echo(), ragged="bucket")
+    dicts = [{"ids": np.zeros(n)} for n in (2, 3, 2)]
+    assert [r.example for r in bucketed.run_inference(dicts, bucketed.load_model())] == dicts, "dicts bucket"
+
+
+def test_grouping_for_padding_keeps_its_bounds() -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(50):
+        items = [np.zeros((int(n), 1 + trial % 3)) for n in rng.integers(0, 200, int(rng.integers(1, 80)))]
+        waste, size = float(rng.choice([0.0, 0.1, 0.5])), int(rng.integers(1, 20))
+        groups = batching.group_for_padding(items, waste, size)
+        assert sorted(i for g in groups for i in g) == list(range(len(items)))
+        for group in groups:
+            longest = max(items[i].shape[0] for i in group)
+            assert len(group) <= size
+            assert len(group) * longest * items[0].shape[1] <= (1 + waste) * sum(items[i].size for i in group)
 
 
 def test_metrics_count_loads_and_shared_bytes(tmp_path: Path) -> None:
@@ -382,6 +491,8 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path, shm_dir: Path) -
     assert sizes.get("modelshare_attach_latency_ms", None) is None or \
         sizes["modelshare_attach_latency_ms"].count == attaches
     assert counters["num_inferences"] == 40
+    calls = sizes["modelshare_call_size"]  # one value per call of the wrapped handler's run_inference
+    assert calls.sum == 40 and calls.count == sizes["inference_batch_latency_micro_secs"].count and calls.max <= 5
 
 
 @pytest.mark.parametrize("ragged", ["bucket", "pad"])
