@@ -44,7 +44,7 @@ distributions of bytes shared (``modelshare_shared_bytes``: the segment each pro
 GPU (``modelshare_gpu_bytes``, with ``device=``) and private (``modelshare_private_bytes``: what
 loading added to the process's own memory, the segment left out): their sums are the machine's
 totals, their counts the processes -- reported from the first batch, since Beam drops metrics set
-outside a bundle.
+outside a bundle; and ``modelshare_call_size``, the elements of each call the model got.
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ class SharedModelHandler(ModelHandler):
         version: what identifies the model; defaults to a fingerprint of the handler (its class,
             code and settings, model path included), extended by each model update's path.
         directory: the segment directory (default ``$MODELSHARE_DIR`` or ``/dev/shm/modelshare-<uid>``).
-        ragged: ``None`` (batches as they come), ``"bucket"`` (one call per shape), ``"pad"`` or
-            ``Pad(value, mask_arg, crop)`` (pad to the batch's largest shape, with a mask).
+        ragged: ``None`` (batches as they come), ``"bucket"`` (one call per distinct shape in a
+            window of the bundle), ``"pad"`` or ``Pad(value, mask_arg, crop, full_mask, max_waste)``
+            (length groups padded to their largest shape, with a mask; see ``_batches``).
         split_on_oom: retry a batch that runs out of memory in halves, and cap batch sizes after.
         threads: intra-op threads per worker: ``"auto"`` (cores ÷ processes sharing the model),
             a number, or None (the frameworks' defaults).

@@ -133,3 +133,20 @@ def test_keyed_beam_pipeline_budget_survives_where_beams_model_count_is_oom_kill
     budget = runs["modelshare-budget"]
     assert budget["status"] == "completed" and budget["same_predictions"], budget["error"]
     assert budget["peak_in_use_mib"] <= result["limit_mib"]
+
+
+def test_ragged_study_counts_calls_and_padding() -> None:
+    """The ragged study on the issue's size: Beam's batches fail, bucket is one call per length, pad
+    stays within its waste bound with a handful of calls, and every output is right."""
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    from benchmarks.studies import ragged_batches
+
+    rows = {row["config"]: row for row in ragged_batches.main(["--examples", "60", "--max-length", "64"],
+                                                              report=lambda line: None)}
+    assert "stack expects each tensor to be equal size" in rows["beam-batches-of-16"]["failed"]
+    lengths = len({int(x.shape[0]) for x in ragged_batches.examples(60, 64)[0]})
+    assert rows["modelshare-bucket"]["calls"] == lengths and rows["modelshare-bucket"]["computed_over_real"] == 1
+    assert rows["modelshare-pad"]["calls"] < lengths / 3 and rows["modelshare-pad"]["computed_over_real"] <= 1.25
+    assert rows["modelshare-pad-unbounded"]["calls"] == 4, "60 elements, calls of at most 16"
+    for config in ragged_batches.CONFIGS[1:]:
+        assert rows[config]["wrong_shapes"] == 0 and rows[config]["max_error"] < 1e-5, config
