@@ -42,7 +42,8 @@ splitting (``_batches``), intra-op threads shared out among the processes that h
 latency distributions (``modelshare_load_latency_ms`` / ``modelshare_attach_latency_ms``), and
 distributions of bytes shared (``modelshare_shared_bytes``: the segment each process maps), on the
 GPU (``modelshare_gpu_bytes``, with ``device=``) and private (``modelshare_private_bytes``: what
-loading added to the process's own memory, the segment left out): their sums are the machine's
+loading added to the process's anonymous memory -- heap, private copies; the segment is a shared
+file mapping and not in it): their sums are the machine's
 totals, their counts the processes -- reported from the first batch, since Beam drops metrics set
 outside a bundle; and ``modelshare_call_size``, the elements of each call the model got.
 """
@@ -223,7 +224,7 @@ class SharedModelHandler(ModelHandler):
             return self._server_client()
         shared = self._share_model()
         first = shared.hold_info() is None
-        before = memory.process(directory=shared.directory).private if first else 0
+        before = memory.anonymous_bytes() if first else 0  # /proc/self/status: no smaps walk on the load path
         try:
             model = shared.instance()
         except EncodeError as exc:
@@ -232,7 +233,7 @@ class SharedModelHandler(ModelHandler):
         self._shared = shared
         info = shared.hold_info()
         if first and info is not None:  # reported from run_inference: Beam drops metrics outside a bundle
-            self._pending_metrics = (info, max(0, memory.process(directory=shared.directory).private - before))
+            self._pending_metrics = (info, max(0, memory.anonymous_bytes() - before))
         return model
 
     def _unsplittable(self, error: EncodeError) -> Any:

@@ -495,6 +495,39 @@ def test_metrics_add_up_across_worker_processes(tmp_path: Path, shm_dir: Path) -
     assert calls.sum == 40 and calls.count == sizes["inference_batch_latency_micro_secs"].count and calls.max <= 5
 
 
+ATTACH = textwrap.dedent("""
+    import json, sys
+    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+    from beam_adapter import SharedModelHandler
+    from tests.beam_adapter.test_batches import Wide
+
+    opened = []
+    handler = SharedModelHandler(PytorchModelHandlerTensor(state_dict_path=sys.argv[1], model_class=Wide,
+                                                           min_batch_size=5, max_batch_size=5))  # as _handler's
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+    model = handler.load_model()
+    info = handler._shared.hold_info()
+    print(json.dumps({"loaded_here": info.loaded_here, "opened": opened}))
+""")
+
+
+def test_an_attach_reads_neither_the_model_nor_smaps(tmp_path: Path, shm_dir: Path) -> None:
+    """What Beam times as an attaching worker's load_model: mapping the segment and building an
+    instance over it -- not the model file, not a walk of /proc/self/smaps (tens of ms with torch
+    loaded): the private-bytes metric reads /proc/self/status."""
+    handler = _handler(tmp_path, Wide)
+    wrapped = SharedModelHandler(handler)
+    held = wrapped.load_model()  # published by this process
+    run = subprocess.run([sys.executable, "-c", ATTACH, handler._state_dict_path], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.splitlines()[-1])
+    assert report["loaded_here"] is False, "the worker attached"
+    assert not [f for f in report["opened"] if f.endswith(".pt") or "smaps" in f], report["opened"]
+    assert any(str(shm_dir) in f for f in report["opened"]), "it opened the segment"
+    del held
+
+
 @pytest.mark.parametrize("ragged", ["bucket", "pad"])
 def test_a_wrapped_keyed_handler_honours_ragged(ragged: str, tmp_path: Path) -> None:
     """SharedModelHandler(KeyedModelHandler(h), ragged=...): the keyed examples are bucketed or padded
