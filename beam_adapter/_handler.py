@@ -32,8 +32,10 @@ several models without a budget runs as Beam runs it (Beam's manager keeps one c
 
 Model updates (``model_metadata_pcoll``): Beam calls ``update_model_path`` and then
 ``load_model``; the new path is part of the segment's version, so the new model is loaded once per
-machine, and the old one is released when Beam drops its instances -- the last process to let go
-of it unlinks its segment.
+machine. Windows run out of order, so a worker may meet the version it just left: each worker
+keeps the versions it moved on from for ``keep_previous`` seconds (at most two), and a return to
+one attaches instead of loading (``_versions``); then the last process to let go of a version
+unlinks its segment.
 
 What the wrapper adds around ``run_inference``: ragged batches (``ragged=``) and out-of-memory
 splitting (``_batches``), intra-op threads shared out among the processes that hold the model
@@ -74,6 +76,7 @@ from modelshare import (
 )
 from modelshare.threads import Threads, ThreadShare
 
+from . import _versions
 from ._batches import BatchRunner, Ragged, window_kwargs
 from ._devices import fall_back_to_cpu, handler_device, usable_device
 from ._keyed import is_multi_model, keyed_router, run_keyed
@@ -122,6 +125,7 @@ def release_all() -> None:
         servers = list(_servers.values())
         _instances.clear()
         _servers.clear()
+    _versions.release_all()
     for shared, model in instances + servers:
         if model is not None:
             with contextlib.suppress(ValueError):  # already released: a garbage instance the reaper took
@@ -157,14 +161,21 @@ class SharedModelHandler(ModelHandler):
             (``SharedModel(device=...)``). A PyTorch handler built with ``device="GPU"`` gets
             ``"cuda:0"`` by default (its batches already go there); other handlers must move their
             inputs to the same device themselves.
+        keep_previous: after a model update (``model_metadata_pcoll``), seconds each worker keeps
+            the version it moved on from (at most two of them), so windows that still see it
+            attach instead of loading it again; 0 lets it go at once (``_versions``).
     """
 
     def __init__(self, handler: ModelHandler, share: Optional[str] = None, *, copies: Optional[int] = None,
                  key: Optional[str] = None, version: Optional[str] = None, directory: Optional[str] = None,
                  ragged: Ragged = None, split_on_oom: bool = True, threads: Threads = "auto",
-                 budget: Optional[Budget] = None, device: Optional[str] = None) -> None:
+                 budget: Optional[Budget] = None, device: Optional[str] = None,
+                 keep_previous: float = 300.0) -> None:
         if not isinstance(handler, ModelHandler):
             raise TypeError(f"SharedModelHandler wraps a Beam ModelHandler, not {type(handler).__qualname__}")
+        if not keep_previous >= 0:
+            raise ValueError(f"keep_previous is seconds a previous model version stays held (0: none), "
+                             f"not {keep_previous!r}")
         if budget is not None and (not is_multi_model(handler) or share not in (None, "processes")):
             raise ValueError("budget= routes the models of a KeyedModelHandler([KeyModelMapping(...), ...]) under "
                              "a byte budget (share='processes'); wrap such a handler, or leave budget out")
@@ -194,6 +205,7 @@ class SharedModelHandler(ModelHandler):
         self._key = key or _default_key(handler)
         self._version = version or loader_fingerprint(handler.load_model)
         self._model_path = ""
+        self._keep_previous = keep_previous
         self._directory = directory
         self._batches = None
         if ragged is not None or split_on_oom:
@@ -230,6 +242,7 @@ class SharedModelHandler(ModelHandler):
         except EncodeError as exc:
             return self._unsplittable(exc)
         _remember(shared, model)
+        _versions.note_current(shared, self._keep_previous)
         self._shared = shared
         info = shared.hold_info()
         if first and info is not None:  # reported from run_inference: Beam drops metrics outside a bundle
@@ -335,6 +348,7 @@ class SharedModelHandler(ModelHandler):
             self._pending_metrics = None
         if self._shared is not None:
             self._threads.apply(self._shared)
+        _versions.prune()
         if isinstance(model, ModelRouter):
             return run_keyed(self._handler, model, batch, inference_args, self._run_batch)
         keyed = isinstance(self._handler, KeyedModelHandler) or (

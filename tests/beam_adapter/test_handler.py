@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import pickle
 import threading
 import time
@@ -222,24 +223,52 @@ def test_everything_but_loading_is_the_wrapped_handlers(tmp_path: Path) -> None:
 
 
 def test_model_update_loads_the_new_version_and_frees_the_old(tmp_path: Path, shm_dir: Path) -> None:
+
     from sklearn.linear_model import LogisticRegression
 
-    handler = SharedModelHandler(_sklearn_handler(tmp_path))
+    handler = SharedModelHandler(_sklearn_handler(tmp_path), keep_previous=1.0)
     first = handler.load_model()
     again = handler.load_model()  # what a second transform gets: an instance of its own, the same weights
     assert again is not first and np.array_equal(again.coef_, first.coef_)
     (old,) = list_segments(shm_dir)
+    old_inode = old.path.stat().st_ino
     x = np.random.default_rng(2).standard_normal((50, 64))
     newer = LogisticRegression(C=0.01).fit(x, (x[:, 1] > 0).astype(int))
     new_path = tmp_path / "model-v2.pkl"
     new_path.write_bytes(pickle.dumps(newer))
+    old_path = handler._handler._model_uri
     handler.update_model_path(str(new_path))  # what RunInference does on a model_metadata_pcoll update
     second = handler.load_model()
     np.testing.assert_array_equal(second.coef_, newer.coef_)
     del first, again  # Beam drops the old instances once the new one is in place
+    assert old.path.exists(), "kept: a window that still sees the old version must not reload it"
+    handler.update_model_path(old_path)  # such a window
+    back = handler.load_model()
+    np.testing.assert_array_equal(back.coef_, handler._handler.load_model().coef_)
+    assert old.path.stat().st_ino == old_inode, "attached to the kept segment, not loaded again"
+    handler.update_model_path(str(new_path))
+    second = handler.load_model()
+    del back
+    time.sleep(1.0)  # keep_previous has passed: the next batch lets the old version go
+    handler.run_inference(x[:2], second)
     assert eventually(lambda: not old.path.exists()), "the old version's segment is gone"
     (new,) = list_segments(shm_dir)
     assert new.path != old.path
+
+
+def test_keep_previous_zero_frees_the_old_version_at_once(tmp_path: Path, shm_dir: Path) -> None:
+    handler = SharedModelHandler(_sklearn_handler(tmp_path), keep_previous=0)
+    first = handler.load_model()
+    (old,) = list_segments(shm_dir)
+    new_path = tmp_path / "model-v2.pkl"
+    new_path.write_bytes(Path(handler._handler._model_uri).read_bytes())
+    handler.update_model_path(str(new_path))
+    second = handler.load_model()
+    del first
+    assert eventually(lambda: not old.path.exists()), "nothing kept: the old segment goes with its instances"
+    with pytest.raises(ValueError, match="keep_previous is seconds"):
+        SharedModelHandler(_sklearn_handler(tmp_path), keep_previous=-1)
+    del second
 
 
 def test_example_pipeline_runs(shm_dir: Path) -> None:
@@ -263,41 +292,69 @@ def _linear_model_file(path: Path, slope: float) -> str:
     return str(path)
 
 
-def test_model_update_mid_stream_leaves_only_the_new_segment(tmp_path: Path, shm_dir: Path) -> None:
-    import math
-    import time
-
+def _windowed_update_pipeline(handler: Any, versions: list[str], options: Any = None, interval: int = 7) -> Any:
+    """Main input in fixed windows, one element each second; a ``ModelMetadata`` side input in the
+    same windows naming version i in window i (version i multiplies by i); the pipeline's result."""
     from apache_beam.ml.inference.base import ModelMetadata
-    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
     from apache_beam.testing.util import assert_that, equal_to
     from apache_beam.transforms import trigger, window
     from apache_beam.transforms.window import TimestampedValue
 
+    start = (math.floor(time.time()) - 60) // interval * interval  # windows start at multiples of interval
+    seconds = range(interval * len(versions))  # (a window before the first update gets whichever version is current)
+    updates = [(start + i * interval, ModelMetadata(model_id=path, model_name=f"v{i + 1}"))
+               for i, path in enumerate(versions)]
+    p = beam.Pipeline("FnApiRunner", options=options)  # the runner Beam's own side-input tests pin
+    side = (p | "Updates" >> beam.Create(updates) | "StampU" >> beam.Map(lambda x: TimestampedValue(x[1], x[0]))
+            | "WindowU" >> beam.WindowInto(window.FixedWindows(interval),
+                                           accumulation_mode=trigger.AccumulationMode.DISCARDING)
+            | "KeyU" >> beam.Map(lambda x: ("k", x)) | "GroupU" >> beam.GroupByKey()
+            | "FlatU" >> beam.FlatMap(lambda kv: kv[1]))
+    predictions = (p | "Main" >> beam.Create([start + s for s in seconds])
+                   | "StampM" >> beam.Map(lambda x: TimestampedValue(x, x))
+                   | "WindowM" >> beam.WindowInto(window.FixedWindows(interval))
+                   | "KeyM" >> beam.Map(lambda x: ("k", x)) | "GroupM" >> beam.GroupByKey()
+                   | "FlatM" >> beam.FlatMap(lambda kv: kv[1])
+                   | "Array" >> beam.Map(lambda x: np.array([float(x - start)]))
+                   | RunInference(handler, model_metadata_pcoll=side)
+                   | beam.Map(lambda r: (float(r.example[0]), round(float(r.inference), 6))))
+    assert_that(predictions, equal_to([(float(s), float(s * (s // interval + 1))) for s in seconds]))  # v_i: i * x
+    outcome = p.run()
+    outcome.wait_until_finish()
+    return outcome
+
+
+def test_model_update_mid_stream_keeps_then_frees_the_old_segment(tmp_path: Path, shm_dir: Path) -> None:
+
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+
     v1 = _linear_model_file(tmp_path / "v1.pkl", 1.0)
     v2 = _linear_model_file(tmp_path / "v2.pkl", 2.0)
-    start, interval = math.floor(time.time()) - 30, 7
-    main = [start - 2, start + 1, start + 8, start + 15, start + 22]
-    updates = [(start + 1, ModelMetadata(model_id=v1, model_name="v1")),
-               (start + 8, ModelMetadata(model_id=v2, model_name="v2"))]
     handler = SharedModelHandler(SklearnModelHandlerNumpy(model_uri=v1))
+    _windowed_update_pipeline(handler, [v1, v2])
+    versions = sorted(segment.version.rsplit(":", 1)[1] for segment in list_segments(shm_dir))
+    assert versions == sorted([v1, v2]), "v2 in use, v1 kept for windows that may still see it"
+    release_all()
+    assert eventually(lambda: list_segments(shm_dir) == [])
 
-    with beam.Pipeline("FnApiRunner") as p:  # the runner Beam's own side-input tests pin
-        side = (p | "Updates" >> beam.Create(updates) | "StampU" >> beam.Map(lambda x: TimestampedValue(x[1], x[0]))
-                | "WindowU" >> beam.WindowInto(window.FixedWindows(interval),
-                                               accumulation_mode=trigger.AccumulationMode.DISCARDING)
-                | "KeyU" >> beam.Map(lambda x: ("k", x)) | "GroupU" >> beam.GroupByKey()
-                | "FlatU" >> beam.FlatMap(lambda kv: kv[1]))
-        predictions = (p | "Main" >> beam.Create(main) | "StampM" >> beam.Map(lambda x: TimestampedValue(x, x))
-                       | "WindowM" >> beam.WindowInto(window.FixedWindows(interval))
-                       | "KeyM" >> beam.Map(lambda x: ("k", x)) | "GroupM" >> beam.GroupByKey()
-                       | "FlatM" >> beam.FlatMap(lambda kv: kv[1])
-                       | "Array" >> beam.Map(lambda x: np.array([float(x - start)]))
-                       | RunInference(handler, model_metadata_pcoll=side)
-                       | beam.Map(lambda r: (float(r.example[0]), round(float(r.inference), 6))))
-        assert_that(predictions, equal_to([(-2.0, -2.0), (1.0, 1.0), (8.0, 16.0), (15.0, 30.0), (22.0, 44.0)]))
 
-    (segment,) = list_segments(shm_dir)  # the v1 segment was unlinked when v2 took over
-    assert segment.version.endswith(f":{v2}")
+def test_model_updates_load_each_version_once_per_machine(tmp_path: Path, shm_dir: Path) -> None:
+    """Three versions through a windowed side input on two worker processes: windows run out of
+    order, and a worker meets a version it (or the other) just left -- attached, not reloaded
+    (keep_previous=0: 6 loads, as the issue found)."""
+
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.ml.inference.sklearn_inference import SklearnModelHandlerNumpy
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    versions = [_linear_model_file(tmp_path / f"v{i}.pkl", float(i)) for i in (1, 2, 3)]
+    inner = SklearnModelHandlerNumpy(model_uri=versions[0])
+    options = PipelineOptions(direct_num_workers=2, direct_running_mode="multi_processing")
+    outcome = _windowed_update_pipeline(SharedModelHandler(inner), versions, options)
+    metrics = outcome.metrics().query(MetricsFilter().with_namespace(inner.get_metrics_namespace()))
+    counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
+    assert counters.get("modelshare_loads") == len(versions), counters
+    assert eventually(lambda: list_segments(shm_dir) == []), "the workers exited: every version unlinked"
 
 
 def test_lean_torch_loader_builds_the_same_model_without_a_copy(tmp_path: Path) -> None:
