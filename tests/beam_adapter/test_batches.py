@@ -431,6 +431,43 @@ def test_torch_cpu_allocator_failures_are_split(share: str, tmp_path: Path, shm_
     assert counters.get("failed_batches_counter", 0) == 0
 
 
+class NeedsTooMuchFor11(ModelHandler):
+    """Element 11 asks numpy for 1 EiB (a real allocator refusal: MemoryError), even alone."""
+
+    def __init__(self) -> None:
+        super().__init__(min_batch_size=4, max_batch_size=4)
+
+    def load_model(self) -> Any:
+        return np.arange(2.0)
+
+    def run_inference(self, batch: Any, model: Any, inference_args: Any = None) -> Any:
+        scratch = np.empty(1 << 60 if 11.0 in batch else 8, dtype=np.uint8)
+        return [PredictionResult(x, float(x) * 2 + model.sum() - 1 + scratch[:0].sum()) for x in batch]
+
+
+def test_an_element_that_fails_alone_fails_its_batch_counted_by_beam(tmp_path: Path, shm_dir: Path) -> None:
+    """Splitting stops at a single element: if that still runs out of memory, the batch fails as in
+    Beam -- to the dead-letter output, counted by Beam's failed_batches_counter -- and the rest of
+    the pipeline's batches are right."""
+    handler = SharedModelHandler(NeedsTooMuchFor11())
+    pipeline = beam.Pipeline()
+    examples = pipeline | beam.Create([float(i) for i in range(16)])
+    good, bad = examples | RunInference(handler).with_exception_handling()
+    _ = (good | "ok" >> beam.Map(lambda r: json.dumps([r.example, r.inference]))
+         | "good" >> beam.io.WriteToText(str(tmp_path / "good")))
+    _ = (bad.failed_inferences | "failed" >> beam.Map(lambda e: json.dumps(sorted(e[0])))
+         | "bad" >> beam.io.WriteToText(str(tmp_path / "bad")))
+    outcome = pipeline.run()
+    outcome.wait_until_finish()
+    good_rows = [json.loads(line) for f in tmp_path.glob("good*") for line in f.read_text().splitlines()]
+    bad_rows = [json.loads(line) for f in tmp_path.glob("bad*") for line in f.read_text().splitlines()]
+    assert len(bad_rows) == 1 and 11.0 in bad_rows[0], bad_rows
+    assert sorted(good_rows) == [[float(i), float(i) * 2] for i in range(16) if float(i) not in bad_rows[0]]
+    metrics = outcome.metrics().query(MetricsFilter().with_namespace(handler.get_metrics_namespace()))
+    counters = {m.key.metric.name: m.committed for m in metrics["counters"]}
+    assert counters["failed_batches_counter"] == 1
+
+
 def test_the_cap_is_probed_back_up_after_a_transient_out_of_memory() -> None:
     from beam_adapter._batches import PROBE_AFTER, BatchRunner
 
