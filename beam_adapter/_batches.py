@@ -141,15 +141,23 @@ def _free_memory() -> None:
 class BatchRunner:
     """Calls the wrapped handler's ``run_inference`` on ragged-safe, memory-bounded pieces.
 
-    ``max_batch``: the most elements one call gets (the handler's ``max_batch_size``); ``on_call``:
-    told the size of each call made (the adapter's ``modelshare_call_size`` metric).
+    What one call gets at most, from the handler's batching arguments as Beam reads them:
+    ``max_batch`` elements -- or, with ``size_fn`` (its ``element_size_fn``,
+    applied to the elements ``run_inference`` gets), that much weight -- and with ``max_weight``
+    (its ``max_batch_weight``) that much weight besides ``max_batch`` elements. ``on_call``: told
+    the size of each call made (the ``modelshare_call_size`` metric).
     """
 
     def __init__(self, ragged: Ragged = None, max_batch: Optional[int] = None,
-                 on_call: Optional[Callable[[int], None]] = None) -> None:
+                 on_call: Optional[Callable[[int], None]] = None,
+                 size_fn: Optional[Callable[[Any], int]] = None, max_weight: Optional[int] = None) -> None:
         self.ragged = ragged_policy(ragged)
-        self.max_batch = max_batch
         self.on_call = on_call
+        self.size_fn = size_fn
+        if max_weight is not None and size_fn is None:
+            raise ValueError("max_batch_weight needs an element_size_fn that weighs each element")
+        # one call's bounds: (sum of sizes -- elements without size_fn --, elements)
+        self._limits = (max_weight, max_batch) if max_weight is not None else (max_batch, None)
         self.cap: Optional[int] = None  # the largest batch known to fit, once one did not
         self._fits_in_a_row = 0  # successful calls at the cap since it was set or raised
         self._largest = 0  # the largest batch asked for
@@ -168,10 +176,12 @@ class BatchRunner:
                 f"ragged={self.ragged!r} groups numpy arrays and torch tensors ('bucket': dicts of them too), "
                 f"not {type(unshaped if unshaped is not None else examples[0]).__qualname__}: give such "
                 "elements a shape in a preprocess function, or leave ragged= out")
+        sizes = [int(self.size_fn(item)) for item in batch] if self.size_fn is not None else None
+        max_size, max_count = self._limits
         if isinstance(self.ragged, Pad):
-            groups = group_for_padding(examples, self.ragged.max_waste, self.max_batch)
+            groups = group_for_padding(examples, self.ragged.max_waste, max_size, sizes, max_count)
         else:
-            groups = group_by_shape(examples, self.max_batch)
+            groups = group_by_shape(examples, max_size, sizes, max_count)
         results: list[Any] = [None] * len(batch)
         for group in groups:
             pieces = [batch[i] for i in group]

@@ -209,8 +209,10 @@ class SharedModelHandler(ModelHandler):
         self._directory = directory
         self._batches = None
         if ragged is not None or split_on_oom:
-            self._batches = BatchRunner(ragged, handler.batch_elements_kwargs().get("max_batch_size"),
-                                        on_call=self._count_call)
+            batching = handler.batch_elements_kwargs()
+            self._batches = BatchRunner(ragged, batching.get("max_batch_size"), on_call=self._count_call,
+                                        size_fn=batching.get("element_size_fn"),
+                                        max_weight=batching.get("max_batch_weight"))
         self._pending_metrics: Optional[tuple[HoldInfo, int]] = None
         self._threads = ThreadShare(threads)
         self._shared: Optional[SharedModel[Any]] = None

@@ -51,26 +51,45 @@ def _signature(item: Any) -> Hashable:
     return _shape(item), str(item.dtype)
 
 
-def _chunks(indices: list[int], max_size: Optional[int]) -> list[list[int]]:
-    step = max_size or len(indices) or 1
-    return [indices[start:start + step] for start in range(0, len(indices), step)]
+def _overflows(count: int, size: int, max_size: Optional[int], max_count: Optional[int]) -> bool:
+    return (max_size is not None and size > max_size) or (max_count is not None and count > max_count)
 
 
-def group_by_shape(items: Sequence[Any], max_size: Optional[int] = None) -> list[list[int]]:
+def _chunks(indices: list[int], max_size: Optional[int], sizes: Optional[Sequence[int]],
+            max_count: Optional[int]) -> list[list[int]]:
+    """``indices`` cut in order into pieces whose sizes (``sizes[i]``, else 1 each) add up to at
+    most ``max_size``, of at most ``max_count`` items (an item too big alone is a piece of its own)."""
+    pieces: list[list[int]] = []
+    total = 0
+    for index in indices:
+        size = sizes[index] if sizes is not None else 1
+        if not pieces or _overflows(len(pieces[-1]) + 1, total + size, max_size, max_count):
+            pieces.append([])
+            total = 0
+        pieces[-1].append(index)
+        total += size
+    return pieces
+
+
+def group_by_shape(items: Sequence[Any], max_size: Optional[int] = None, sizes: Optional[Sequence[int]] = None,
+                   max_count: Optional[int] = None) -> list[list[int]]:
     """Indices of ``items`` grouped by shape and dtype (order kept within a group; groups in order
-    of first appearance), each group cut into pieces of at most ``max_size``."""
+    of first appearance), each group cut into pieces of at most ``max_size`` -- elements, or the
+    sum of ``sizes`` (what Beam's ``element_size_fn`` says of each item) where given -- and of at
+    most ``max_count`` elements."""
     groups: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(_signature(item), []).append(index)
-    return [piece for group in groups.values() for piece in _chunks(group, max_size)]
+    return [piece for group in groups.values() for piece in _chunks(group, max_size, sizes, max_count)]
 
 
-def group_for_padding(items: Sequence[Any], max_waste: Optional[float],
-                      max_size: Optional[int] = None) -> list[list[int]]:
+def group_for_padding(items: Sequence[Any], max_waste: Optional[float], max_size: Optional[int] = None,
+                      sizes: Optional[Sequence[int]] = None, max_count: Optional[int] = None) -> list[list[int]]:
     """Indices of ``items`` (arrays or tensors) in groups to pad together: of one rank and dtype, by
     increasing size, a group closed before padding it to its largest shape would compute more than
     ``1 + max_waste`` times the values its elements hold (``None``: no bound), or before it holds
-    more than ``max_size`` elements. Each group's padding overhead is at most ``max_waste``."""
+    more than ``max_size`` elements (or sum of ``sizes``) or ``max_count`` elements. Each group's
+    padding overhead is at most ``max_waste``."""
     kinds: dict[tuple[int, str], list[int]] = {}
     for index, item in enumerate(items):
         kinds.setdefault((len(_shape(item)), str(item.dtype)), []).append(index)
@@ -79,18 +98,18 @@ def group_for_padding(items: Sequence[Any], max_waste: Optional[float],
         indices.sort(key=lambda i: (math.prod(_shape(items[i])), _shape(items[i])))
         group: list[int] = []
         target: tuple[int, ...] = ()
-        real = 0
+        real = taken = 0
         for index in indices:
-            shape = _shape(items[index])
+            shape, size = _shape(items[index]), sizes[index] if sizes is not None else 1
             grown = tuple(map(max, target, shape)) if group else shape
             holds = real + math.prod(shape)
-            full = max_size is not None and len(group) >= max_size
+            full = _overflows(len(group) + 1, taken + size, max_size, max_count)
             wasteful = max_waste is not None and (len(group) + 1) * math.prod(grown) > (1 + max_waste) * holds
             if group and (full or wasteful):
                 groups.append(group)
-                group, grown, holds = [], shape, math.prod(shape)
+                group, grown, holds, taken = [], shape, math.prod(shape), 0
             group.append(index)
-            target, real = grown, holds
+            target, real, taken = grown, holds, taken + size
         groups.append(group)
     return groups
 

@@ -243,6 +243,24 @@ def test_pad_groups_by_length_within_a_waste_bound(max_waste: Any, tmp_path: Pat
     assert _call_sizes(outcome, handler).sum == len(examples)
 
 
+@pytest.mark.parametrize("ragged", ["bucket", "pad"])
+def test_ragged_calls_respect_the_handlers_batch_weight(ragged: str, tmp_path: Path) -> None:
+    """element_size_fn + max_batch_weight (tokens per call, say): each call holds at most 200
+    positions and 16 elements (Beam's own BatchElements does not take max_batch_weight)."""
+    path = tmp_path / "recorded.pt"
+    torch.save(Recorded().state_dict(), path)
+    inner = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=Recorded, max_batch_size=16,
+                                      max_batch_weight=200, element_size_fn=lambda kv: int(kv[1].shape[0]))
+    examples = _continuous()
+    FORWARDS.clear()
+    got, _ = _keyed_run(SharedModelHandler(KeyedModelHandler(inner), ragged=ragged), examples, tmp_path)
+    assert len(got) == len(examples)
+    assert max(b for b, _, _ in FORWARDS) <= 16
+    bound = 200 if ragged == "bucket" else 200 * 1.25  # padded: at most max_waste more than it holds
+    assert max(b * length for b, length, _ in FORWARDS) <= bound, FORWARDS
+    assert sum(b for b, _, _ in FORWARDS) == len(examples)
+
+
 def test_ragged_refuses_elements_without_a_shape(tmp_path: Path) -> None:
     class Echo(ModelHandler):
         def load_model(self) -> Any:
@@ -270,6 +288,11 @@ def test_grouping_for_padding_keeps_its_bounds() -> None:
             longest = max(items[i].shape[0] for i in group)
             assert len(group) <= size
             assert len(group) * longest * items[0].shape[1] <= (1 + waste) * sum(items[i].size for i in group)
+        weights = [len(item) for item in items]  # weighed as element_size_fn would: by length
+        for grouping in (batching.group_for_padding(items, waste, 300, weights, size),
+                         batching.group_by_shape(items, 300, weights, size)):
+            assert sorted(i for g in grouping for i in g) == list(range(len(items)))
+            assert all(len(g) <= size and (sum(weights[i] for i in g) <= 300 or len(g) == 1) for g in grouping)
 
 
 def test_metrics_count_loads_and_shared_bytes(tmp_path: Path) -> None:
