@@ -81,17 +81,15 @@ def ragged_policy(ragged: Ragged) -> Union[None, str, Pad]:
 WINDOW_BYTES = 64 << 20
 WINDOW_ELEMENTS = 4096
 
-#: BatchElements arguments a window keeps from the handler's: how long to wait, and Beam's own keying
-_WINDOW_KEEPS = ("max_batch_duration_secs", "length_fn", "bucket_boundaries", "clock", "record_metrics")
-
-
 def window_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``BatchElements`` arguments that hand ``run_inference`` a window -- the bundle's elements up
     to ``WINDOW_BYTES`` of inputs or ``WINDOW_ELEMENTS`` (or ``max_batch_size``) elements -- for
-    ``BatchRunner`` to group by shape before it calls the model in batches of ``max_batch_size``."""
+    ``BatchRunner`` to group by shape before it calls the model. Never Beam's stateful batching
+    (``max_batch_duration_secs``, length buckets): a window is a bundle's, which needs no state,
+    and Beam 2.77's stateful batching fails on the default DirectRunner (an ``AssertionError`` in
+    its GroupByKey evaluator)."""
     elements = max(WINDOW_ELEMENTS, int(kwargs.get("max_batch_size") or 0))
-    kept = {name: value for name, value in kwargs.items() if name in _WINDOW_KEEPS}
-    return dict(kept, min_batch_size=WINDOW_BYTES, max_batch_size=WINDOW_BYTES,
+    return dict(min_batch_size=WINDOW_BYTES, max_batch_size=WINDOW_BYTES,
                 element_size_fn=functools.partial(_window_share, floor=WINDOW_BYTES // elements))
 
 

@@ -261,6 +261,23 @@ def test_ragged_calls_respect_the_handlers_batch_weight(ragged: str, tmp_path: P
     assert sum(b for b, _, _ in FORWARDS) == len(examples)
 
 
+def test_ragged_never_meets_beams_stateful_batching_failure(tmp_path: Path) -> None:
+    """A handler with max_batch_duration_secs (Beam's stateful batching): with ragged= the window is
+    the bundle's, no state or timers, and it runs -- grouped, every output right. (Passed on to
+    Beam, windows that only its buffering timer flushed failed this pipeline on the default runner
+    with an AssertionError in Beam's GroupByKey evaluator.)"""
+    path = tmp_path / "recorded.pt"
+    torch.save(Recorded().state_dict(), path)
+    inner = PytorchModelHandlerTensor(state_dict_path=str(path), model_class=Recorded, max_batch_size=16,
+                                      max_batch_duration_secs=1)
+    examples = _continuous()
+    FORWARDS.clear()
+    got, _ = _keyed_run(SharedModelHandler(KeyedModelHandler(inner), ragged="pad"), examples, tmp_path)
+    for i, expected in enumerate(_one_by_one(PerPosition().eval(), examples)):
+        np.testing.assert_allclose(got[i], expected, rtol=1e-6, atol=1e-6)
+    assert sum(b for b, _, _ in FORWARDS) == len(examples) and len(FORWARDS) <= len(examples) // 4
+
+
 def test_ragged_refuses_elements_without_a_shape(tmp_path: Path) -> None:
     class Echo(ModelHandler):
         def load_model(self) -> Any:
