@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
@@ -183,17 +184,28 @@ class GpuMemory:
     uuid: str = ""  # hex, as modelshare names GPU copies (NVML's "GPU-..." without prefix and dashes)
 
 
+_said_why_no_gpus: set[str] = set()
+
+
+def _no_gpus(why: str) -> list[GpuMemory]:
+    """``[]``, having said why once per process (a warning): no figures is not the same as no GPU."""
+    if why not in _said_why_no_gpus:
+        _said_why_no_gpus.add(why)
+        warnings.warn(f"modelshare.memory.gpus(): no GPU figures: {why}", RuntimeWarning, stacklevel=3)
+    return []
+
+
 def gpus() -> list[GpuMemory]:
     """Every GPU's memory (and each process's on it) through NVML (``nvidia-ml-py``, never
-    ``nvidia-smi``); empty where there is no NVML or no GPU."""
+    ``nvidia-smi``); empty where there is no NVML or no GPU -- saying why once, as a warning."""
     try:
         import pynvml  # nvidia-ml-py: optional, never a dependency of the core
     except ImportError:
-        return []
+        return _no_gpus('nvidia-ml-py is not installed (pip install "modelshare[gpu]")')
     try:
         pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return []
+    except pynvml.NVMLError as exc:
+        return _no_gpus(f"NVML cannot start ({exc}): no NVIDIA driver, or no GPU, on this machine")
     try:
         found = []
         for index in range(pynvml.nvmlDeviceGetCount()):

@@ -262,3 +262,10 @@ def test_make_key_from_any_text_is_a_valid_key() -> None:
     assert make_key("my model.v2", "f") == "my_model.v2" and make_key("", "f") == "f"
     with pytest.raises(InvalidKeyError):
         make_key("", "no/fallback")
+
+
+def test_beam_adapter_without_beam_says_what_to_install() -> None:
+    code = "import sys; sys.modules['apache_beam'] = None\nimport beam_adapter"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert 'ImportError: beam_adapter needs Apache Beam: pip install "modelshare[beam]"' in run.stderr, run.stderr

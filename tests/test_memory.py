@@ -31,12 +31,26 @@ def test_memory_figures_count_a_segment_once(shm_dir: Path) -> None:
     assert 0 < host.available <= host.total and host.used == host.total - host.available
 
 
-def test_gpu_accounting_degrades_to_none_without_nvml() -> None:
+@pytest.mark.parametrize("nvml", ["not installed", "installed"])
+def test_no_gpu_figures_say_why_once(nvml: str) -> None:
+    """Without nvidia-ml-py, or without a driver for it, ``gpus()`` is ``[]`` and a warning says
+    which (once per process) -- not silence, which reads as "no GPU"."""
     import importlib.util
 
-    if importlib.util.find_spec("pynvml") is not None:
-        pytest.skip("nvidia-ml-py is installed here: the GPU path is exercised on a GPU machine")
-    assert memory.gpus() == []
+    if nvml == "installed" and importlib.util.find_spec("pynvml") is None:
+        pytest.skip('nvidia-ml-py is not installed (pip install "modelshare[gpu]")')
+    hide = "sys.modules['pynvml'] = None; " if nvml == "not installed" else ""
+    code = ("import sys, warnings; " + hide + "from modelshare import memory; warnings.simplefilter('always'); "
+            "print(memory.gpus(), memory.gpus())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    if not run.stdout.startswith("[] "):  # a GPU machine: figures, no warning
+        assert "RuntimeWarning" not in run.stderr
+        return
+    assert run.stdout.strip() == "[] []"
+    assert run.stderr.count("RuntimeWarning: modelshare.memory.gpus(): no GPU figures") == 1, run.stderr
+    expected = 'pip install "modelshare[gpu]"' if nvml == "not installed" else "NVML cannot start"
+    assert expected in run.stderr
 
 
 def test_anonymous_memory_and_its_peak_see_a_private_copy() -> None:
