@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,11 +38,19 @@ def same_file(fd: int, path: Path) -> bool:
     return inode(path) == (own.st_dev, own.st_ino)
 
 
-def flock_until(fd: int, op: int, deadline: Deadline, timed_out: Callable[[], BaseException]) -> None:
-    """``flock(fd, op)``, waiting until ``deadline`` at most; then ``raise timed_out()``."""
-    if deadline.seconds is None:
+#: seconds between two ``on_wait`` calls of a lock wait (the "waiting for pid N" log line)
+WAIT_REPORT_EVERY = 10.0
+
+
+def flock_until(fd: int, op: int, deadline: Deadline, timed_out: Callable[[], BaseException],
+                on_wait: Optional[Callable[[float], None]] = None) -> None:
+    """``flock(fd, op)``, waiting until ``deadline`` at most; then ``raise timed_out()``.
+    ``on_wait(seconds)`` is called every ``WAIT_REPORT_EVERY`` seconds of waiting."""
+    if deadline.seconds is None and on_wait is None:
         fcntl.flock(fd, op)
         return
+    start = next_report = time.monotonic()
+    next_report += WAIT_REPORT_EVERY
     while True:
         try:
             fcntl.flock(fd, op | fcntl.LOCK_NB)
@@ -49,17 +58,22 @@ def flock_until(fd: int, op: int, deadline: Deadline, timed_out: Callable[[], Ba
         except BlockingIOError:
             if deadline.expired():
                 raise timed_out() from None
+            if on_wait is not None and time.monotonic() >= next_report:
+                on_wait(time.monotonic() - start)
+                next_report += WAIT_REPORT_EVERY
             deadline.sleep()
 
 
 def lock_file(path: Path, op: int, deadline: Optional[Deadline] = None,
-              timed_out: Optional[Callable[[], BaseException]] = None, *, create: bool = True) -> Optional[int]:
+              timed_out: Optional[Callable[[], BaseException]] = None, *, create: bool = True,
+              on_wait: Optional[Callable[[float], None]] = None) -> Optional[int]:
     """Open and ``flock`` ``path``; return the fd once the path still names the locked file.
 
     Returns None when ``create`` is false and the file does not exist, or when ``op`` includes
     ``LOCK_NB`` and the lock is taken. A blocking ``op`` waits until ``deadline`` (default: as long as
-    it takes), then raises ``timed_out()``. A path that is not this uid's regular file (a symlink,
-    a FIFO, another user's file) raises :class:`UntrustedFileError`.
+    it takes), then raises ``timed_out()``, calling ``on_wait(seconds)`` now and then meanwhile
+    (``flock_until``). A path that is not this uid's regular file (a symlink, a FIFO, another
+    user's file) raises :class:`UntrustedFileError`.
     """
     deadline = deadline or Deadline(None)
     while True:
@@ -75,7 +89,8 @@ def lock_file(path: Path, op: int, deadline: Optional[Deadline] = None,
             if op & fcntl.LOCK_NB:
                 fcntl.flock(fd, op)
             else:
-                flock_until(fd, op, deadline, timed_out or (lambda: TimeoutError(f"waited for the lock on {path}")))
+                flock_until(fd, op, deadline, timed_out or (lambda: TimeoutError(f"waited for the lock on {path}")),
+                            on_wait)
         except BlockingIOError:
             os.close(fd)
             return None

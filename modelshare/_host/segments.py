@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -38,8 +39,10 @@ from ..errors import AcquireTimeoutError
 from .directory import SegmentName
 from .format import try_map, write_segment
 from .holds import SegmentHandle
-from .locks import inode, lock_file, same_file
+from .locks import inode, lock_file, lock_holders, same_file
 from .waiting import Deadline
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["open_or_publish", "Produce"]
 
@@ -64,7 +67,9 @@ def open_or_publish(
     """
     deadline = Deadline(timeout)
     while True:
-        fd = lock_file(name.lock_path, fcntl.LOCK_SH, deadline, lambda: _timed_out(name, timeout))
+        fd = lock_file(name.lock_path, fcntl.LOCK_SH, deadline, lambda: _timed_out(name, timeout),
+                       on_wait=lambda seconds: _log.info("waiting for pid %s loading %r (%.0f s)",
+                                                         _loader(name), name.key, seconds))
         assert fd is not None
         try:
             mapping = try_map(name.seg_path)
@@ -95,6 +100,12 @@ def open_or_publish(
         except BaseException:
             os.close(fd)
             raise
+
+
+def _loader(name: SegmentName) -> str:
+    """Who holds ``name``'s lock while we wait for it: the process loading the model."""
+    pids = lock_holders(name.lock_path)
+    return ", ".join(map(str, pids)) if pids else "?"
 
 
 def _lock_to_publish(fd: int, name: SegmentName, deadline: Deadline, timeout: Optional[float]) -> bool:

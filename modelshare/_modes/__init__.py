@@ -18,7 +18,7 @@ is said once, next to what it holds.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from .. import _process
@@ -67,6 +67,10 @@ class Hold(_process.Resource):
 
     def release_at_exit(self) -> None:
         self.release()
+
+    def after_fork_in_child(self) -> None:
+        """A forked child inherits the model; it did not run the loader."""
+        self.info = replace(self.info, loaded_here=False)
 
 
 class Mode(abc.ABC):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .._host.holds import SegmentHandle, release
 from .._host.locks import lock_holders
 from .._host.segments import open_or_publish
 from .._host.trust import ensure_directory
-from ..budget import Size, parse_size
+from ..budget import Size, format_size, parse_size
 from ..codecs import Encoded, SegmentBuffers
 from ..errors import EncodeError
 from . import Hold, HoldInfo, Mode
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .._gpu.copies import DeviceCopy
     from .._host.format import Mapping
     from .._shared import SharedModel
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Processes", "parse_device"]
 
@@ -115,6 +118,8 @@ class Processes(Mode):
             raise
         device_bytes = buffers.device.nbytes if buffers.device is not None else 0
         info = HoldInfo(published, time.perf_counter() - start, handle.mapping.nbytes, device_bytes)
+        _log.info("%s model %r (version %s, %s in %s) in %.3f s", "loaded" if published else "attached to",
+                  shared.key, shared.version_hash, format_size(info.shared_bytes), handle.name.seg_path, info.seconds)
         return _SegmentHold(model, info, handle, buffers.device, new_instance)
 
     def _buffers(self, shared: "SharedModel[Any]", mapping: "Mapping") -> SegmentBuffers:
@@ -154,6 +159,7 @@ class _SegmentHold(Hold):
             self.handle.fork_done()
 
     def after_fork_in_child(self) -> None:
+        super().after_fork_in_child()
         if self.handle is not None:
             self.handle.after_fork_in_child()
 

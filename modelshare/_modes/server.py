@@ -94,4 +94,5 @@ class _ClientHold(Hold):
         self.client.close()
 
     def after_fork_in_child(self) -> None:
+        super().after_fork_in_child()
         self.client.after_fork_in_child()

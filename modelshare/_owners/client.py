@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import pickle
 import threading
 import time
@@ -46,6 +47,8 @@ from .wire import Channel
 
 if TYPE_CHECKING:
     from .._modes.server import Server
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["ServerClient"]
 
@@ -124,10 +127,16 @@ class ServerClient:
             self._forget(copy, channel)
             if taken_before is not None and view is not None and view.received() == taken_before and unsent < 3:
                 unsent += 1  # the server never took it: no part of the call ran
+                _log.warning("the server of model %r (copy %d) is gone (%s); %s(...) goes to a new one",
+                             self._shared.key, copy, lost, what)
                 continue
             if retries:
                 retries -= 1
+                _log.warning("the server of model %r (copy %d) died during %s(...) (%s); running it again on a new "
+                             "one (%d retries left)", self._shared.key, copy, what, lost, retries)
                 continue
+            _log.warning("the server of model %r (copy %d) died during %s(...) (%s)", self._shared.key, copy, what,
+                         lost)
             raise ServerDiedError(
                 f"the server of model {self._shared.key!r} (copy {copy}) died during {what}(...); "
                 "the next call starts a new one (Server(retries=N) retries by itself)"
@@ -265,9 +274,12 @@ class ServerClient:
         devices = self._mode.devices
         device = devices[copy % len(devices)] if devices else ""
         what = f"the server for model {self._shared.key!r} (copy {copy})"
+        start = time.monotonic()
         try:
-            launch("modelshare._owners.server", pickle.dumps((self._shared, copy, device)), what,
-                   self._files[copy].log, deadline=deadline)
+            pid = launch("modelshare._owners.server", pickle.dumps((self._shared, copy, device)), what,
+                         self._files[copy].log, deadline=deadline)
+            _log.info("started %s: pid %d, in %.1f s (its output: %s)", what, pid, time.monotonic() - start,
+                      self._files[copy].log)
         except OwnerStartError as exc:
             if exc.died:
                 raise ServerDiedError(str(exc)) from None

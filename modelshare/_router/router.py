@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import threading
 import time
@@ -65,6 +66,8 @@ from ..memory import Peak, anonymous_bytes
 from . import admission
 from .ledger import Ledger, LedgerState, Reservation
 from .membership import join
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["ModelRouter", "KeyStats"]
 
@@ -332,6 +335,8 @@ class ModelRouter:
                 if not evict(name):
                     in_use.add(stem)  # attached meanwhile: plan again without it
                     break
+                _log.info("evicted %s (%s) to make room for %r (%s) under the budget", stem, format_size(held[stem]),
+                          key, format_size(size))
                 del held[stem]
                 if stem in state.models:
                     state.models[stem].evictions += 1
