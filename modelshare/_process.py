@@ -37,10 +37,13 @@ eviction).
 from __future__ import annotations
 
 import atexit
+import heapq
+import itertools
 import multiprocessing.util
 import os
 import queue
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, TypeVar
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
     from ._modes import Hold
 
 __all__ = ["Resource", "ModelEntry", "model_entry", "track", "untrack", "tracked", "sweep_once", "when_collected",
-           "settle"]
+           "after", "settle"]
 
 
 class Resource:
@@ -78,13 +81,15 @@ R = TypeVar("R", bound=Resource)
 class ModelEntry:
     """One model in this process: the lock its acquires and releases take, how many acquires,
     the instances handed out (by ``id``: a reference that gives the instance back while it lives),
-    and the mode's hold (``_modes.Hold``, itself a :class:`Resource`), or None when not held."""
+    and the mode's hold (``_modes.Hold``, itself a :class:`Resource`), or None when not held --
+    kept a while after the last release while ``lingering``."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.refcount = 0
         self.instances: dict[int, Callable[[], Any]] = {}
         self.held: "Optional[Hold]" = None
+        self.lingering: Optional[object] = None  # the token of the linger under way, if the hold is lingering
 
     @property
     def in_use(self) -> bool:
@@ -100,6 +105,8 @@ class _Table:
         self.weak_resources: "weakref.WeakSet[Resource]" = weakref.WeakSet()
         self.swept: set[Path] = set()
         self.exited_pid = 0
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []  # a heap: (when, order, callback)
+        self.timer_ids = itertools.count()
 
 
 _table = _Table()
@@ -147,7 +154,9 @@ def sweep_once(directory: Path, sweep: Callable[[Path], object]) -> None:
 
 
 class _Reaper:
-    """The thread that runs :func:`when_collected` callbacks, outside the collector."""
+    """The thread that runs :func:`when_collected` callbacks, outside the collector, and
+    :func:`after` callbacks once their time comes (the timers live in ``_table``: a forked
+    child's new reaper runs the ones it inherited)."""
 
     def __init__(self) -> None:
         self.queue: "queue.SimpleQueue[tuple[Callable[[weakref.ref[Any]], None], weakref.ref[Any]]]" = \
@@ -157,21 +166,45 @@ class _Reaper:
 
     def _run(self) -> None:
         while True:
-            callback, ref = self.queue.get()
+            due = []
+            with _table.lock:
+                while _table.timers and _table.timers[0][0] <= time.monotonic():
+                    due.append(heapq.heappop(_table.timers))
+                wait = _table.timers[0][0] - time.monotonic() if _table.timers else None
+            for _, _, callback in due:
+                _quietly(callback)  # nothing to raise to: a timer of this process's own
+            try:
+                callback, ref = self.queue.get(timeout=None if wait is None else max(wait, 0.0))
+            except queue.Empty:
+                continue
             _quietly(lambda: callback(ref))  # nothing to raise to: the instance was garbage
 
 
 _reaper: Optional[_Reaper] = None
 
 
+def _the_reaper() -> _Reaper:
+    """The reaper thread, started on first use (call with ``_table.lock`` held)."""
+    global _reaper
+    if _reaper is None:
+        _reaper = _Reaper()
+    return _reaper
+
+
 def when_collected(obj: object, callback: "Callable[[weakref.ref[Any]], None]") -> "weakref.ref[Any]":
     """A weak reference to ``obj``; once ``obj`` is garbage, ``callback(ref)`` runs in the reaper
     thread. TypeError where ``obj`` cannot be weakly referenced."""
-    global _reaper
     with _table.lock:
-        if _reaper is None:
-            _reaper = _Reaper()
+        _the_reaper()
     return weakref.ref(obj, lambda ref: _reaper.queue.put((callback, ref)) if _reaper is not None else None)
+
+
+def after(seconds: float, callback: Callable[[], None]) -> None:
+    """Run ``callback()`` in the reaper thread ``seconds`` from now (a lingering hold's end)."""
+    with _table.lock:
+        heapq.heappush(_table.timers, (time.monotonic() + seconds, next(_table.timer_ids), callback))
+        reaper = _the_reaper()
+    reaper.queue.put((lambda _: None, weakref.ref(reaper)))  # wake it: this timer may be the next one
 
 
 def settle(timeout: float = 30.0) -> bool:

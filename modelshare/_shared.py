@@ -78,6 +78,24 @@ def _as_mode(share: Share) -> Mode:
     return _MODES[share]()
 
 
+#: seconds a process keeps its hold after its last release, unless ``linger=`` or $MODELSHARE_LINGER says
+DEFAULT_LINGER = 10.0
+
+
+def _linger(linger: Optional[float]) -> float:
+    """``linger=`` checked, or the default ($MODELSHARE_LINGER, else ``DEFAULT_LINGER``)."""
+    where = "linger"
+    if linger is None:
+        where, text = "$MODELSHARE_LINGER", os.environ.get("MODELSHARE_LINGER")
+        try:
+            linger = DEFAULT_LINGER if text is None else float(text)
+        except ValueError:
+            raise ValueError(f"$MODELSHARE_LINGER must be a number of seconds >= 0, not {text!r}") from None
+    if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not linger >= 0:
+        raise ValueError(f"{where} must be a number of seconds >= 0 (0: let go at the last release), not {linger!r}")
+    return float(linger)
+
+
 def _short_hash(*parts: str) -> str:
     return hashlib.blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
 
@@ -101,6 +119,10 @@ class SharedModel(Generic[M]):
             (not for ``"server"``, which loads the model whole).
         keep_warm: keep the model loaded after its last release: the segment stays on the machine
             (``"processes"``), the instance in the process (``"threads"``).
+        linger: seconds this process keeps its hold after its last release -- the model, its
+            mapping, the segment on the machine -- so that ``use()`` per request, or a release and
+            an acquire a moment apart, cost what holding the model costs instead of a reload.
+            Default ``$MODELSHARE_LINGER`` or 10; 0 lets go at once. Gone at exit whatever it says.
         timeout: seconds ``acquire()`` waits for the model to become available -- another
             thread's or process's load, a server's start, a GPU copy's keeper -- before
             :class:`AcquireTimeoutError`; None (the default): as long as it takes.
@@ -117,6 +139,7 @@ class SharedModel(Generic[M]):
         codec: Union[str, Codec, None] = None,
         keep_warm: bool = False,
         timeout: Optional[float] = None,
+        linger: Optional[float] = None,
     ) -> None:
         if not callable(loader):
             raise TypeError(f"loader must be a zero-argument callable returning the model, not {loader!r}")
@@ -135,6 +158,7 @@ class SharedModel(Generic[M]):
         self.codec_option = codec
         self.keep_warm = bool(keep_warm)
         self.timeout = timeout
+        self.linger = _linger(linger)
         self._admit_publish: Optional[Callable[[int], None]] = None  # a router's check of the exact size
         self.mode.check(self)
 
@@ -271,18 +295,31 @@ class SharedModel(Generic[M]):
         try:
             if entry.held is None:
                 entry.held = self.mode.hold(self)
+            entry.lingering = None  # taken again before its linger ran out: nothing to let go
             yield entry
         finally:
             entry.lock.release()
 
-    @staticmethod
-    def _let_go_if_unused(entry: _process.ModelEntry) -> None:
-        """Free the hold once nothing handed out is held (unless the mode keeps it). Under entry.lock."""
-        held = entry.held
-        if entry.in_use or held is None or held.stays_loaded:
+    def _let_go_if_unused(self, entry: _process.ModelEntry) -> None:
+        """Free the hold once nothing handed out is held (unless the mode keeps it) -- ``linger``
+        seconds later, if no acquire comes first. Under entry.lock."""
+        if entry.in_use or entry.held is None or entry.held.stays_loaded:
             return
-        entry.held = None
+        if self.linger > 0:
+            token = entry.lingering = object()
+            _process.after(self.linger, lambda: self._linger_over(token))
+            return
+        held, entry.held = entry.held, None
         held.release()
+
+    def _linger_over(self, token: object) -> None:
+        """A linger ran out (the reaper thread runs this): let go, unless the model was taken since."""
+        entry = _process.model_entry(self.mode.ident(self))
+        with entry.lock:
+            if entry.lingering is not token or entry.in_use or entry.held is None:
+                return
+            held, entry.held, entry.lingering = entry.held, None, None
+            held.release()
 
     def _collected(self, key: int, reference: Any) -> None:
         """An instance became garbage: it no longer holds the model (the reaper thread runs this)."""

@@ -1,9 +1,14 @@
-"""Fixtures shared by the test suite: a private segment directory that must end up empty."""
+"""Fixtures shared by the test suite: a private segment directory that must end up empty.
+
+The suite runs with ``MODELSHARE_LINGER=0`` (its children inherit it): its tests check what a
+release frees, at once; the linger itself, default included, is tested in ``tests/modes/test_linger.py``.
+"""
 
 from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -12,6 +17,8 @@ from typing import Iterator
 import pytest
 
 from modelshare import _process
+
+os.environ["MODELSHARE_LINGER"] = "0"
 
 
 @pytest.fixture

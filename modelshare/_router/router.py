@@ -161,7 +161,7 @@ class ModelRouter:
                 mode = dataclasses.replace(mode, gpu_budget=gpu if own is None else min(gpu, own))
         # a released model stays loaded until the budget needs its room; its exact size is admitted
         # before its segment is written
-        routed = shared._with(keep_warm=True, mode=mode)
+        routed = shared._with(keep_warm=True, mode=mode, linger=0.0)  # the router keeps models warm itself
         routed._admit_publish = functools.partial(self._admit_publish, key, routed.segment_name.stem)
         self._models[key] = routed
         return routed
