@@ -173,7 +173,7 @@ def _verify(directory: Path) -> int:
     """Check every ready segment's buffers; 1 if any is damaged."""
     damaged, checked, seconds = 0, 0, 0.0
     for info in list_segments(directory):
-        if info.state != "ready":
+        if info.state not in ("ready", "orphaned"):
             continue
         try:
             mapping = try_map(info.path)

@@ -3,8 +3,10 @@
 * :func:`list_segments`: every segment (and segment being published) with its holders' pids;
 * :func:`evict`: unlink one segment (kept warm or not) if no process holds it;
 * :func:`sweep`: unlink every segment no live process holds and every orphaned temporary file --
-  what SIGKILLed processes left (``modelshare gc``; each process also sweeps a directory the
-  first time it uses it).
+  what SIGKILLed processes left (``modelshare gc``). Each process also sweeps a directory the
+  first time it uses it (``sweep_leftovers``), but keeps complete segments whose holders all
+  died: *orphans*, which the next acquire of their model adopts instead of loading again
+  (``modelshare ls`` shows them as ``orphaned``; ``gc`` removes them).
 
 A segment is only ever unlinked under the exclusive lock of its lock file, which no holder's
 shared lock allows: what is in use is never taken away. And only modelshare's own files are
@@ -27,7 +29,7 @@ from .format import FLAG_KEEP_WARM, is_warm, read_header
 from .locks import LockTable, lock_file, lock_holders, lock_table
 from .trust import check_own, foreign_names, open_own, warn_skipped
 
-__all__ = ["SegmentInfo", "segment_names", "segment_sizes", "list_segments", "evict", "sweep"]
+__all__ = ["SegmentInfo", "segment_names", "segment_sizes", "list_segments", "evict", "sweep", "sweep_leftovers"]
 
 
 def segment_names(directory: Path) -> list[SegmentName]:
@@ -98,10 +100,12 @@ def evict(name: SegmentName) -> bool:
         os.close(fd)
 
 
-def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False) -> list[Path]:
+def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False,
+          orphans: bool = True) -> list[Path]:
     """Unlink every segment no live process holds, and every orphaned temporary file.
 
-    Segments published with keep warm stay unless ``include_warm``. Returns what was (or, with
+    Segments published with keep warm stay unless ``include_warm``; complete segments nobody holds
+    (orphans: their holders died) stay unless ``orphans``. Returns what was (or, with
     ``dry_run``, would be) removed. A directory that holds files modelshare did not make is not
     dedicated to it and is never swept (an :class:`UntrustedFileWarning` says so).
     """
@@ -124,7 +128,7 @@ def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False)
             doomed = _temporaries(entries)
             seg = name.seg_path
             own_seg = any(entry.kind == "segment" for entry in entries)
-            keep_seg = own_seg and is_warm(seg) and not include_warm
+            keep_seg = own_seg and ((is_warm(seg) and not include_warm) or not orphans)
             if own_seg and not keep_seg:
                 doomed.append(seg)
             if not keep_seg:
@@ -136,6 +140,12 @@ def sweep(directory: Path, *, include_warm: bool = False, dry_run: bool = False)
         finally:
             os.close(fd)
     return removed
+
+
+def sweep_leftovers(directory: Path) -> list[Path]:
+    """What a process sweeps on first using ``directory``: crashes' half-written files and lock
+    files, never a complete segment (an orphan is adopted by the next acquire of its model)."""
+    return sweep(directory, orphans=False)
 
 
 @dataclass
@@ -150,7 +160,7 @@ class SegmentInfo:
     created: float
     holders: list[int]
     keep_warm: bool
-    state: str  # "ready", "publishing", or "corrupt: <why>"
+    state: str  # "ready", "orphaned" (complete, no live holder, not kept warm), "publishing", or "corrupt: <why>"
     fingerprint: str = ""
     stem: str = ""  # <key>--<version hash>: the model version's name in the directory
 
@@ -198,5 +208,6 @@ def _segment_info(name: SegmentName, temporaries: list[Path], locks: LockTable) 
     finally:
         os.close(fd)
     return SegmentInfo(seg, header.get("key", name.key), header.get("version"), header.get("codec", "?"), st.st_size,
-                       header.get("created", st.st_mtime), holders, bool(flags & FLAG_KEEP_WARM), "ready",
+                       header.get("created", st.st_mtime), holders, bool(flags & FLAG_KEEP_WARM),
+                       "ready" if holders or flags & FLAG_KEEP_WARM else "orphaned",
                        header.get("fingerprint", ""), stem=name.stem)

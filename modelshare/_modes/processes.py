@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 from .. import _process
 from .._host import inventory
 from .._host.format import segment_size
-from .._host.holds import SegmentHandle, release
+from .._host.holds import SegmentHandle, forget_lingering, release
 from .._host.locks import lock_holders
 from .._host.segments import open_or_publish
 from .._host.trust import ensure_directory
 from ..budget import Size, format_size, parse_size
 from ..codecs import Encoded, SegmentBuffers
-from ..errors import EncodeError
+from ..errors import EncodeError, SegmentCorruptedError
 from . import Hold, HoldInfo, Mode
 from .pool import check_instances, pooled
 
@@ -99,12 +99,14 @@ class Processes(Mode):
 
             device_driver(self.device, shared.key)  # no GPU here: say so before loading anything
         directory = ensure_directory(shared.directory)
-        _process.sweep_once(directory, inventory.sweep)
+        _process.sweep_once(directory, inventory.sweep_leftovers)
         handle, published = open_or_publish(shared.segment_name, lambda: _produce(shared), timeout=shared.timeout)
         if published:
             _reclaim_heap()
+        elif _adopted(handle) and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
+            return self.hold(shared)
         try:
-            if self.verify and not published:
+            if not published and self.verify:
                 handle.mapping.verify()
             buffers = self._buffers(shared, handle.mapping)
             codec = shared._decoder(handle.mapping.header["codec"])
@@ -162,6 +164,31 @@ class _SegmentHold(Hold):
         super().after_fork_in_child()
         if self.handle is not None:
             self.handle.after_fork_in_child()
+
+
+def _adopted(handle: SegmentHandle) -> bool:
+    """Whether this attach adopts an orphan: a segment whose holders all died, now held by this
+    process alone, not kept warm (its weights are checked before use: ``_sound``)."""
+    orphan = not handle.mapping.keep_warm and lock_holders(handle.name.lock_path) == [os.getpid()]
+    if orphan:
+        _log.info("adopting %s: its holders died; checking its weights", handle.name.seg_path)
+    return orphan
+
+
+def _sound(handle: SegmentHandle) -> bool:
+    """Whether an adopted orphan's weights match their checksums; if not, let it go and remove it
+    (unless another process attached meanwhile), saying why."""
+    try:
+        handle.mapping.verify()
+        return True
+    except SegmentCorruptedError as exc:
+        damage = exc.args[0]  # not the exception: its traceback would keep views of the mapping alive
+    release(handle)  # as its last holder, this unlinks it
+    forget_lingering(handle.name)
+    if handle.name.seg_path.exists() and not inventory.evict(handle.name):
+        raise SegmentCorruptedError(f"{damage} (another process holds it now)")
+    _log.warning("%s; removed it, loading anew", damage)
+    return False
 
 
 def _produce(shared: "SharedModel[Any]") -> tuple[dict[str, Any], Encoded, bool]:

@@ -76,7 +76,7 @@ class Server(Mode):
         from .._owners.client import ServerClient
 
         start = time.perf_counter()
-        _process.sweep_once(ensure_directory(shared.directory), inventory.sweep)
+        _process.sweep_once(ensure_directory(shared.directory), inventory.sweep_leftovers)
         client = ServerClient(shared, self)
         client.start()
         return _ClientHold(client, HoldInfo(False, time.perf_counter() - start, 0))

@@ -91,9 +91,9 @@ def test_sigkill_attached_process_mid_use(shm_dir: Path, spawn) -> None:
     assert list(shm_dir.iterdir()) == [], "the last holder to release must unlink the segment"
 
 
-def _orphan(spawn, key: str) -> SharedModel:
+def _orphan(spawn, key: str, counter: str = "") -> SharedModel:
     """A model whose only holder was SIGKILLed mid-use: its segment is left behind."""
-    shared = SharedModel(functools.partial(make_mlp, 8, width=512), key=key)
+    shared = SharedModel(functools.partial(make_mlp, 8, width=512, counter=counter or None), key=key)
     results = spawn.Queue()
     victim = spawn.Process(target=_workers.hold_forever, args=(shared, sample_input(512), results), daemon=True)
     victim.start()
@@ -105,10 +105,13 @@ def _orphan(spawn, key: str) -> SharedModel:
     return shared
 
 
-def test_sigkill_of_last_holder_is_collected(shm_dir: Path, spawn) -> None:
+def test_sigkill_of_last_holder_leaves_an_orphan_that_gc_collects(shm_dir: Path, spawn) -> None:
     _orphan(spawn, "orphan")
     (orphan,) = list_segments(shm_dir)
-    assert orphan.holders == [] and orphan.key == "orphan"
+    assert orphan.holders == [] and orphan.key == "orphan" and orphan.state == "orphaned"
+    listed = subprocess.run([sys.executable, "-m", "modelshare", "ls"], capture_output=True, text=True,
+                            env=dict(os.environ), timeout=60)
+    assert "orphaned" in listed.stdout, listed.stdout
     out = subprocess.run([sys.executable, "-m", "modelshare", "gc"], capture_output=True, text=True,
                          env=dict(os.environ), timeout=60)
     assert out.returncode == 0, out.stderr
@@ -116,16 +119,47 @@ def test_sigkill_of_last_holder_is_collected(shm_dir: Path, spawn) -> None:
     assert list(shm_dir.iterdir()) == []
 
 
-def test_next_process_collects_orphans_of_other_models(shm_dir: Path, spawn) -> None:
-    _orphan(spawn, "orphan-a")
-
-    other = SharedModel(functools.partial(make_mlp, 4, width=256), key="other")
-    code = ("import sys, pickle; m = pickle.loads(sys.stdin.buffer.read()); "
-            "x = m.acquire(); m.release(x)")
+def _acquire_in_a_fresh_process(shared: SharedModel) -> subprocess.CompletedProcess:
+    code = ("import sys, pickle, logging; logging.basicConfig(level=logging.INFO); "
+            "from tests.support.workers import sample_input; m = pickle.loads(sys.stdin.buffer.read()); "
+            "x = m.acquire(); print(float(x(sample_input(512)).sum()), m.hold_info().loaded_here); m.release(x)")
     import pickle
 
-    run = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(other), capture_output=True,
-                         env=dict(os.environ), timeout=120, cwd=ROOT)
+    return subprocess.run([sys.executable, "-c", code], input=pickle.dumps(shared), capture_output=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120, cwd=ROOT)
+
+
+def test_the_next_acquire_adopts_an_orphan(shm_dir: Path, tmp_path: Path, spawn) -> None:
+    """An orphan survives other models' first use of the directory, and the next acquire of its
+    model attaches to it -- checked, not loaded again; then it is released as usual."""
+    counter = str(tmp_path / "loads")
+    shared = _orphan(spawn, "orphan-a", counter)
+    other = SharedModel(functools.partial(make_mlp, 4, width=512), key="other")
+    assert _acquire_in_a_fresh_process(other).returncode == 0  # its first use of the directory sweeps
+    assert [s.key for s in list_segments(shm_dir)] == ["orphan-a"], "the orphan is kept for adoption"
+    run = _acquire_in_a_fresh_process(shared)
     assert run.returncode == 0, run.stderr.decode()
-    assert list(shm_dir.iterdir()) == [], "attaching in the directory sweeps what a SIGKILL left"
+    total, loaded_here = run.stdout.decode().split()
+    assert loaded_here == "False" and float(total) == float(make_mlp(8, width=512)(sample_input(512)).sum())
+    assert "adopting" in run.stderr.decode()
+    assert len(loads_counted(counter)) == 1, "adopted, not loaded again"
+    assert list(shm_dir.iterdir()) == [], "released by its adopter as any segment"
     assert gc_segments(shm_dir) == []
+
+
+def test_a_damaged_orphan_is_replaced_not_used(shm_dir: Path, tmp_path: Path, spawn) -> None:
+    counter = str(tmp_path / "loads")
+    shared = _orphan(spawn, "damaged", counter)
+    path = shared.segment_name.seg_path
+    with open(path, "r+b") as f:  # a weight flipped after publishing (the segment is this uid's file)
+        f.seek(path.stat().st_size - 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    run = _acquire_in_a_fresh_process(shared)
+    assert run.returncode == 0, run.stderr.decode()
+    total, loaded_here = run.stdout.decode().split()
+    assert loaded_here == "True" and float(total) == float(make_mlp(8, width=512)(sample_input(512)).sum())
+    assert "does not match its checksum" in run.stderr.decode() and "loading anew" in run.stderr.decode()
+    assert len(loads_counted(counter)) == 2
+    assert list(shm_dir.iterdir()) == []
