@@ -44,9 +44,7 @@ class FileOrBytes:
             return make_key(self.path.stem, prefix)
         return f"{prefix}-{hashlib.blake2b(self.data, digest_size=6).hexdigest()}"
 
-    def version(self) -> str:
-        """Changes when the model does: content hash for bytes, path, size and mtime for a file."""
-        if self.data is not None:
-            return hashlib.blake2b(self.data, digest_size=16).hexdigest()
-        st = self.path.stat()
-        return f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The file the model is read from (its identity versions the model); none for bytes."""
+        return () if self.path is None else (self.path,)

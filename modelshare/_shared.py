@@ -36,7 +36,9 @@ Lifetime rules:
 * ``keep_warm=True`` keeps the segment after its last holder (``"processes"``), or the instance
   for the life of the process (``"threads"``).
 * Segments are named by key and version. Without ``version=``, the version is a fingerprint of
-  the loader's code and bound values, so a changed loader never attaches to a stale segment.
+  the loader's code and bound values, and of the identity of the files it reads (``watch=``, or
+  the loader's ``files``; ``_watched_files``), so a changed loader or new weights on disk never
+  attach to a stale segment. ``refresh()`` moves a long-lived process to the files' current version.
 
 SharedModel objects pickle (loaders that are lambdas or closures too, via cloudpickle) so they can
 be handed to spawned processes and Beam DoFns; an attaching process never unpickles the loader.
@@ -49,7 +51,7 @@ import copy
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
+from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
 
 from . import _process
 from ._fingerprint import loader_fingerprint
@@ -58,6 +60,7 @@ from ._modes import HoldInfo, Mode
 from ._modes.processes import Processes
 from ._modes.server import Server
 from ._modes.threads import Threads
+from ._watched_files import PathLike, files_identity, watched_files
 from .codecs import Codec, codec_for, get_codec
 from .errors import AcquireTimeoutError, LoaderError
 
@@ -111,8 +114,11 @@ class SharedModel(Generic[M]):
             machine, zero-copy views in every process), ``"threads"`` (one instance per process),
             ``"server"`` (server processes own the model), or ``Processes(...)``, ``Threads(...)``,
             ``Server(...)`` with the options of that mode (GPU copies, instances, server copies).
-        version: what decides whether an existing segment is this model (e.g. the weight file's
-            mtime); by default a fingerprint of the loader's code and bound values.
+        version: what decides whether an existing segment is this model (e.g. a release tag); by
+            default a fingerprint of the loader's code and bound values and of the watched files.
+        watch: the files the loader reads: their identity (device, inode, size, mtime) is part of
+            the version, so new weights on disk are a new version. Default: the loader's ``files``
+            (``modelshare.loaders`` and ``from_onnx``/``from_tensorrt`` name theirs). Not with ``version=``.
         directory: where segments live; default ``$MODELSHARE_DIR`` or ``/dev/shm/modelshare-<uid>``.
             It must be this user's alone (not a symlink, not writable by others: ``docs/trust.md``).
         codec: a codec name or instance to force; by default chosen by the loaded model's type
@@ -140,6 +146,7 @@ class SharedModel(Generic[M]):
         keep_warm: bool = False,
         timeout: Optional[float] = None,
         linger: Optional[float] = None,
+        watch: Optional[Iterable[PathLike]] = None,
     ) -> None:
         if not callable(loader):
             raise TypeError(f"loader must be a zero-argument callable returning the model, not {loader!r}")
@@ -148,10 +155,16 @@ class SharedModel(Generic[M]):
                              f"not {timeout!r}")
         self.key = validate_key(key)
         self.mode: Mode = _as_mode(share)
+        if version is not None and watch is not None:
+            raise ValueError("pass version= or watch=, not both: version= decides alone; watch= makes the "
+                             "watched files' identity part of the loader's version")
         self.version = None if version is None else str(version)
         codec_name = codec if isinstance(codec, str) or codec is None else codec.name
         basis = f"version:{self.version}" if version is not None else f"loader:{loader_fingerprint(loader)}"
-        self.version_hash = _short_hash(basis, codec_name or "")
+        self._version_basis = f"{basis}\0{codec_name or ''}"
+        self.watched: tuple[str, ...] = () if version is not None else watched_files(watch, loader)
+        self.version_hash = self._version_of_files()
+        self._retired: list[tuple[str, ...]] = []  # the idents of versions refresh() left behind
         self._loader: Optional[Callable[[], M]] = loader
         self._loader_bytes: Optional[bytes] = None
         self._directory = None if directory is None else Path(directory)
@@ -162,6 +175,12 @@ class SharedModel(Generic[M]):
         self._admit_publish: Optional[Callable[[int], None]] = None  # a router's check of the exact size
         self.mode.check(self)
 
+
+    def _version_of_files(self) -> str:
+        """The version hash for the watched files as they are now."""
+        if not self.watched:
+            return _short_hash(self._version_basis)
+        return _short_hash(self._version_basis, files_identity(self.watched))
 
     @classmethod
     def from_onnx(
@@ -178,8 +197,9 @@ class SharedModel(Generic[M]):
         """A shared ``onnxruntime.InferenceSession`` whose initializers live once per machine.
 
         ``path_or_bytes``: an ``.onnx`` file (external data beside it is loaded too) or its bytes.
-        ``key`` defaults to the file's stem (or a hash of the bytes); the version to the file's
-        size and mtime (or the hash). ``session_options``: a dict or ``onnxruntime.SessionOptions``;
+        ``key`` defaults to the file's stem (or a hash of the bytes); the version follows the
+        file's identity (``watch=``; external data files are not watched: name them in ``watch=``
+        if they change alone) or the bytes. ``session_options``: a dict or ``onnxruntime.SessionOptions``;
         ``prepack=True`` lets ORT repack weights privately per process (faster kernels, more
         memory). Other keyword arguments go to ``SharedModel``.
         """
@@ -187,10 +207,11 @@ class SharedModel(Generic[M]):
         from .codecs.onnx import OnnxCodec, load_onnx_bytes, load_onnx_file
 
         source = FileOrBytes(path_or_bytes, "ONNX model", load_onnx_file, load_onnx_bytes)
-        kwargs.setdefault("version", source.version())
         key = key or source.default_key("onnx")
         codec = OnnxCodec(providers=providers, session_options=session_options, prepack=prepack)
         if _as_mode(share).name != "processes":  # a session of its own in each process (or server)
+            if "version" not in kwargs:
+                kwargs.setdefault("watch", source.files)
             return cls(lambda: codec.private_session(source()), key=key, share=share, **kwargs)
         return cls(source, key=key, share=share, codec=codec, **kwargs)
 
@@ -212,7 +233,6 @@ class SharedModel(Generic[M]):
         from .codecs.tensorrt import EnginePlan
 
         source = FileOrBytes(path_or_bytes, "TensorRT engine", EnginePlan.from_file, EnginePlan)
-        kwargs.setdefault("version", source.version())
         return cls(source, key=key or source.default_key("trt"), **kwargs)
 
     # -- identity ---------------------------------------------------------------------------
@@ -263,27 +283,30 @@ class SharedModel(Generic[M]):
                 raise
             key = id(model)
             try:
-                entry.instances[key] = _process.when_collected(model, lambda ref: self._collected(key, ref))
+                entry.instances[key] = _process.when_collected(model, lambda ref: self._collected(entry, key, ref))
             except TypeError:  # cannot be weakly referenced: held until release() or exit
                 entry.instances[key] = lambda: model
             return model
 
     def release(self, model: M) -> None:
         """Give back a model from acquire() or instance(); the last release frees this process's hold."""
-        entry = _process.model_entry(self.mode.ident(self))
-        with entry.lock:
-            held = entry.held
-            reference = entry.instances.get(id(model))
-            if reference is not None and reference() is model:
-                del entry.instances[id(model)]
-            elif entry.refcount and held is not None and model is held.model:
-                entry.refcount -= 1
-            else:
-                raise ValueError(
-                    f"release() got an object that {self!r} did not hand out, or more releases "
-                    "than acquires; pass exactly the object acquire() or instance() returned, once"
-                )
-            self._let_go_if_unused(entry)
+        for ident in (self.mode.ident(self), *reversed(self._retired)):  # this version, then those refresh() left
+            entry = _process.model_entry(ident)
+            with entry.lock:
+                held = entry.held
+                reference = entry.instances.get(id(model))
+                if reference is not None and reference() is model:
+                    del entry.instances[id(model)]
+                elif entry.refcount and held is not None and model is held.model:
+                    entry.refcount -= 1
+                else:
+                    continue
+                self._let_go_if_unused(entry)
+                return
+        raise ValueError(
+            f"release() got an object that {self!r} did not hand out, or more releases "
+            "than acquires; pass exactly the object acquire() or instance() returned, once"
+        )
 
     @contextlib.contextmanager
     def _held_entry(self) -> Iterator[_process.ModelEntry]:
@@ -303,27 +326,28 @@ class SharedModel(Generic[M]):
     def _let_go_if_unused(self, entry: _process.ModelEntry) -> None:
         """Free the hold once nothing handed out is held (unless the mode keeps it) -- ``linger``
         seconds later, if no acquire comes first. Under entry.lock."""
-        if entry.in_use or entry.held is None or entry.held.stays_loaded:
+        if entry.in_use or entry.held is None:
             return
-        if self.linger > 0:
+        retired = entry.held.retired
+        if entry.held.stays_loaded and not retired:
+            return
+        if self.linger > 0 and not retired:
             token = entry.lingering = object()
-            _process.after(self.linger, lambda: self._linger_over(token))
+            _process.after(self.linger, lambda: self._linger_over(entry, token))
             return
-        held, entry.held = entry.held, None
+        held, entry.held, entry.lingering = entry.held, None, None
         held.release()
 
-    def _linger_over(self, token: object) -> None:
+    def _linger_over(self, entry: _process.ModelEntry, token: object) -> None:
         """A linger ran out (the reaper thread runs this): let go, unless the model was taken since."""
-        entry = _process.model_entry(self.mode.ident(self))
         with entry.lock:
             if entry.lingering is not token or entry.in_use or entry.held is None:
                 return
             held, entry.held, entry.lingering = entry.held, None, None
             held.release()
 
-    def _collected(self, key: int, reference: Any) -> None:
+    def _collected(self, entry: _process.ModelEntry, key: int, reference: Any) -> None:
         """An instance became garbage: it no longer holds the model (the reaper thread runs this)."""
-        entry = _process.model_entry(self.mode.ident(self))
         with entry.lock:
             if entry.instances.get(key) is reference:  # not an id reused by a newer instance
                 del entry.instances[key]
@@ -342,6 +366,30 @@ class SharedModel(Generic[M]):
         """Pids of the processes on this machine that hold this model's segment now (from the
         kernel's lock table; empty for ``share="threads"`` and ``"server"``)."""
         return self.mode.holders(self)
+
+    def refresh(self) -> bool:
+        """Move to the watched files' current version if they changed (True), else nothing (False).
+
+        For a long-lived process (a server worker) whose weights file was replaced: the next
+        ``acquire()`` loads or attaches the new version, while models handed out before are
+        released as usual; this process lets go of the old version at once if it no longer uses
+        it (no linger, no ``keep_warm``), else at its last release, and the old segment is
+        unlinked when its last holder on the machine lets go. Copies of this SharedModel elsewhere
+        keep their version until they refresh too (a new process computes it afresh)."""
+        if not self.watched:
+            return False
+        version_hash = self._version_of_files()
+        if version_hash == self.version_hash:
+            return False
+        old = self.mode.ident(self)
+        self.version_hash = version_hash
+        self._retired.append(old)
+        entry = _process.model_entry(old)
+        with entry.lock:
+            if entry.held is not None:
+                entry.held.retired = True
+                self._let_go_if_unused(entry)
+        return True
 
     def hold_info(self) -> Optional[HoldInfo]:
         """How this process got the model it holds now, or None if it holds none."""
@@ -395,7 +443,8 @@ class SharedModel(Generic[M]):
                     f"{self!r} cannot be pickled because its loader cannot ({type(exc).__name__}: "
                     f"{exc}); use a module-level function, or a closure over picklable values"
                 ) from exc
-        state = dict(self.__dict__, _loader=None, _admit_publish=None)  # a router's check stays with it
+        # a router's check stays with it; versions it left are this process's business
+        state = dict(self.__dict__, _loader=None, _admit_publish=None, _retired=[])
         return (_restore, (state,))
 
 

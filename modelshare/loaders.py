@@ -13,7 +13,7 @@ segment then copies once:
   puts the weights on the GPU itself.
 
 Each is a small picklable object, and its arguments are its fingerprint (a changed path or class
-is a new model version)::
+is a new model version); its ``files`` are watched (a rewritten weights file is a new version too)::
 
     SharedModel(TorchStateDict(Encoder, "encoder.pt", params={"width": 512}), key="encoder")
 
@@ -62,6 +62,11 @@ class TorchStateDict:
         model.requires_grad_(False)
         return model.eval()
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The state dict file, whose identity versions the model."""
+        return (self.path,)
+
 
 class JoblibMmap:
     """``joblib.load(path, mmap_mode="r")``: the estimator's arrays are views of the file's pages."""
@@ -74,6 +79,11 @@ class JoblibMmap:
 
         return joblib.load(self.path, mmap_mode="r")
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The joblib file, whose identity versions the model."""
+        return (self.path,)
+
 
 class OnCpu:
     """``loader()``'s model, moved to the CPU (``model.to("cpu")`` where it has one)."""
@@ -84,3 +94,8 @@ class OnCpu:
     def __call__(self) -> Any:
         model = self.loader()
         return model.to("cpu") if hasattr(model, "to") else model
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files the wrapped loader reads, if it names them."""
+        return tuple(getattr(self.loader, "files", None) or ())

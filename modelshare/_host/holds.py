@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from .. import _process
 from .directory import SegmentName
@@ -129,15 +130,17 @@ def lingering_holds() -> list[_LingeringHold]:
     return _process.tracked(_LingeringHold)
 
 
-def release(handle: SegmentHandle) -> bool:
-    """Give up this process's hold; unlink the segment if it was the last holder.
+def release(handle: SegmentHandle, *, keep_warm: Optional[bool] = None) -> bool:
+    """Give up this process's hold; unlink the segment if it was the last holder, unless ``keep_warm``
+    (by default the segment's flag; False for a version ``SharedModel.refresh()`` left behind).
 
-    Returns whether the segment was removed. A segment published with keep warm stays. While the
-    model built on it is still referenced, the hold lingers (see the module docstring).
+    Returns whether the segment was removed. While the model built on it is still referenced, the
+    hold lingers (see the module docstring).
     """
+    keep_warm = handle.mapping.keep_warm if keep_warm is None else keep_warm
     if handle.mapping.close():
-        return _give_up(handle.name, handle.lock_fd, handle.mapping.keep_warm)
-    hold = _LingeringHold(handle.name, handle.lock_fd, handle.mapping.keep_warm)
+        return _give_up(handle.name, handle.lock_fd, keep_warm)
+    hold = _LingeringHold(handle.name, handle.lock_fd, keep_warm)
     _process.track(hold)
     handle.mapping.when_unmapped(hold.drop)
     return False

@@ -46,6 +46,8 @@ class Hold(_process.Resource):
     exit_stage = 0
     #: the model stays in this process after its last release (``Threads`` with ``keep_warm``)
     stays_loaded: bool = False
+    #: ``SharedModel.refresh()`` left this version behind: let go at the last release, kept warm or not
+    retired: bool = False
 
     def __init__(self, model: Any, info: HoldInfo, rebuild: Optional[Callable[[], Any]] = None) -> None:
         self.model = model

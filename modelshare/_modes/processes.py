@@ -150,7 +150,7 @@ class _SegmentHold(Hold):
         super().release()
         handle, self.handle, self.device_copy = self.handle, None, None
         if handle is not None:
-            release(handle)
+            release(handle, keep_warm=False if self.retired else None)
 
     def before_fork(self) -> None:
         if self.handle is not None:

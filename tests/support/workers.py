@@ -411,3 +411,22 @@ def instances_worker(shared: Any, x: Any, results: Any, done: Any) -> None:
     done.wait()
     for m in models:
         shared.release(m)
+
+
+def weights_from_file(path: str, counter: str) -> dict:
+    """A generic loader that reads its weights from a ``.npy`` file (counting loads in ``counter``)."""
+    with open(counter, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return {"w": np.load(path)}
+
+
+def first_weight_in_new_process(path: str, counter: str, directory: str, queue: Any) -> None:
+    """A process started after the file changed: which weights it gets (the new ones)."""
+    import functools
+
+    from modelshare import SharedModel
+
+    shared = SharedModel(functools.partial(weights_from_file, path, counter), key="watched",
+                         watch=[path], directory=directory)
+    with shared.use() as model:
+        queue.put(int(model["w"][0]))
