@@ -37,7 +37,7 @@ Lifetime rules:
   for the life of the process (``"threads"``).
 * Segments are named by key and version. Without ``version=``, the version is a fingerprint of
   the loader's code and bound values, and of the identity of the files it reads (``watch=``, or
-  the loader's ``files``; ``_watched_files``), so a changed loader or new weights on disk never
+  the loader's ``files``; ``_model_source``), so a changed loader or new weights on disk never
   attach to a stale segment. ``refresh()`` moves a long-lived process to the files' current version.
 
 SharedModel objects pickle (loaders that are lambdas or closures too, via cloudpickle) so they can
@@ -56,11 +56,11 @@ from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
 from . import _process
 from ._fingerprint import loader_fingerprint
 from ._host.directory import SegmentName, default_directory, validate_key
+from ._model_source import PathLike, files_identity, watched_files
 from ._modes import HoldInfo, Mode
 from ._modes.processes import Processes
 from ._modes.server import Server
 from ._modes.threads import Threads
-from ._watched_files import PathLike, files_identity, watched_files
 from .codecs import Codec, codec_for, get_codec
 from .errors import AcquireTimeoutError, LoaderError
 
@@ -288,8 +288,11 @@ class SharedModel(Generic[M]):
                 entry.instances[key] = lambda: model
             return model
 
-    def release(self, model: M) -> None:
-        """Give back a model from acquire() or instance(); the last release frees this process's hold."""
+    def release(self, model: M, *, linger: Optional[float] = None) -> None:
+        """Give back a model from acquire() or instance(); the last release frees this process's
+        hold ``linger`` seconds later (default: the SharedModel's ``linger``; 0: now -- in a
+        shutdown hook of a server whose workers then die by a signal, skipping exit handlers)."""
+        linger = self.linger if linger is None else _linger(linger)
         for ident in (self.mode.ident(self), *reversed(self._retired)):  # this version, then those refresh() left
             entry = _process.model_entry(ident)
             with entry.lock:
@@ -301,7 +304,7 @@ class SharedModel(Generic[M]):
                     entry.refcount -= 1
                 else:
                     continue
-                self._let_go_if_unused(entry)
+                self._let_go_if_unused(entry, linger)
                 return
         raise ValueError(
             f"release() got an object that {self!r} did not hand out, or more releases "
@@ -323,7 +326,7 @@ class SharedModel(Generic[M]):
         finally:
             entry.lock.release()
 
-    def _let_go_if_unused(self, entry: _process.ModelEntry) -> None:
+    def _let_go_if_unused(self, entry: _process.ModelEntry, linger: Optional[float] = None) -> None:
         """Free the hold once nothing handed out is held (unless the mode keeps it) -- ``linger``
         seconds later, if no acquire comes first. Under entry.lock."""
         if entry.in_use or entry.held is None:
@@ -331,9 +334,10 @@ class SharedModel(Generic[M]):
         retired = entry.held.retired
         if entry.held.stays_loaded and not retired:
             return
-        if self.linger > 0 and not retired:
+        linger = self.linger if linger is None else linger
+        if linger > 0 and not retired:
             token = entry.lingering = object()
-            _process.after(self.linger, lambda: self._linger_over(entry, token))
+            _process.after(linger, lambda: self._linger_over(entry, token))
             return
         held, entry.held, entry.lingering = entry.held, None, None
         held.release()

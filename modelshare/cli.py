@@ -4,10 +4,11 @@
 device, clients, calls in flight and calls served, and each GPU copy's device, size, keeper and
 holders; ``gc`` unlinks what no live process holds (what SIGKILLed processes left behind), stops
 servers orphaned without clients and removes what dead GPU-copy keepers left; ``top`` is a live
-view: segments, their holders, servers, and per key the router's loads, hits, hit rate and
-evictions, refreshed in place; ``verify`` checks every segment's weights against their checksums
-(the header and skeleton are checked on every attach anyway). Files that are not modelshare's are
-skipped with a warning, never read or removed. All read ``--dir``, else ``$MODELSHARE_DIR``, else the default
+view: segments, their holders, servers, per key the machine's loads, attaches and evictions (the
+figures of ``modelshare.metrics``), and the router's hits and hit rate, refreshed in place;
+``verify`` checks every segment's weights against their checksums (the header and skeleton are
+checked on every attach anyway). Files that are not modelshare's are skipped with a warning, never
+read or removed. All read ``--dir``, else ``$MODELSHARE_DIR``, else the default
 ``/dev/shm/modelshare-<uid>``.
 """
 
@@ -32,6 +33,7 @@ from ._router.ledger import Ledger
 from ._router.membership import sweep_router
 from .budget import format_size
 from .errors import SegmentCorruptedError, UntrustedFileError, UntrustedFileWarning
+from .metrics import figures
 
 
 def _age(seconds: float) -> str:
@@ -90,6 +92,18 @@ def _ls(directory: Path, as_json: bool, servers: bool, gpu: bool = False) -> int
     return 0
 
 
+def _count_rows(directory: Path) -> list[tuple[str, ...]]:
+    """Per key, what ``modelshare.metrics`` exports: loads, attaches, evictions, and the budgets."""
+    now = figures(directory)
+    if not now.counts and not now.budgets:
+        return []
+    rows = [("KEY", "LOADS", "ATTACHES", "EVICTIONS")]
+    rows += [(key, str(now.count(key, "loads")), str(now.count(key, "attaches")), str(now.count(key, "evictions")))
+             for key in now.keys()]
+    rows += [(f"budget {where}", format_size(nbytes), "", "") for where, nbytes in sorted(now.budgets.items())]
+    return rows
+
+
 def _router_rows(directory: Path) -> list[tuple[str, ...]]:
     ledger = Ledger(directory)
     if not ledger.exists():
@@ -112,10 +126,10 @@ def _top(directory: Path, interval: float, once: bool) -> int:
             print(f"modelshare top -- {directory} -- {time.strftime('%H:%M:%S')}  host: "
                   f"{format_size(memory.host().available)} available of {format_size(memory.host().total)}\n")
             _ls(directory, as_json=False, servers=False)
-            rows = _router_rows(directory)
-            if rows:
-                print()
-                _table(rows)
+            for rows in (_count_rows(directory), _router_rows(directory)):
+                if rows:
+                    print()
+                    _table(rows)
             if once:
                 return 0
             time.sleep(interval)

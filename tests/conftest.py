@@ -18,6 +18,8 @@ import pytest
 
 from modelshare import _process
 
+from .support import leftovers
+
 os.environ["MODELSHARE_LINGER"] = "0"
 
 
@@ -29,7 +31,7 @@ def shm_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield directory
     gc.collect()  # a test's frame kept in a cycle by a caught exception still maps its models until now
     _process.settle()  # instances collected just now are released by modelshare's reaper thread
-    leftover = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    leftover = leftovers(directory)
     shutil.rmtree(directory, ignore_errors=True)
     assert leftover == [], f"the test left files in the segment directory: {leftover}"
 

@@ -25,6 +25,8 @@ from modelshare import (
     gc_segments,
 )
 
+from .support import leftovers
+
 
 class _Flaky:
     """Raises on its first call, returns a model on the next."""
@@ -49,7 +51,7 @@ def test_loader_that_raises(shm_dir: Path, share: str) -> None:
     assert isinstance(info.value.__cause__, FileNotFoundError)
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, RuntimeError), \
         "code that catches what the loader raises (or Beam's RuntimeError) must catch the LoaderError"
-    assert not shm_dir.exists() or list(shm_dir.iterdir()) == []
+    assert not shm_dir.exists() or leftovers(shm_dir) == []
     with shared.use() as model:  # recovers on the next acquire
         assert model["w"][-1] == 2047.0
 
@@ -75,7 +77,7 @@ def test_unpicklable_model(shm_dir: Path) -> None:
     shared = SharedModel(lambda: {"w": np.ones(4096), "lock": threading.Lock()}, key="unpicklable")
     with pytest.raises(EncodeError, match=r"cannot be pickled.*share='threads'.*register_codec"):
         shared.acquire()
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
     with SharedModel(lambda: threading.Lock(), key="unpicklable", share="threads").use() as lock:
         assert lock.acquire(blocking=False)  # threads mode pickles nothing: fine
 
@@ -174,12 +176,12 @@ def test_directory_without_room(tiny_tmpfs: Path) -> None:
     shared = SharedModel(lambda: {"w": np.ones((4 << 20) // 8)}, key="big", directory=directory)
     with pytest.raises(SegmentDirectoryError, match=r"no room for a 4\.0 MiB segment in .*MiB free.*MODELSHARE_DIR"):
         shared.acquire()
-    assert list(directory.iterdir()) == []
+    assert leftovers(directory) == []
     small = SharedModel(lambda: {"w": np.ones(1024)}, key="small", directory=directory)
     with small.use() as model:  # the directory still works for what fits
         assert model["w"].sum() == 1024
     del model  # released and no longer referenced: only then unmapped, and the segment unlinked
-    assert list(directory.iterdir()) == []
+    assert leftovers(directory) == []
 
 
 def test_directory_without_permission(tmp_path: Path) -> None:
@@ -200,7 +202,7 @@ def test_directory_without_permission(tmp_path: Path) -> None:
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert run.returncode == 3, run.stderr
         assert "cannot create the segment directory" in run.stdout and "MODELSHARE_DIR" in run.stdout
-        assert list(directory.iterdir()) == []
+        assert leftovers(directory) == []
     finally:
         directory.chmod(0o700)
         directory.rmdir()

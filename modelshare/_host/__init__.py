@@ -9,5 +9,6 @@
 * ``waiting``: one deadline for every wait (``timeout=None``: as long as it takes);
 * ``segments``: publish a model version once per machine, or attach to it;
 * ``holds``: a process's hold on a segment, and giving it back (the last holder unlinks);
-* ``inventory``: what a directory holds, eviction and garbage collection.
+* ``inventory``: what a directory holds, eviction and garbage collection;
+* ``counts``: machine-wide counts of loads, attaches and evictions per key (for metrics and ``top``).
 """

@@ -14,7 +14,8 @@ the *stem* -- plus a suffix::
 Keys never contain ``--`` and versions are lowercase hex, so a name splits one way only:
 :func:`parse` reads it back, and a name it cannot read is not modelshare's and is never touched.
 Beside these, routers keep ``router.ledger``, ``router.lock`` and ``router.users``
-(``_router``). Nothing else in a directory is modelshare's (see ``trust``).
+(``_router``), and ``modelshare.counts`` counts loads, attaches and evictions (``counts``).
+Nothing else in a directory is modelshare's (see ``trust``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from typing import Literal, Optional
 
 from ..errors import InvalidKeyError, SegmentDirectoryError
 
-__all__ = ["default_directory", "directory_error", "is_modelshare_name", "ROUTER_FILES", "validate_key", "make_key",
-           "SegmentName", "DirEntry", "parse", "split_name", "scan", "temporary_beside"]
+__all__ = ["default_directory", "directory_error", "is_modelshare_name", "ROUTER_FILES", "COUNTS_FILE", "validate_key",
+           "make_key", "SegmentName", "DirEntry", "parse", "split_name", "scan", "temporary_beside"]
 
 _KEY = r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}"
 _KEY_RE = re.compile(_KEY)
@@ -43,6 +44,7 @@ _NAME_RE = re.compile(
 
 Kind = Literal["segment", "lock", "temporary", "owner"]
 ROUTER_FILES = ("router.ledger", "router.ledger.tmp", "router.lock", "router.users")
+COUNTS_FILE = "modelshare.counts"
 
 
 def default_directory() -> Path:
@@ -186,7 +188,7 @@ def parse(directory: Path, filename: str) -> Optional[DirEntry]:
 
 def is_modelshare_name(filename: str) -> bool:
     """Whether ``filename`` is a name modelshare makes (a model version's file, or a router's)."""
-    return filename in ROUTER_FILES or split_name(filename) is not None
+    return filename in ROUTER_FILES or filename == COUNTS_FILE or split_name(filename) is not None
 
 
 def scan(directory: Path) -> list[DirEntry]:

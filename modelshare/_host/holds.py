@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import _process
+from ..errors import UntrustedFileError
 from .directory import SegmentName
 from .format import Mapping
 from .locks import lock_file, same_file
@@ -76,22 +77,44 @@ class SegmentHandle(_HeldAcrossForks):
 
 
 def _give_up(name: SegmentName, lock_fd: int, keep_warm: bool) -> bool:
-    """Close ``lock_fd``; first unlink the segment if this was its last holder (unless kept warm)."""
-    removed = False
+    """Close ``lock_fd``; unlink the segment if this was its last holder (unless kept warm).
+
+    Two last holders letting go at once (workers that exit together) each see the other's shared
+    lock and would both leave the segment to the other: whoever saw another holder looks once more
+    after dropping its own lock, so one of them always unlinks it.
+    """
+    others = False
     try:
-        if not keep_warm:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass  # someone else holds it; our shared lock goes with the close below
-            else:
-                if same_file(lock_fd, name.lock_path):
-                    name.seg_path.unlink(missing_ok=True)
-                    name.lock_path.unlink(missing_ok=True)
-                    removed = True
+        if keep_warm:
+            return False
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            others = True  # someone else holds it; our shared lock goes with the close below
+        else:
+            return _unlink_locked(name, lock_fd)
     finally:
         os.close(lock_fd)
-    return removed
+    try:
+        fd = lock_file(name.lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False) if others else None
+    except (OSError, UntrustedFileError):
+        return False  # the directory went away, or the name is not modelshare's now: nothing of ours to unlink
+    if fd is None:
+        return False  # still held (or gone already)
+    try:
+        return _unlink_locked(name, fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_locked(name: SegmentName, lock_fd: int) -> bool:
+    """Unlink ``name``'s segment and lock file, its lock held exclusively as ``lock_fd`` -- if the
+    path still names that lock file; whether it did."""
+    if not same_file(lock_fd, name.lock_path):
+        return False
+    name.seg_path.unlink(missing_ok=True)
+    name.lock_path.unlink(missing_ok=True)
+    return True
 
 
 class _LingeringHold(_HeldAcrossForks, _process.Resource):

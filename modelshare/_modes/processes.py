@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from .. import _process
-from .._host import inventory
+from .._host import counts, inventory
 from .._host.format import segment_size
 from .._host.holds import SegmentHandle, forget_lingering, release
 from .._host.locks import lock_holders
@@ -122,6 +122,7 @@ class Processes(Mode):
         info = HoldInfo(published, time.perf_counter() - start, handle.mapping.nbytes, device_bytes)
         _log.info("%s model %r (version %s, %s in %s) in %.3f s", "loaded" if published else "attached to",
                   shared.key, shared.version_hash, format_size(info.shared_bytes), handle.name.seg_path, info.seconds)
+        counts.add(directory, shared.key, "loads" if published else "attaches")
         return _SegmentHold(model, info, handle, buffers.device, new_instance)
 
     def _buffers(self, shared: "SharedModel[Any]", mapping: "Mapping") -> SegmentBuffers:

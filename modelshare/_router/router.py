@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import psutil
 
+from .._host import counts
 from .._host.directory import SegmentName, default_directory
 from .._host.holds import forget_lingering
 from .._host.inventory import evict, segment_sizes
@@ -135,6 +136,7 @@ class ModelRouter:
         self._sizes = sizes if callable(sizes) else {k: parse_size(v) for k, v in (sizes or {}).items()}
         self._directory = Path(directory) if directory is not None else None
         self._lock = threading.Lock()
+        self._budget_counted = False
         for key, shared in (models or {}).items():
             self._add(key, shared)
 
@@ -206,6 +208,10 @@ class ModelRouter:
         name = shared.segment_name
         ledger = Ledger(ensure_directory(self.directory))
         join(self.directory)
+        if not self._budget_counted:  # what metrics show as the budget: the latest router's
+            self._budget_counted = True
+            limits = {"host": self.budget.host, **{f"cuda:{i}": b for i, b in self.budget.gpu.items()}}
+            counts.set_budget(self.directory, {memory: b for memory, b in limits.items() if b is not None})
         deadline = Deadline(self.wait, longest=0.1)
         while True:
             outcome = self._try_acquire(key, shared, name, ledger)
@@ -337,6 +343,7 @@ class ModelRouter:
                     break
                 _log.info("evicted %s (%s) to make room for %r (%s) under the budget", stem, format_size(held[stem]),
                           key, format_size(size))
+                counts.add(self.directory, name.key, "evictions")
                 del held[stem]
                 if stem in state.models:
                     state.models[stem].evictions += 1

@@ -28,7 +28,7 @@ from beam_adapter import SharedModelHandler, release_all  # noqa: E402
 from modelshare import ModelShareError, list_segments  # noqa: E402
 from modelshare.memory import Peak  # noqa: E402
 
-from ..support import ROOT, eventually, left_after  # noqa: E402
+from ..support import ROOT, eventually, left_after, leftovers  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +135,7 @@ def test_multi_processing_workers_share_one_segment(tmp_path: Path, shm_dir: Pat
     expected = run(handler, examples, tmp_path)
     got = run(SharedModelHandler(handler), examples, tmp_path, workers=2)
     assert got == expected
-    assert list(shm_dir.iterdir()) == [], "worker processes release at exit: nothing is left behind"
+    assert leftovers(shm_dir) == [], "worker processes release at exit: nothing is left behind"
 
 
 class _Scaler:
@@ -281,7 +281,7 @@ def test_example_pipeline_runs(shm_dir: Path) -> None:
                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "64 predictions from 2 workers sharing one 16 MiB model" in out.stdout
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def _linear_model_file(path: Path, slope: float) -> str:
@@ -425,7 +425,7 @@ def test_onnx_multi_processing_workers(tmp_path: Path, shm_dir: Path) -> None:
     assert set(got) == set(expected)
     for i in got:
         np.testing.assert_allclose(got[i], expected[i], rtol=1e-5, atol=1e-6)
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_two_handlers_of_one_class_keep_their_own_models(tmp_path: Path, shm_dir: Path) -> None:

@@ -16,6 +16,7 @@ from modelshare import EncodeError, SharedModel
 from modelshare.codecs import codec_for
 from modelshare.codecs.tensorrt import EnginePlan, TensorRTCodec
 
+from ..support import leftovers
 from ..support import workers as _workers
 
 PLAN = bytes(range(256)) * 4096  # 1 MiB of recognisable plan bytes
@@ -39,7 +40,7 @@ def test_plan_file_is_shared_as_one_view_per_process(shm_dir: Path, tmp_path: Pa
     for engine in seen:
         assert engine["nbytes"] == len(PLAN) and engine["head"] == PLAN[:16]
         assert engine["in_segment"], "the deserializer must get a view of the segment, not a copy"
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_plan_bytes_and_types(shm_dir: Path) -> None:
@@ -65,7 +66,7 @@ def test_without_tensorrt_the_error_says_what_to_install(shm_dir: Path) -> None:
         pytest.skip("TensorRT is installed here; this checks the message where it is not")
     with pytest.raises(ImportError, match=r"TensorRT is not installed.*pip install tensorrt"):
         SharedModel.from_tensorrt(PLAN).acquire()
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_real_engine_roundtrip(shm_dir: Path) -> None:

@@ -30,6 +30,7 @@ from modelshare._gpu.keeper import (
 from modelshare._host.directory import SegmentName
 from modelshare._modes.processes import parse_device
 
+from ..support import leftovers
 from ..support import workers as _workers
 from ..support.workers import MiB
 
@@ -83,7 +84,7 @@ def test_without_a_gpu_device_raises_a_clear_error_before_loading(shm_dir: Path,
     with pytest.raises(DeviceUnavailableError, match="needs an NVIDIA GPU.*leave device= out"):
         shared.acquire()
     assert _workers.loads_counted(counter) == []  # nothing loaded for a GPU that is not there
-    assert not shm_dir.exists() or list(shm_dir.iterdir()) == []
+    assert not shm_dir.exists() or leftovers(shm_dir) == []
 
 
 def test_device_arguments_are_checked() -> None:
@@ -200,7 +201,7 @@ def test_a_sigkilled_keeper_leaves_files_that_gc_removes(shm_dir: Path, spawn) -
                          text=True, check=True).stdout
     assert f"{files.status}" in out
     assert list_device_copies(shm_dir) == [] and sweep_device_copies(shm_dir) == []
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_admission_names_the_model_its_size_and_what_holds_the_gpu(shm_dir: Path) -> None:

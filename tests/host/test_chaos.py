@@ -14,7 +14,7 @@ import numpy as np
 
 from modelshare import SharedModel, gc_segments, list_segments
 
-from ..support import ROOT
+from ..support import ROOT, leftovers
 from ..support import workers as _workers
 from ..support.workers import loads_counted, make_mlp, sample_input
 
@@ -62,7 +62,7 @@ def test_sigkill_loader_mid_publish(shm_dir: Path, tmp_path: Path, spawn) -> Non
     done.set()
     waiter.join(60)
     assert waiter.exitcode == 0
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_sigkill_attached_process_mid_use(shm_dir: Path, spawn) -> None:
@@ -88,7 +88,7 @@ def test_sigkill_attached_process_mid_use(shm_dir: Path, spawn) -> None:
     done.set()
     survivor.join(60)
     assert survivor.exitcode == 0
-    assert list(shm_dir.iterdir()) == [], "the last holder to release must unlink the segment"
+    assert leftovers(shm_dir) == [], "the last holder to release must unlink the segment"
 
 
 def _orphan(spawn, key: str, counter: str = "") -> SharedModel:
@@ -116,7 +116,7 @@ def test_sigkill_of_last_holder_leaves_an_orphan_that_gc_collects(shm_dir: Path,
                          env=dict(os.environ), timeout=60)
     assert out.returncode == 0, out.stderr
     assert "removed 1 file" in out.stdout
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def _acquire_in_a_fresh_process(shared: SharedModel) -> subprocess.CompletedProcess:
@@ -143,7 +143,7 @@ def test_the_next_acquire_adopts_an_orphan(shm_dir: Path, tmp_path: Path, spawn)
     assert loaded_here == "False" and float(total) == float(make_mlp(8, width=512)(sample_input(512)).sum())
     assert "adopting" in run.stderr.decode()
     assert len(loads_counted(counter)) == 1, "adopted, not loaded again"
-    assert list(shm_dir.iterdir()) == [], "released by its adopter as any segment"
+    assert leftovers(shm_dir) == [], "released by its adopter as any segment"
     assert gc_segments(shm_dir) == []
 
 
@@ -162,4 +162,4 @@ def test_a_damaged_orphan_is_replaced_not_used(shm_dir: Path, tmp_path: Path, sp
     assert loaded_here == "True" and float(total) == float(make_mlp(8, width=512)(sample_input(512)).sum())
     assert "does not match its checksum" in run.stderr.decode() and "loading anew" in run.stderr.decode()
     assert len(loads_counted(counter)) == 2
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []

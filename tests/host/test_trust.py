@@ -32,7 +32,7 @@ from modelshare import (
 )
 from modelshare._host.trust import ensure_directory
 
-from ..support import ROOT
+from ..support import ROOT, leftovers
 
 OTHER = 4242  # another local user (no account needed: root becomes it)
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as a second uid needs root (it can become any uid)")
@@ -89,7 +89,7 @@ def test_a_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> N
     os.chmod(shared_dir, mode)
     with pytest.raises(SegmentDirectoryError, match=r"is writable by .*plant models.*chmod go-w"):
         SharedModel(dict, key="m", directory=shared_dir).acquire()
-    assert list(shared_dir.iterdir()) == []
+    assert leftovers(shared_dir) == []
 
 
 def test_dev_shm_itself_is_refused_and_the_error_says_what_to_use() -> None:

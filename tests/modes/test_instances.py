@@ -15,7 +15,7 @@ import pytest
 
 from modelshare import SharedModel
 
-from ..support import eventually
+from ..support import eventually, leftovers
 from ..support import workers as _workers
 from ..support.pss import run_shared
 from ..support.workers import MiB
@@ -52,7 +52,7 @@ def test_acquire_still_hands_out_one_object_beside_instances(shm_dir: Path) -> N
         shared.release(made)
     assert shared.hold_info() is None
     del held, made  # a released model still referenced still maps the segment
-    assert eventually(lambda: not list(shm_dir.iterdir()))
+    assert eventually(lambda: not leftovers(shm_dir))
 
 
 @pytest.mark.parametrize("share", ["processes", "threads"])
@@ -110,7 +110,7 @@ def test_server_mode_has_no_instances_of_its_own(shm_dir: Path) -> None:
     with pytest.raises(TypeError, match="server"):
         shared.instance()
     assert shared.hold_info() is None, "the failed instance() left a hold"
-    assert eventually(lambda: not list(shm_dir.iterdir()))
+    assert eventually(lambda: not leftovers(shm_dir))
 
 
 def test_processes_pay_for_the_weights_once_whatever_their_instances(shm_dir: Path, spawn) -> None:

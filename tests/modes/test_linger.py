@@ -103,3 +103,17 @@ def test_the_default_and_bad_lingers() -> None:
     for bad in (-1, "10", True, float("nan")):
         with pytest.raises(ValueError, match="linger must be a number of seconds >= 0"):
             SharedModel(dict, key="k", linger=bad)  # type: ignore[arg-type]
+
+
+def test_release_with_linger_zero_lets_go_now(shm_dir: Path) -> None:
+    """A shutdown hook (uvicorn's lifespan, whose worker then dies by a re-raised SIGTERM and skips
+    exit handlers) lets go at once whatever the SharedModel's linger says."""
+    shared = SharedModel(functools.partial(make_mlp, 4, 256), key="shutdown", linger=60)
+    model = shared.acquire()
+    shared.release(model, linger=0)
+    del model
+    assert shared.hold_info() is None and left_after(shm_dir) == []
+    model = shared.acquire()
+    with pytest.raises(ValueError, match="linger must be a number of seconds >= 0"):
+        shared.release(model, linger=-1)
+    shared.release(model, linger=0)  # the refused release changed nothing

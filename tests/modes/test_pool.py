@@ -10,6 +10,7 @@ import numpy as np
 
 from modelshare import InstancePool, Processes, SharedModel, Threads
 
+from ..support import leftovers
 from ..support.workers import NotThreadSafe, Unsplittable, loads_counted
 
 
@@ -45,7 +46,7 @@ def test_not_thread_safe_model_needs_instances(shm_dir: Path) -> None:
             with pool.instance() as one:
                 assert one in pool.instances
     del pool, one
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_a_model_the_codec_cannot_rebuild_is_loaded_per_instance(shm_dir: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from modelshare import SharedModel
 
+from ..support import leftovers
 from ..support import workers as _workers
 from ..support.pss import run_shared
 from ..support.workers import MiB, loads_counted, make_mlp, sample_input
@@ -50,7 +51,7 @@ def test_four_processes_pay_for_the_weights_once(shm_dir: Path, tmp_path: Path, 
     assert run.segment_bytes >= weights
     assert run.total_pss <= run.budget(weights), run.report(weights)
     assert run.in_segments == pytest.approx(weights, rel=0.02), run.report(weights)
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_threads_in_processes_race_to_one_load(shm_dir: Path, tmp_path: Path, spawn) -> None:
@@ -89,7 +90,7 @@ def test_exit_without_release_unlinks_the_segment(shm_dir: Path, spawn) -> None:
     results.get(timeout=120)
     proc.join(60)
     assert proc.exitcode == 0
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_forked_child_holds_its_own_lock(shm_dir: Path) -> None:
@@ -108,7 +109,7 @@ def test_forked_child_holds_its_own_lock(shm_dir: Path) -> None:
     np.testing.assert_array_equal(model(sample_input(512)), make_mlp(4, width=512)(sample_input(512)))
     shared.release(model)
     del model
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_a_released_model_still_referenced_keeps_its_hold_until_it_dies(shm_dir: Path) -> None:
@@ -121,7 +122,7 @@ def test_a_released_model_still_referenced_keeps_its_hold_until_it_dies(shm_dir:
     assert not evict(shared.segment_name), "so nothing evicts it from under the model"
     assert model["w"].sum() == 50_000
     del model
-    assert list(shm_dir.iterdir()) == [], "the last reference gone: unmapped, and unlinked by its last holder"
+    assert leftovers(shm_dir) == [], "the last reference gone: unmapped, and unlinked by its last holder"
 
 
 def test_a_forked_child_cannot_give_up_its_parents_lingering_hold(shm_dir: Path) -> None:
@@ -138,7 +139,7 @@ def test_a_forked_child_cannot_give_up_its_parents_lingering_hold(shm_dir: Path)
     child.join(60)
     assert shared.segment_name.seg_path.exists() and shared.holders() == [os.getpid()]
     del model
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_changed_loader_does_not_attach_to_stale_segment(shm_dir: Path) -> None:

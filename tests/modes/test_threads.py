@@ -11,6 +11,8 @@ import pytest
 
 from modelshare import SharedModel
 
+from ..support import leftovers
+
 
 class _CountingLoader:
     def __init__(self, delay: float = 0.2) -> None:
@@ -73,7 +75,7 @@ def test_processes_mode_in_one_process_unlinks_on_last_release(shm_dir: Path) ->
         assert shared.segment_name.seg_path.exists()
         assert model["w"].sum() == 50_000
     del model
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
 
 
 def test_copies_of_one_shared_model_meet_in_a_process(shm_dir: Path) -> None:

@@ -28,7 +28,7 @@ from modelshare import (
 from modelshare._host.locks import lock_holders
 from modelshare._owners.server import ServerFiles
 
-from ..support import ROOT, left_after
+from ..support import ROOT, left_after, leftovers
 from ..support.workers import Unloadable, Unsplittable, loads_counted, noisy_model, slow_model
 
 EXPECTED = Unsplittable()
@@ -132,7 +132,7 @@ def test_a_failed_start_quotes_its_output_and_leaves_nothing(shm_dir: Path) -> N
     shared = SharedModel(loader, key="failing", share=Server(idle_exit=0.5))
     with pytest.raises(LoaderError, match=r"(?s)failed to start.*reading weights from /models/x.pt.*FileNotFoundError"):
         shared.acquire()
-    assert list(shm_dir.iterdir()) == [], "no log, socket, status or lock left behind"
+    assert leftovers(shm_dir) == [], "no log, socket, status or lock left behind"
 
 
 def test_timeout_bounds_the_start_and_stops_the_server(shm_dir: Path, tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_timeout_bounds_the_start_and_stops_the_server(shm_dir: Path, tmp_path: 
     with pytest.raises(AcquireTimeoutError, match=r"did not start within 3 s \(it was stopped\)"):
         shared.acquire()
     assert time.monotonic() - started < 10
-    assert list(shm_dir.iterdir()) == []
+    assert leftovers(shm_dir) == []
     (pid,) = loads_counted(counter)  # the server that was loading
     deadline = time.monotonic() + 10
     while _running(pid) and time.monotonic() < deadline:

@@ -23,7 +23,7 @@ from modelshare import (
     SharedModel,
 )
 
-from ..support import left_after
+from ..support import left_after, leftovers
 from ..support import workers as _workers
 from ..support.workers import Unsplittable, loads_counted
 
@@ -217,7 +217,7 @@ def test_a_socket_path_too_long_for_unix_sockets_says_what_to_do(tmp_path: Path)
     shared = SharedModel(dict, key="k" * 100, share="server", directory=tmp_path)
     with pytest.raises(SegmentDirectoryError, match=r"Unix sockets allow 107: use a shorter key"):
         shared.acquire()
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_server_options_are_checked() -> None:
