@@ -4,6 +4,7 @@ The model is generated (``benchmarks.models.numpy_mlp``, ``$EXAMPLE_MODEL_MIB`` 
 default), so the examples run anywhere. ``$EXAMPLE_HOLD=1`` holds the model for the life of the
 worker (acquired at import, so ``gunicorn --preload`` workers inherit it); otherwise each request
 calls ``use()`` -- the request-handler pattern, which the linger keeps from reloading.
+``$EXAMPLE_PRIVATE=1``: no sharing, each process loads its own copy at import (the baseline).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from benchmarks.models import numpy_mlp
 from modelshare import SharedModel
 
 WIDTH = 512
-shared = SharedModel(functools.partial(numpy_mlp, int(os.environ.get("EXAMPLE_MODEL_MIB", "32")), WIDTH),
-                     key="example-mlp")
-held = shared.acquire() if os.environ.get("EXAMPLE_HOLD") == "1" else None
+load = functools.partial(numpy_mlp, int(os.environ.get("EXAMPLE_MODEL_MIB", "32")), WIDTH)
+shared = SharedModel(load, key="example-mlp")
+if os.environ.get("EXAMPLE_PRIVATE") == "1":  # the usual way, for comparison: every process loads its own
+    held = load()
+else:
+    held = shared.acquire() if os.environ.get("EXAMPLE_HOLD") == "1" else None
 
 
 def request_input(seed: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import psutil
 
-from ._host.directory import default_directory
+from ._host.directory import COUNTS_FILE, default_directory
 
 __all__ = ["HostMemory", "ProcessMemory", "GpuMemory", "Peak", "host", "process", "total_pss", "anonymous_bytes",
            "segment_bytes", "gpus", "gpu_usage"]
@@ -157,7 +157,8 @@ class Peak:
 
 
 def segment_bytes(directory: Union[str, os.PathLike[str], None] = None) -> int:
-    """Bytes of memory the files in a segment directory occupy (allocated blocks, not sizes)."""
+    """Bytes of memory the files in a segment directory occupy (allocated blocks, not sizes) --
+    segments, their locks and files being written; not the counts file beside them."""
     seg_dir = Path(directory) if directory is not None else default_directory()
     total = 0
     try:
@@ -165,6 +166,8 @@ def segment_bytes(directory: Union[str, os.PathLike[str], None] = None) -> int:
     except FileNotFoundError:
         return 0
     for entry in entries:
+        if entry.name == COUNTS_FILE:
+            continue
         try:
             total += entry.stat(follow_symlinks=False).st_blocks * 512
         except FileNotFoundError:

@@ -252,7 +252,7 @@ def test_files_are_private_to_the_user(shm_dir: Path) -> None:
     with SharedModel(lambda: {"w": np.ones(4096)}, key="modes").use():
         assert shm_dir.stat().st_mode & 0o777 == 0o700
         modes = {p.name.rsplit(".", 1)[-1]: p.stat().st_mode & 0o777 for p in shm_dir.iterdir()}
-        assert modes == {"seg": 0o600, "lock": 0o600}
+        assert modes == {"seg": 0o600, "lock": 0o600, "counts": 0o600}
 
 
 def test_make_key_from_any_text_is_a_valid_key() -> None:

@@ -5,18 +5,19 @@ holds a private copy)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from benchmarks.models import numpy_mlp
+from benchmarks.studies.request_serving import GUNICORN, UVICORN, serve
+from examples.serving import WIDTH, request_input
 from modelshare import memory
 
 from .support import ROOT, left_after
@@ -26,70 +27,34 @@ MODEL_MIB = 64
 
 
 def _env(shm_dir: Path, **extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), MODELSHARE_DIR=str(shm_dir), EXAMPLE_MODEL_MIB=str(MODEL_MIB),
-                MODELSHARE_LINGER="10", **extra)
+    """What the examples read from the environment, on top of the test's own."""
+    return dict(MODELSHARE_DIR=str(shm_dir), EXAMPLE_MODEL_MIB=str(MODEL_MIB), MODELSHARE_LINGER="10", **extra)
+
+
+@functools.lru_cache(maxsize=1)
+def _private_model() -> Any:
+    """The examples' model, loaded privately here: what every answer must equal."""
+    return numpy_mlp(MODEL_MIB, WIDTH)
 
 
 def _expected(seed: int) -> float:
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.models import numpy_mlp
-    from examples.serving import WIDTH, request_input
-
-    global _private
-    if "_private" not in globals():
-        _private = numpy_mlp(MODEL_MIB, WIDTH)
-    return float(_private(request_input(seed)).sum())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return response.read()
-
-
-def _metric(text: str, name: str) -> float:
-    return next(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name))
+    return float(_private_model()(request_input(seed)).sum())
 
 
 def _serve_and_check(command: list[str], env: dict[str, str], shm_dir: Path) -> dict[str, float]:
     """Start the server, send 40 requests from 4 threads, check every answer and the memory; the
-    figures its /metrics reports."""
-    port = _free_port()
-    server = subprocess.Popen([*command, "--port" if "uvicorn" in command else "--bind",
-                               str(port) if "uvicorn" in command else f"127.0.0.1:{port}"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                _get(f"http://127.0.0.1:{port}/metrics")
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-                time.sleep(0.2)
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda seed: json.loads(_get(f"http://127.0.0.1:{port}/predict?seed={seed}")),
-                                    range(40)))
+    loads and attaches its /metrics reports."""
+    with serve(command, env) as server:
+        answers = [answer for answer, _ in server.requests(range(40))]
         for seed, answer in enumerate(answers):
             assert answer["output"] == pytest.approx(_expected(seed), rel=1e-6)
         (segment,) = shm_dir.glob("*.seg")
-        workers = {a["pid"] for a in answers}
-        shares = [memory.process(pid, shm_dir) for pid in workers]
+        shares = [memory.process(pid, shm_dir) for pid in {a["pid"] for a in answers}]
         assert sum(s.segment_pss for s in shares) <= 1.01 * segment.stat().st_size, "the weights counted once"
         for share in shares:
             assert share.private < MODEL_MIB * MiB / 2, f"worker {share.pid} holds {share.private / MiB:.0f} MiB " \
                                                           "of its own: a private copy"
-        text = _get(f"http://127.0.0.1:{port}/metrics").decode()
-        figures = {name: _metric(text, f'modelshare_{name}_total{{key="example-mlp"}}')
-                   for name in ("loads", "attaches")}
-    finally:
-        server.terminate()
-        server.wait(60)
+        figures = server.counts()
     assert left_after(shm_dir) == [], "the workers shut down cleanly: their last release unlinked the segment"
     return figures
 
@@ -97,8 +62,7 @@ def _serve_and_check(command: list[str], env: dict[str, str], shm_dir: Path) -> 
 @pytest.mark.parametrize("hold", ["0", "1"], ids=["use-per-request", "held-from-import"])
 def test_gunicorn_preload_workers_share_one_load(hold: str, shm_dir: Path) -> None:
     pytest.importorskip("gunicorn", reason="gunicorn is not installed")
-    figures = _serve_and_check([sys.executable, "-m", "gunicorn", "--preload", "--workers", "4",
-                                "examples.wsgi_app:app"], _env(shm_dir, EXAMPLE_HOLD=hold), shm_dir)
+    figures = _serve_and_check([*GUNICORN, "--preload"], _env(shm_dir, EXAMPLE_HOLD=hold), shm_dir)
     assert figures["loads"] == 1
     if hold == "1":
         assert figures["attaches"] == 0, "the master loaded it at import: forked workers inherit it"
@@ -106,13 +70,13 @@ def test_gunicorn_preload_workers_share_one_load(hold: str, shm_dir: Path) -> No
 
 def test_uvicorn_workers_share_one_load(shm_dir: Path) -> None:
     pytest.importorskip("uvicorn", reason="uvicorn is not installed")
-    figures = _serve_and_check([sys.executable, "-m", "uvicorn", "--workers", "4", "--log-level", "warning",
-                                "examples.asgi_app:app"], _env(shm_dir), shm_dir)
+    figures = _serve_and_check(UVICORN, _env(shm_dir), shm_dir)
     assert figures == {"loads": 1, "attaches": 3}, "each worker holds it from its startup: one load, three attaches"
 
 
 def _run_example(script: str, shm_dir: Path, *args: str) -> dict:
-    run = subprocess.run([sys.executable, f"examples/{script}", *args], cwd=ROOT, env=_env(shm_dir),
+    run = subprocess.run([sys.executable, f"examples/{script}", *args], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), **_env(shm_dir)),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -7,7 +7,8 @@ the Prometheus collector (``modelshare.metrics``) read it. The counts outlive th
 counter that fell back whenever the machine went idle would lie); a process SIGKILLed in the
 middle of a write leaves a file that cannot be read, and the counts start again from zero, which
 Prometheus reads as a counter reset. Recording never fails what it counts: a file that cannot be
-written (a full disk, a file planted by someone else) is skipped with a warning logged once.
+written (a full disk, a file planted by someone else) is skipped with a warning logged once, and
+a directory that is not modelshare's alone (a project folder) gets no counts file at all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Optional
 
 from ..errors import UntrustedFileError
 from .directory import COUNTS_FILE
-from .trust import open_own
+from .trust import foreign_names, open_own
 
 __all__ = ["EVENTS", "add", "read", "set_budget"]
 
@@ -78,11 +79,25 @@ def _parse(data: bytes) -> dict[str, Any]:
     return _empty()
 
 
+def _open_to_count(path: Path) -> Optional[int]:
+    """The counts file, open to read and write; made if missing -- unless the directory holds files
+    modelshare did not make (a project folder given as ``$MODELSHARE_DIR``): nothing of ours is left
+    lying in someone else's folder, so nothing is counted there."""
+    try:
+        return open_own(path, os.O_RDWR)
+    except FileNotFoundError:
+        if foreign_names(path.parent):
+            return None
+        return open_own(path, os.O_RDWR | os.O_CREAT)
+
+
 def _update(directory: Path, change: Any) -> None:
     path = directory / COUNTS_FILE
     fd: Optional[int] = None
     try:
-        fd = open_own(path, os.O_RDWR | os.O_CREAT)
+        fd = _open_to_count(path)
+        if fd is None:
+            return
         fcntl.flock(fd, fcntl.LOCK_EX)
         state = _parse(os.pread(fd, _MAX_BYTES, 0))
         change(state)
