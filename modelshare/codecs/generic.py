@@ -161,8 +161,10 @@ class GenericCodec(Codec):
         for path in sorted(pickler.copied_on_load):
             warnings.warn(CopiedOnLoadWarning(
                 f"{_COPIED_ON_LOAD[path]} ({path}): every process that attaches this "
-                f"{type(model).__qualname__} pays for those arrays again. Use share='threads', or convert "
-                "the model to ONNX (e.g. skl2onnx) and share it with SharedModel.from_onnx"), stacklevel=4)
+                f"{type(model).__qualname__} pays for those arrays again. share=Server(copies=N) keeps N "
+                "copies per machine, whatever the number of processes (measured for 200 trees, 4 workers: "
+                "349 MiB in all against 842 private); share='threads' one per process. Converting to ONNX "
+                "does not help: ONNX Runtime builds its trees in private memory too (1033 MiB)"), stacklevel=4)
         return stream.getvalue()
 
     def _shares_out_of_band(self, view: memoryview) -> bool:

@@ -150,3 +150,16 @@ def test_ragged_study_counts_calls_and_padding() -> None:
     assert rows["modelshare-pad-unbounded"]["calls"] == 4, "60 elements, calls of at most 16"
     for config in ragged_batches.CONFIGS[1:]:
         assert rows[config]["wrong_shapes"] == 0 and rows[config]["max_error"] < 1e-5, config
+
+
+def test_forests_study_finds_what_shares_a_forest() -> None:
+    """A small forest four ways: every way predicts right; a server holds it once, so its workers
+    cost less than private ones; ONNX Runtime sessions do not share the trees."""
+    pytest.importorskip("skl2onnx", reason="skl2onnx (the bench extra) is not installed")
+    from benchmarks.studies import forests
+
+    rows = {row["config"]: row for row in forests.main(["--trees", "40", "--depth", "12", "--workers", "2"],
+                                                       report=lambda line: None)}
+    assert all(row["right"] for row in rows.values()), rows
+    assert rows["modelshare-server"]["pss_mib"] < rows["private"]["pss_mib"]
+    assert rows["modelshare-server"]["gained_mib"] < rows["private"]["gained_mib"] / 4

@@ -58,7 +58,8 @@ def test_predictions_identical(shm_dir: Path, name: str) -> None:
 
 
 def test_trees_warn_that_sharing_saves_nothing(shm_dir: Path) -> None:
-    with pytest.warns(CopiedOnLoadWarning, match=r"trees .* copy their node arrays.*share='threads'.*from_onnx"):
+    says = r"trees .* copy their node arrays.*Server\(copies=N\).*share='threads'.*ONNX does not help"
+    with pytest.warns(CopiedOnLoadWarning, match=says):
         with SharedModel(functools.partial(fitted, "forest"), key="sk-forest").use():
             pass
 
