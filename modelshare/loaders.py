@@ -7,7 +7,8 @@ file instead (the page cache, not private memory) and hand its pages to the mode
 segment then copies once:
 
 * :class:`TorchStateDict`: ``model_class(**params)`` built on the meta device (no storage), the
-  state dict memory-mapped (``torch.load(mmap=True)``) and assigned (``load_state_dict(assign=True)``);
+  state dict memory-mapped (``torch.load(mmap=True)``, or ``safetensors`` for a ``.safetensors``
+  file: what Hugging Face models ship as) and assigned (``load_state_dict(assign=True)``);
 * :class:`JoblibMmap`: ``joblib.load(path, mmap_mode="r")`` (scikit-learn estimators saved with joblib);
 * :class:`OnCpu`: any loader's model moved to the CPU, for ``Processes(device="cuda:N")``, which
   puts the weights on the GPU itself.
@@ -31,7 +32,8 @@ __all__ = ["TorchStateDict", "JoblibMmap", "OnCpu"]
 class TorchStateDict:
     """``model_class(**params)`` with the weights of the state dict at ``path``, never copied privately.
 
-    ``load_args`` go to ``torch.load``. If the state dict leaves a parameter or buffer unset (still
+    A ``.safetensors`` file is read with ``safetensors`` (install it); any other with ``torch.load``,
+    which ``load_args`` go to. If the state dict leaves a parameter or buffer unset (still
     on the meta device), the model is built by ``fallback()`` instead, when given (else a
     ``ValueError`` names what is missing). The model comes back in eval mode, without gradients.
     """
@@ -50,7 +52,12 @@ class TorchStateDict:
 
         with torch.device("meta"):
             model = self.model_class(**self.params)
-        state = torch.load(self.path, map_location="cpu", mmap=True, **self.load_args)
+        if self.path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(self.path, device="cpu")
+        else:
+            state = torch.load(self.path, map_location="cpu", mmap=True, **self.load_args)
         model.load_state_dict(state, assign=True)
         missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if missing:

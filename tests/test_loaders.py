@@ -44,6 +44,25 @@ def test_torch_state_dict_builds_the_same_model_over_the_mapped_file(tmp_path: P
     del shared
 
 
+def test_a_safetensors_file_builds_the_same_model_and_versions_it(tmp_path: Path, shm_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
+    path = tmp_path / "model.safetensors"
+    reference = _mlp(64).eval()
+    safetensors_torch.save_file(reference.state_dict(), str(path))
+    shared = SharedModel(TorchStateDict(_mlp, path, params={"width": 64}), key="hf-style")
+    x = torch.randn(3, 64)
+    with shared.use() as model, torch.inference_mode():
+        assert torch.equal(model(x), reference(x))
+    del model
+    retrained = _mlp(64).eval()
+    safetensors_torch.save_file(retrained.state_dict(), str(path))  # new weights, same path
+    assert shared.refresh() is True, "the file's identity is the version"
+    with shared.use() as model, torch.inference_mode():
+        assert torch.equal(model(x), retrained(x))
+    del model
+
+
 def test_a_state_dict_that_misses_a_buffer_says_which_or_falls_back(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     path = tmp_path / "mlp.pt"
