@@ -14,6 +14,11 @@ way RunInference uses them:
   process computing locally on zero-copy views, with the cores shared out among the processes
   (``modelshare.threads.ThreadShare``, as the Beam adapter does by default);
 * ``modelshare-threads``: ``SharedModel(share="threads")`` -- one copy per process;
+* ``mmap-file``: the peer where it applies -- every process maps the saved file itself
+  (``torch.load(mmap=True)``, ``joblib.load(mmap_mode="r")``): the page cache is the one copy,
+  charged to the cgroup that first reads it (the suite evicts the file first), reclaimable under
+  the limit and read again from disk when needed; its processes share the cores out as
+  modelshare's do (cores / processes threads each);
 * ``beam-model-copies``: ``model_copies=N`` -- N ``MultiProcessShared`` servers (tags
   ``<key>_<i>``, each a thread of the worker that first asked for it), calls round robin;
 * ``modelshare-server``: ``SharedModel(share=Server(copies=N))`` -- N server processes, each
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import random
 import threading
 from dataclasses import dataclass
@@ -64,6 +70,7 @@ class RunSpec:
     keyed_models: int = 1  # keyed approaches: how many models (files <model_path>.k<i>)
     held_models: int = 1  # keyed approaches: Beam's per-worker hint; the router's budget in models
     budget_bytes: int = 0  # the router's host budget
+    processes: int = 1  # worker processes in the run
 
 
 _process_models: dict[str, Any] = {}  # what one process holds for its threads, per approach
@@ -124,6 +131,27 @@ def _modelshare(share: str, spec: RunSpec) -> Infer:
         return framework.call(model, x)
 
     return infer
+
+
+def mmap_file(spec: RunSpec) -> Infer:
+    framework = FRAMEWORKS[spec.framework]
+    if framework.lean_load is None:
+        raise ValueError(f"{spec.framework} models have no memory-mapped load: the mmap-file peer does not apply")
+    model = _once_per_process("mmap-file", lambda: framework.lean_load(Path(spec.model_path)))
+    # the cores shared out as modelshare shares them, so that the two differ in memory, not in threads
+    threads = _once_per_process("mmap-thread-share", lambda: ThreadShare(max(1, (os.cpu_count() or 1)
+                                                                              // spec.processes)))
+
+    def infer(_: int, x: Any) -> Any:
+        threads.apply(None)
+        return framework.call(model, x)
+
+    return infer
+
+
+def applies(approach: str, framework: str) -> bool:
+    """Whether ``approach`` can run ``framework``'s models (the mmap peer needs a mapped load)."""
+    return approach != "mmap-file" or FRAMEWORKS[framework].lean_load is not None
 
 
 def beam_model_copies(spec: RunSpec) -> Infer:
@@ -212,6 +240,7 @@ APPROACHES: dict[str, Callable[[RunSpec], Infer]] = {
     "beam-multi-process-shared": beam_multi_process_shared,
     "modelshare": functools.partial(_modelshare, "processes"),
     "modelshare-threads": functools.partial(_modelshare, "threads"),
+    "mmap-file": mmap_file,
     "beam-model-copies": beam_model_copies,
     "modelshare-server": modelshare_server,
     "beam-keyed-hint": beam_keyed_hint,
@@ -224,6 +253,7 @@ LABELS: dict[str, str] = {
     "beam-multi-process-shared": "Beam's `large_model=True` (`MultiProcessShared`)",
     "modelshare": "modelshare (`share=\"processes\"`)",
     "modelshare-threads": "modelshare (`share=\"threads\"`)",
+    "mmap-file": "the file memory-mapped in every process (`torch.load(mmap=True)`, joblib `mmap_mode`)",
     "beam-model-copies": "Beam's `model_copies=N` (N `MultiProcessShared`)",
     "modelshare-server": "modelshare (`share=Server(copies=N)`)",
     "beam-keyed-hint": "Beam's `KeyedModelHandler(max_models_per_worker_hint=N)`",

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 from ..cgroup import unavailable_reason
 from ..models import MiB
 from . import report, scenarios
-from .approaches import APPROACHES
+from .approaches import APPROACHES, applies
 from .run import (
     SCRATCH_PREFIX,
     RunResult,
@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sweep_leftovers()
     scenario = scenarios.get(args.scenario)
     threads = args.threads or scenario.threads
-    approaches = args.approaches or list(scenario.approaches)
+    approaches = args.approaches or [a for a in scenario.approaches if applies(a, args.framework)]
     use_cgroup = not args.no_cgroup
     if use_cgroup and (reason := unavailable_reason()) is not None:
         print(f"[benchmarks] no memory limit can be enforced here: {reason}. Peaks are measured and compared "

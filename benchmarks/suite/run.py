@@ -176,7 +176,7 @@ def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: 
     budget = scenario.held_models * (model.nbytes + (1 << 20))  # the router's: N models and their headers
     spec = RunSpec(model.framework, str(model.path), approach, threads, calls, f"bench-{approach}",
                    str(run_dir), str(segment_dir), time.time(), scenario.copies, scenario.keyed_models,
-                   scenario.held_models, budget)
+                   scenario.held_models, budget, processes)
     (run_dir / "spec.json").write_text(json.dumps(asdict(spec)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.monotonic()

@@ -59,6 +59,8 @@ def test_scenario_3_private_copies_are_oom_killed_modelshare_completes(tmp_path:
         run = runs[approach]
         assert run["status"] == "completed" and run["outputs_equal"], run
         assert run["peak_in_use_mib"] <= run["limit_mib"] and run["oom_kills"] == 0
+    mapped = runs["mmap-file"]  # the peer: the file's pages in the page cache, once, reclaimable under the limit
+    assert mapped["status"] == "completed" and mapped["outputs_equal"], mapped
     # one copy of the weights in all: what modelshare holds beyond the bare workers is about the model once
     shared = runs["modelshare"]
     assert shared["peak_in_use_mib"] - 3 * shared["bare_mib"] < 1.5 * shared["model_mib"]

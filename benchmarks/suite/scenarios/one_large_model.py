@@ -2,9 +2,11 @@
 
 Beam's default loads a private copy in every SDK worker process; ``large_model=True`` keeps one
 copy in a server process and pickles every call over a socket; modelshare keeps one copy of the
-weights in shared memory and every process computes on zero-copy views. The default limit fits
-one copy of the model beside the bare worker processes (plus ``headroom``) -- about 1.8x the model
-for a 1 GiB PyTorch model and 4 workers -- far below a private copy per process.
+weights in shared memory and every process computes on zero-copy views. The memory-mapped file
+is the peer where the framework can map its file (PyTorch, scikit-learn through joblib): the page
+cache holds it once. The default limit fits one copy of the model beside the bare worker
+processes (plus ``headroom``) -- about 1.8x the model for a 1 GiB PyTorch model and 4 workers --
+far below a private copy per process.
 """
 
 from . import Scenario, headroom
@@ -17,7 +19,7 @@ def _limit(model: int, processes: int, threads: int, bare: int) -> int:
 SCENARIO = Scenario(
     number=3,
     title="one large model shared by all processes",
-    approaches=("beam-shared", "beam-multi-process-shared", "modelshare"),
+    approaches=("beam-shared", "beam-multi-process-shared", "mmap-file", "modelshare"),
     threads=1,
     default_limit=_limit,
     must_survive=("modelshare",),
