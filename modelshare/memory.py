@@ -7,6 +7,8 @@ it, so N processes on one segment look like N copies; the figures here avoid tha
 * **PSS** (proportional set size): private pages plus each shared page divided by the number of
   processes that map it. Summed over processes, a segment is counted once.
 * **segment bytes**: what the files in a segment directory occupy in tmpfs (memory, not disk).
+  Weights a segment maps from their own file (``Processes(map_files=...)``) are page cache, not
+  tmpfs: they count in each process's ``segment_pss``, not here.
 * **GPUs**: used and free per device, and per process, through NVML, where ``nvidia-ml-py`` and a
   GPU are present; ``gpu_usage`` counts a GPU copy (``Processes(device=...)``) once for the
   processes that share it.
@@ -69,9 +71,20 @@ def host() -> HostMemory:
     return HostMemory(total=vm.total, available=vm.available, used=vm.total - vm.available)
 
 
+def _mapped_files(directory: Path) -> set[tuple[str, int]]:
+    """The weights files that segments in ``directory`` map, as smaps names them: (dev "MM:mm" in
+    hex, inode)."""
+    from ._host.inventory import list_segments
+
+    return {(f"{os.major(f.dev):02x}:{os.minor(f.dev):02x}", f.ino)
+            for info in list_segments(directory) for f in info.files}
+
+
 def _segment_memory(pid: int, directory: Path) -> tuple[int, int]:
-    """(PSS, USS) of the mappings of files under ``directory``, from ``/proc/<pid>/smaps``."""
+    """(PSS, USS) of the mappings of files under ``directory`` and of the weights files its segments
+    map, from ``/proc/<pid>/smaps``."""
     prefix = str(directory).rstrip("/") + "/"
+    mapped = _mapped_files(directory) if directory.is_dir() else set()
     pss = uss = 0
     inside = False
     try:
@@ -79,7 +92,8 @@ def _segment_memory(pid: int, directory: Path) -> tuple[int, int]:
             for line in smaps:
                 if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
                     fields = line.split(None, 5)
-                    inside = len(fields) == 6 and fields[5].startswith(prefix)
+                    inside = len(fields) == 6 and (fields[5].startswith(prefix)
+                                                   or (fields[3], int(fields[4])) in mapped)
                 elif inside and line.startswith("Pss:"):
                     pss += int(line.split()[1]) * 1024
                 elif inside and line.startswith(("Private_Clean:", "Private_Dirty:")):

@@ -8,9 +8,16 @@ A segment is one file (little-endian), small enough to describe in a paragraph::
                        zero padding
     [64, 64+hlen)      header: UTF-8 JSON -- key, version, codec, views, created, loader pid,
                        skeleton {offset, nbytes, crc32}, manifest [{offset, nbytes, crc32, info}],
-                       fingerprint
+                       fingerprint, files [{path, dev, ino, size, mtime_ns}]
     [data offset, ...) data, page-aligned: the skeleton, then each buffer at a 64-byte-aligned
                        offset (offsets in the header are relative to the data offset)
+
+A buffer that is already the pages of a weights file (``file_pages``) is not copied: its manifest
+entry adds ``file`` (an index into ``files``) and ``file_offset``, and its place in the data is a
+hole -- the file keeps its full size, which is what ``ls`` and a budget count (those bytes are
+memory the model takes, in the page cache instead of tmpfs), while tmpfs stores only what was
+written. Such a buffer has no CRC (reading it at publish is what mapping avoids): the file's
+identity is checked instead, each time it is mapped.
 
 Every byte that decides how a segment is read is checked each time it is mapped: the preamble
 (flags included) and the header by their CRC-32s, the header's shape field by field, and the
@@ -36,10 +43,11 @@ from typing import Any, Callable, Optional
 from ..codecs import Encoded, SegmentBuffers
 from ..errors import SegmentCorruptedError, UntrustedFileError
 from .directory import directory_error
+from .file_pages import FileIdentity, FilePages, changed, map_file
 from .trust import open_own
 
 MAGIC = b"MODLSHR\x00"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FLAG_KEEP_WARM = 1
 _PREAMBLE = struct.Struct("<8sIIQQQII")  # ... header CRC, preamble CRC (over the bytes before it)
 _PREAMBLE_CHECKED = _PREAMBLE.size - 4
@@ -61,34 +69,55 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done : done + _WRITE_CHUNK], offset + done)
 
 
-def _layout(fields: dict[str, Any], encoded: Encoded) -> tuple[dict[str, Any], int, int]:
+def _layout(fields: dict[str, Any], encoded: Encoded,
+            file_pages: Optional[FilePages]) -> tuple[dict[str, Any], int, int]:
     """Where everything of ``encoded`` goes: (header with room for the checksums, data offset, file size)."""
     skeleton = memoryview(encoded.skeleton)
     offset = _align(len(skeleton), BUFFER_ALIGN)
     manifest = []
     for i, buf in enumerate(encoded.buffers):
-        manifest.append({"offset": offset, "nbytes": buf.nbytes, "crc32": 0,
-                         "info": encoded.buffer_info[i] if i < len(encoded.buffer_info) else {}})
+        entry = {"offset": offset, "nbytes": buf.nbytes, "crc32": 0,
+                 "info": encoded.buffer_info[i] if i < len(encoded.buffer_info) else {}}
+        where = file_pages.where[i] if file_pages is not None else None
+        if where is not None:
+            entry["file"], entry["file_offset"] = where
+        manifest.append(entry)
         offset = _align(offset + buf.nbytes, BUFFER_ALIGN)
+    files = [f.to_header() for f in file_pages.files] if file_pages is not None else []
     header = dict(fields, skeleton={"offset": 0, "nbytes": len(skeleton), "crc32": zlib.crc32(skeleton)},
-                  manifest=manifest, fingerprint="0" * 64)
+                  manifest=manifest, fingerprint="0" * 64, files=files)
     header_len = len(json.dumps(header).encode()) + 32 * len(manifest) + 64
     data_offset = _align(PREAMBLE_SIZE + header_len, DATA_ALIGN)
     return header, data_offset, data_offset + offset
 
 
-def segment_size(fields: dict[str, Any], encoded: Encoded) -> int:
+def segment_size(fields: dict[str, Any], encoded: Encoded, file_pages: Optional[FilePages] = None) -> int:
     """The exact size of the file ``write_segment`` would write: known before a byte is written."""
-    return _layout(fields, encoded)[2]
+    return _layout(fields, encoded, file_pages)[2]
 
 
-def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: Encoded, *, keep_warm: bool) -> None:
+def _reserve(fd: int, data_offset: int, size: int, manifest: list[dict[str, Any]], skeleton_nbytes: int) -> None:
+    """Allocate the file's room up front (so a full tmpfs fails here, not half-way): all of it, or,
+    where buffers stay in their weights files, only what is written (their places stay holes)."""
+    if not any("file" in e for e in manifest):
+        os.posix_fallocate(fd, 0, size)
+        return
+    os.ftruncate(fd, size)
+    os.posix_fallocate(fd, 0, data_offset + skeleton_nbytes)
+    for entry in manifest:
+        if "file" not in entry and entry["nbytes"]:
+            os.posix_fallocate(fd, data_offset + entry["offset"], entry["nbytes"])
+
+
+def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: Encoded, *, keep_warm: bool,
+                  file_pages: Optional[FilePages] = None) -> None:
     """Write ``encoded`` as the segment ``path``: into ``temporary`` first, then an atomic rename.
+    Buffers that ``file_pages`` places in weights files are recorded there, not copied.
 
     The caller makes sure it is the only writer of ``path`` (``segments`` holds a lock).
     """
     skeleton = memoryview(encoded.skeleton)
-    header, data_offset, size = _layout(fields, encoded)
+    header, data_offset, size = _layout(fields, encoded, file_pages)
     manifest = header["manifest"]
     try:
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -96,12 +125,16 @@ def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: 
         raise directory_error(exc, path.parent, size) from exc
     try:
         try:
-            os.posix_fallocate(fd, 0, size)
+            _reserve(fd, data_offset, size, manifest, len(skeleton))
         except OSError as exc:
             raise directory_error(exc, path.parent, size) from exc
         fingerprint = hashlib.sha256(bytes(skeleton))
         _pwrite_all(fd, skeleton, data_offset)
         for entry, buf in zip(manifest, encoded.buffers):
+            if "file" in entry:  # named by the file's identity, not its bytes
+                identity = header["files"][entry["file"]]
+                fingerprint.update(json.dumps([entry["nbytes"], entry["file_offset"], identity]).encode())
+                continue
             view = memoryview(buf)
             entry["crc32"] = zlib.crc32(view)
             fingerprint.update(struct.pack("<QI", entry["nbytes"], entry["crc32"]))
@@ -141,22 +174,35 @@ class Mapping:
         st = os.fstat(fd)
         self.inode = (st.st_dev, st.st_ino)
         self.header, data_offset, self.flags = read_header(path, fd, st.st_size)
-        if self.header["views"] == VIEWS_COPY_ON_WRITE:
-            self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        copy_on_write = self.header["views"] == VIEWS_COPY_ON_WRITE
+        if copy_on_write:
+            segment = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         else:
-            self._mmap = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        whole = memoryview(self._mmap)
+            segment = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        self._maps = [segment]  # the segment, then each weights file it maps
+        whole = memoryview(segment)
         sk = self.header["skeleton"]
         self.skeleton = whole[data_offset + sk["offset"] : data_offset + sk["offset"] + sk["nbytes"]]
-        if zlib.crc32(self.skeleton) != sk["crc32"]:
-            self.skeleton.release()
-            whole.release()
-            self._mmap.close()
-            raise _corrupt(path, "the skeleton does not match its checksum")
-        manifest = self.header["manifest"]
-        self.buffers = SegmentBuffers([whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]]
-                                       for e in manifest], path, [data_offset + e["offset"] for e in manifest])
         self._whole = whole
+        self.files = [FileIdentity.from_header(f) for f in self.header["files"]]
+        self.buffers = SegmentBuffers([])
+        try:
+            if zlib.crc32(self.skeleton) != sk["crc32"]:
+                raise _corrupt(path, "the skeleton does not match its checksum")
+            for identity in self.files:
+                self._maps.append(map_file(identity, path, copy_on_write=copy_on_write))
+        except BaseException:
+            self.close()
+            raise
+        files = [memoryview(m) for m in self._maps[1:]]
+        manifest = self.header["manifest"]
+        views = [files[e["file"]][e["file_offset"] : e["file_offset"] + e["nbytes"]] if "file" in e
+                 else whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]] for e in manifest]
+        if self.files:  # no single file holds every buffer: codecs that read the segment by path never map files
+            self.buffers = SegmentBuffers(views)
+        else:
+            self.buffers = SegmentBuffers(views, path, [data_offset + e["offset"] for e in manifest])
+        self._file_views = files
         self.nbytes = st.st_size
 
     @property
@@ -164,10 +210,15 @@ class Mapping:
         return bool(self.flags & FLAG_KEEP_WARM)
 
     def verify(self) -> None:
-        """Recompute every buffer's CRC-32 (the weights: not checked on attach, as they are large);
-        raise :class:`SegmentCorruptedError` naming the first that does not match."""
+        """Recompute every buffer's CRC-32 (the weights: not checked on attach, as they are large),
+        and check that the weights files mapped are still the ones published; raise
+        :class:`SegmentCorruptedError` naming the first that does not match."""
+        for identity in self.files:
+            error = changed(identity, self.path)
+            if error is not None:
+                raise error
         for i, (entry, buf) in enumerate(zip(self.header["manifest"], self.buffers)):
-            if zlib.crc32(buf) != entry["crc32"]:
+            if "file" not in entry and zlib.crc32(buf) != entry["crc32"]:
                 raise SegmentCorruptedError(
                     f"segment {self.path}: buffer {i} ({entry['nbytes']} bytes) does not match its "
                     "checksum; the file was modified after publishing. Remove it "
@@ -178,22 +229,35 @@ class Mapping:
         """Drop this mapping's own views and unmap, unless the model still uses them; whether it
         unmapped now. Arrays built on the buffers keep the mapping alive until the last dies
         (``when_unmapped`` says when)."""
-        for view in [self.skeleton, *self.buffers, self._whole]:
+        for view in [self.skeleton, *self.buffers, self._whole, *getattr(self, "_file_views", ())]:
             try:
                 view.release()
             except BufferError:
                 pass
         self.buffers = SegmentBuffers([])
-        try:
-            self._mmap.close()
-        except BufferError:
-            return False
-        return True
+        still_mapped = []
+        for mapped in self._maps:
+            try:
+                mapped.close()
+            except BufferError:
+                still_mapped.append(mapped)
+        self._maps = still_mapped
+        return not still_mapped
 
     def when_unmapped(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the mapping is gone: when the last array or tensor on it dies.
-        (Not at exit: what is still mapped then is given back by ``_process``'s exit hook.)"""
-        weakref.finalize(self._mmap, callback).atexit = False
+        """Call ``callback`` once the mapping is gone (after ``close``): when the last array or tensor
+        on it or on a weights file it maps dies. (Not at exit: what is still mapped then is given
+        back by ``_process``'s exit hook.)"""
+        maps = self._maps
+        remaining = [len(maps)]
+
+        def one_gone() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                callback()
+
+        for mapped in maps:
+            weakref.finalize(mapped, one_gone).atexit = False
 
 
 def _corrupt(path: Path, why: str) -> SegmentCorruptedError:
@@ -230,6 +294,11 @@ def _region_ok(region: Any, data_size: int) -> bool:
             and _is_size(region.get("crc32")) and region["offset"] + region["nbytes"] <= data_size)
 
 
+def _file_ok(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"].startswith("/")
+            and all(_is_size(entry.get(k)) for k in ("dev", "ino", "size", "mtime_ns")))
+
+
 def _check_header(path: Path, header: Any, data_size: int) -> None:
     """Every field a reader acts on has the type and range it must (the CRC says the bytes are the
     writer's; this says the writer was a modelshare)."""
@@ -241,6 +310,14 @@ def _check_header(path: Path, header: Any, data_size: int) -> None:
     if not isinstance(manifest, list) or not all(_region_ok(e, data_size) and isinstance(e.get("info", {}), dict)
                                                  for e in manifest):
         raise _corrupt(path, "a buffer lies outside the file or has no checksum")
+    files = header.get("files")
+    if not isinstance(files, list) or not all(_file_ok(f) for f in files):
+        raise _corrupt(path, "a weights file it maps is not named with its identity")
+    for entry in manifest:
+        if "file" in entry and not (isinstance(entry["file"], int) and 0 <= entry["file"] < len(files)
+                                    and _is_size(entry.get("file_offset"))
+                                    and entry["file_offset"] + entry["nbytes"] <= files[entry["file"]]["size"]):
+            raise _corrupt(path, "a buffer lies outside the weights file it maps")
     if not isinstance(header.get("codec"), str) or header.get("views") not in (VIEWS_READ_ONLY, VIEWS_COPY_ON_WRITE):
         raise _corrupt(path, "the codec or the way to map the buffers is missing")
     if not isinstance(header.get("fingerprint", ""), str) or not isinstance(header.get("key", ""), str):

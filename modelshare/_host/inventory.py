@@ -25,6 +25,7 @@ from typing import Optional
 
 from ..errors import SegmentCorruptedError, UntrustedFileError
 from .directory import DirEntry, SegmentName, scan, split_name
+from .file_pages import FileIdentity
 from .format import FLAG_KEEP_WARM, is_warm, read_header
 from .locks import LockTable, lock_file, lock_holders, lock_table
 from .trust import check_own, foreign_names, open_own, warn_skipped
@@ -163,6 +164,7 @@ class SegmentInfo:
     state: str  # "ready", "orphaned" (complete, no live holder, not kept warm), "publishing", or "corrupt: <why>"
     fingerprint: str = ""
     stem: str = ""  # <key>--<version hash>: the model version's name in the directory
+    files: tuple[FileIdentity, ...] = ()  # weights files whose pages it maps instead of holding them
 
     @property
     def version_hash(self) -> str:
@@ -210,4 +212,5 @@ def _segment_info(name: SegmentName, temporaries: list[Path], locks: LockTable) 
     return SegmentInfo(seg, header.get("key", name.key), header.get("version"), header.get("codec", "?"), st.st_size,
                        header.get("created", st.st_mtime), holders, bool(flags & FLAG_KEEP_WARM),
                        "ready" if holders or flags & FLAG_KEEP_WARM else "orphaned",
-                       header.get("fingerprint", ""), stem=name.stem)
+                       header.get("fingerprint", ""), stem=name.stem,
+                       files=tuple(FileIdentity.from_header(f) for f in header["files"]))

@@ -21,7 +21,7 @@ Lifetime rules:
 Example::
 
     name = SegmentName.for_model(directory, "resnet", version_hash)
-    handle, published = open_or_publish(name, produce=lambda: (fields, codec.encode(model), False))
+    handle, published = open_or_publish(name, produce=lambda: Publication(fields, codec.encode(model), False))
     model = codec.decode(handle.mapping.skeleton, handle.mapping.buffers)
     ...
     release(handle)
@@ -32,11 +32,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from ..codecs import Encoded
 from ..errors import AcquireTimeoutError
 from .directory import SegmentName
+from .file_pages import FilePages
 from .format import try_map, write_segment
 from .holds import SegmentHandle
 from .locks import inode, lock_file, lock_holders, same_file
@@ -44,9 +45,20 @@ from .waiting import Deadline
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["open_or_publish", "Produce"]
+__all__ = ["open_or_publish", "Produce", "Publication"]
 
-Produce = Callable[[], "tuple[dict[str, Any], Encoded, bool]"]
+
+class Publication(NamedTuple):
+    """What a loader hands over to publish: header fields, the encoded model, whether to keep it
+    warm, and which buffers stay in their weights files (``file_pages``; None: copy them all)."""
+
+    fields: dict[str, Any]
+    encoded: Encoded
+    keep_warm: bool
+    file_pages: Optional[FilePages] = None
+
+
+Produce = Callable[[], Publication]
 
 
 def _timed_out(name: SegmentName, timeout: Optional[float]) -> AcquireTimeoutError:
@@ -61,7 +73,7 @@ def open_or_publish(
 ) -> tuple[SegmentHandle, bool]:
     """Attach ``name``'s segment, publishing it first with ``produce()`` if nobody has.
 
-    ``produce`` returns (header fields, encoded model, keep warm) and runs in at most one process
+    ``produce`` returns a :class:`Publication` and runs in at most one process
     at a time, under the exclusive lock. Returns the handle and whether this call published.
     Waits ``timeout`` seconds at most for another process's load (None: as long as it takes).
     """
@@ -130,8 +142,8 @@ def _lock_to_publish(fd: int, name: SegmentName, deadline: Deadline, timeout: Op
 
 def _publish(name: SegmentName, produce: Produce) -> None:
     """Run ``produce`` and write its result; every reference to the model dies with this frame."""
-    fields, encoded, keep_warm = produce()
-    write_segment(name.seg_path, name.temporary_path(), fields, encoded, keep_warm=keep_warm)
+    fields, encoded, keep_warm, file_pages = produce()
+    write_segment(name.seg_path, name.temporary_path(), fields, encoded, keep_warm=keep_warm, file_pages=file_pages)
 
 
 def _remove_temporaries(name: SegmentName) -> None:

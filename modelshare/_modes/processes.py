@@ -18,17 +18,18 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from .. import _process
-from .._host import counts, inventory
+from .._host import counts, file_pages, inventory
 from .._host.format import segment_size
 from .._host.holds import SegmentHandle, forget_lingering, release
 from .._host.locks import lock_holders
-from .._host.segments import open_or_publish
+from .._host.segments import Publication, open_or_publish
 from .._host.trust import ensure_directory
 from ..budget import Size, format_size, parse_size
-from ..codecs import Encoded, SegmentBuffers
+from ..codecs import SegmentBuffers
 from ..errors import EncodeError, SegmentCorruptedError
 from . import Hold, HoldInfo, Mode
 from .pool import check_instances, pooled
@@ -68,12 +69,20 @@ class Processes(Mode):
         verify: check every buffer's checksum when attaching, not only the header and skeleton
             (which are always checked): a damaged weight is a ``SegmentCorruptedError`` instead
             of a wrong output, at the cost of reading the weights once (``docs/trust.md``).
+        map_files: weights the loader memory-mapped from a file (``TorchStateDict``, ``JoblibMmap``,
+            ``numpy.load(mmap_mode=...)``) stay in that file, and every process maps it: no copy,
+            published in milliseconds, pages the kernel can reclaim (``_host.file_pages``). Default
+            ``None``: only for files nobody can rewrite in place (no write permission, or a read-only
+            mount); ``True``: any file (you replace weights files by renaming, never rewrite them in
+            place); ``False``: always copy into the segment. The process that loads decides for the
+            version it publishes.
     """
 
     instances: int = 1
     device: Optional[str] = None
     gpu_budget: Optional[Size] = None
     verify: bool = False
+    map_files: Optional[bool] = None
     name: ClassVar[str] = "processes"
 
     def __post_init__(self) -> None:
@@ -100,7 +109,14 @@ class Processes(Mode):
             device_driver(self.device, shared.key)  # no GPU here: say so before loading anything
         directory = ensure_directory(shared.directory)
         _process.sweep_once(directory, inventory.sweep_leftovers)
-        handle, published = open_or_publish(shared.segment_name, lambda: _produce(shared), timeout=shared.timeout)
+        try:
+            handle, published = open_or_publish(
+                shared.segment_name, lambda: _produce(shared, self.map_files, directory), timeout=shared.timeout)
+        except SegmentCorruptedError as exc:
+            if exc.reason != file_pages.FILE_CHANGED or not inventory.evict(shared.segment_name):
+                raise
+            _log.warning("%s; nobody held it: removed it, loading anew", exc.args[0].split(". ")[0])
+            return self.hold(shared)
         if published:
             _reclaim_heap()
         elif _adopted(handle) and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
@@ -192,10 +208,10 @@ def _sound(handle: SegmentHandle) -> bool:
     return False
 
 
-def _produce(shared: "SharedModel[Any]") -> tuple[dict[str, Any], Encoded, bool]:
-    """Load and encode the model, for publishing (runs under the segment's exclusive lock). (What
-    crashes left is swept when a process first uses the directory, and by ``modelshare gc``; a
-    router evicts it when it needs the room.)"""
+def _produce(shared: "SharedModel[Any]", map_files: Optional[bool], directory: Path) -> Publication:
+    """Load and encode the model, for publishing (runs under the segment's exclusive lock), finding
+    which buffers may stay in their weights files. (What crashes left is swept when a process first
+    uses the directory, and by ``modelshare gc``; a router evicts it when it needs the room.)"""
     model = shared._load()
     codec = shared._codec_for(model)
     try:
@@ -215,9 +231,10 @@ def _produce(shared: "SharedModel[Any]") -> tuple[dict[str, Any], Encoded, bool]
         "created": time.time(),
         "loader_pid": os.getpid(),
     }
+    pages = file_pages.locate(encoded.buffers, policy=map_files if codec.file_backed else False, exclude=directory)
     if shared._admit_publish is not None:  # a router's: the exact size, before a byte is written
-        shared._admit_publish(segment_size(fields, encoded))
-    return fields, encoded, shared.keep_warm
+        shared._admit_publish(segment_size(fields, encoded, pages))
+    return Publication(fields, encoded, shared.keep_warm, pages)
 
 
 def _reclaim_heap() -> None:

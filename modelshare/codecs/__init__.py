@@ -79,6 +79,9 @@ class Codec(abc.ABC):
 
     #: Unique name, stored in every segment so that attaching processes pick the same codec.
     name: str = ""
+    #: Whether buffers that are pages of a weights file may stay in that file instead of being
+    #: copied into the segment (False for a codec whose decode reads the segment file by its path).
+    file_backed: bool = True
 
     @abc.abstractmethod
     def encode(self, model: Any) -> Encoded:

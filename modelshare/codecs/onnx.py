@@ -208,6 +208,7 @@ class OnnxCodec(Codec):
     """``onnx.ModelProto`` in, ``onnxruntime.InferenceSession`` over shared initializers out."""
 
     name = "onnx"
+    file_backed = False  # decode hands ONNX Runtime the segment file's path and offsets
 
     def __init__(self, providers: Optional[Sequence[Any]] = None, session_options: SessionOptionsLike = None,
                  prepack: bool = False, min_shared_bytes: int = 1024) -> None:

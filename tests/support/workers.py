@@ -430,3 +430,19 @@ def first_weight_in_new_process(path: str, counter: str, directory: str, queue: 
                          watch=[path], directory=directory)
     with shared.use() as model:
         queue.put(int(model["w"][0]))
+
+
+def torch_layers(width: int, depth: int) -> Any:
+    """A stack of ``depth`` square linear layers (the model class of file-backed tests)."""
+    import torch
+
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+
+
+def attach_error(shared: Any, queue: Any) -> None:
+    """Acquire ``shared`` in a new process; report the error it raised (or None and the first weight)."""
+    try:
+        with shared.use() as model:
+            queue.put((None, float(next(model.parameters()).flatten()[0])))
+    except Exception as exc:  # the test asserts on its type and words
+        queue.put((type(exc).__name__, str(exc)))
