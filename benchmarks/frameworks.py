@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from modelshare import SharedModel
+from modelshare import Processes, SharedModel
 
 from . import models
 
@@ -37,9 +37,11 @@ class Framework:
 
     def shared(self, path: Path, key: str, directory: Path, share: str = "processes") -> SharedModel[Any]:
         """modelshare loading the same file, once per machine (or per process, ``share="threads"``, with
-        the framework's own load: a memory-mapped model would share the file's pages by itself)."""
-        load = self.lean_load if share == "processes" and self.lean_load else self.load
-        return SharedModel(functools.partial(load, path), key=key, directory=directory, version=str(path), share=share)
+        the framework's own load: a memory-mapped model would share the file's pages by itself);
+        ``share="mapped"``: once per machine, the weights left in the file (``map_files=True``)."""
+        load = self.lean_load if share in ("processes", "mapped") and self.lean_load else self.load
+        mode = Processes(map_files=True) if share == "mapped" else share
+        return SharedModel(functools.partial(load, path), key=key, directory=directory, version=str(path), share=mode)
 
     def equal(self, a: Any, b: Any) -> bool:
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))

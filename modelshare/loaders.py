@@ -4,7 +4,8 @@ A loader that reads a weights file the usual way -- build the model with fresh w
 file into memory, copy it in -- holds the model two or three times over at its peak, and in the
 process that publishes to shared memory that peak is the whole machine's. These loaders map the
 file instead (the page cache, not private memory) and hand its pages to the model, which the
-segment then copies once:
+segment then copies once -- or, with ``Processes(map_files=...)``, leaves in the file (a
+file-backed segment: every process maps the file, the page cache is the one copy):
 
 * :class:`TorchStateDict`: ``model_class(**params)`` built on the meta device (no storage), the
   state dict memory-mapped (``torch.load(mmap=True)``, or ``safetensors`` for a ``.safetensors``

@@ -14,6 +14,9 @@ way RunInference uses them:
   process computing locally on zero-copy views, with the cores shared out among the processes
   (``modelshare.threads.ThreadShare``, as the Beam adapter does by default);
 * ``modelshare-threads``: ``SharedModel(share="threads")`` -- one copy per process;
+* ``modelshare-mapped``: ``share=Processes(map_files=True)`` -- as ``modelshare``, but the weights
+  the lean load mapped stay in the saved file (a file-backed segment): the page cache is the one
+  copy, as for ``mmap-file``, with modelshare's load-once, lifetime and budget;
 * ``mmap-file``: the peer where it applies -- every process maps the saved file itself
   (``torch.load(mmap=True)``, ``joblib.load(mmap_mode="r")``): the page cache is the one copy,
   charged to the cgroup that first reads it (the suite evicts the file first), reclaimable under
@@ -150,8 +153,8 @@ def mmap_file(spec: RunSpec) -> Infer:
 
 
 def applies(approach: str, framework: str) -> bool:
-    """Whether ``approach`` can run ``framework``'s models (the mmap peer needs a mapped load)."""
-    return approach != "mmap-file" or FRAMEWORKS[framework].lean_load is not None
+    """Whether ``approach`` can run ``framework``'s models (the mapped ones need a mapped load)."""
+    return approach not in ("mmap-file", "modelshare-mapped") or FRAMEWORKS[framework].lean_load is not None
 
 
 def beam_model_copies(spec: RunSpec) -> Infer:
@@ -240,6 +243,7 @@ APPROACHES: dict[str, Callable[[RunSpec], Infer]] = {
     "beam-multi-process-shared": beam_multi_process_shared,
     "modelshare": functools.partial(_modelshare, "processes"),
     "modelshare-threads": functools.partial(_modelshare, "threads"),
+    "modelshare-mapped": functools.partial(_modelshare, "mapped"),
     "mmap-file": mmap_file,
     "beam-model-copies": beam_model_copies,
     "modelshare-server": modelshare_server,
@@ -253,6 +257,7 @@ LABELS: dict[str, str] = {
     "beam-multi-process-shared": "Beam's `large_model=True` (`MultiProcessShared`)",
     "modelshare": "modelshare (`share=\"processes\"`)",
     "modelshare-threads": "modelshare (`share=\"threads\"`)",
+    "modelshare-mapped": "modelshare, weights left in the file (`Processes(map_files=True)`)",
     "mmap-file": "the file memory-mapped in every process (`torch.load(mmap=True)`, joblib `mmap_mode`)",
     "beam-model-copies": "Beam's `model_copies=N` (N `MultiProcessShared`)",
     "modelshare-server": "modelshare (`share=Server(copies=N)`)",

@@ -64,6 +64,15 @@ def test_scenario_3_private_copies_are_oom_killed_modelshare_completes(tmp_path:
     # one copy of the weights in all: what modelshare holds beyond the bare workers is about the model once
     shared = runs["modelshare"]
     assert shared["peak_in_use_mib"] - 3 * shared["bare_mib"] < 1.5 * shared["model_mib"]
+    in_file = runs["modelshare-mapped"]  # a file-backed segment: the weights are the file's pages, as for the peer
+    assert in_file["status"] == "completed" and in_file["outputs_equal"], in_file
+    assert in_file["peak_in_use_mib"] < mapped["peak_in_use_mib"] + 0.25 * in_file["model_mib"]
+    # below the workers plus the model, shared memory is OOM-killed; file pages are dropped and read again
+    limit = round(in_file["peak_in_use_mib"] + 0.5 * in_file["model_mib"])
+    tight = _suite(tmp_path / "tight", "--scenario", "3", "--framework", "torch", "--size-mib", "192", "--processes",
+                   "3", "--calls", "2", "--limit-mib", str(limit), "--approaches", "modelshare", "modelshare-mapped")
+    assert tight["modelshare"]["status"] == "oom-killed", tight["modelshare"]
+    assert tight["modelshare-mapped"]["status"] == "completed" and tight["modelshare-mapped"]["outputs_equal"]
 
 
 @needs_cgroup

@@ -4,7 +4,8 @@ Beam's default loads a private copy in every SDK worker process; ``large_model=T
 copy in a server process and pickles every call over a socket; modelshare keeps one copy of the
 weights in shared memory and every process computes on zero-copy views. The memory-mapped file
 is the peer where the framework can map its file (PyTorch, scikit-learn through joblib): the page
-cache holds it once. The default limit fits one copy of the model beside the bare worker
+cache holds it once -- and so does modelshare with ``map_files=True`` (``modelshare-mapped``),
+whose segment leaves those weights in the file. The default limit fits one copy of the model beside the bare worker
 processes (plus ``headroom``) -- about 1.8x the model for a 1 GiB PyTorch model and 4 workers --
 far below a private copy per process.
 """
@@ -19,7 +20,7 @@ def _limit(model: int, processes: int, threads: int, bare: int) -> int:
 SCENARIO = Scenario(
     number=3,
     title="one large model shared by all processes",
-    approaches=("beam-shared", "beam-multi-process-shared", "mmap-file", "modelshare"),
+    approaches=("beam-shared", "beam-multi-process-shared", "mmap-file", "modelshare", "modelshare-mapped"),
     threads=1,
     default_limit=_limit,
     must_survive=("modelshare",),
