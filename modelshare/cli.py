@@ -69,6 +69,8 @@ def _ls(directory: Path, as_json: bool, servers: bool, gpu: bool = False) -> int
                          holders, _age(now - i.created), state))
         _table(rows)
         print(f"{len(infos)} segment(s), {format_size(sum(i.nbytes for i in infos))} in {directory}")
+        for path in sorted({f.path for i in infos for f in i.files}):
+            print(f"  weights mapped from {path} (file-backed: page cache, not {directory})")
     else:
         print(f"no segments in {directory}")
     if running:

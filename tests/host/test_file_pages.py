@@ -3,8 +3,11 @@ cache for every process, and nothing reads them from a file that is no longer th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,12 @@ def test_a_mapped_segment_counts_its_full_size_for_budgets_and_ls(tmp_path: Path
         assert [f.path for f in info.files] == [str(path)]
         assert info.nbytes >= weights * 0.99 and segment_sizes(shm_dir)[info.stem] == info.nbytes
         assert _stored(shm_dir) < MiB
+        listing = subprocess.run([sys.executable, "-m", "modelshare", "ls"], capture_output=True, text=True,
+                                 timeout=60)
+        assert f"weights mapped from {path}" in listing.stdout, listing.stderr
+        shown = json.loads(subprocess.run([sys.executable, "-m", "modelshare", "ls", "--json"], capture_output=True,
+                                          text=True, timeout=60).stdout)
+        assert shown[0]["files"][0]["path"] == str(path)
 
 
 @pytest.mark.parametrize("read_only, map_files, mapped", [
