@@ -10,6 +10,8 @@ file-backed segment: every process maps the file, the page cache is the one copy
 * :class:`TorchStateDict`: ``model_class(**params)`` built on the meta device (no storage), the
   state dict memory-mapped (``torch.load(mmap=True)``, or ``safetensors`` for a ``.safetensors``
   file: what Hugging Face models ship as) and assigned (``load_state_dict(assign=True)``);
+* :class:`Pretrained`: a Hugging Face ``transformers`` model saved with ``save_pretrained`` (its
+  config, then the safetensors files mapped and assigned -- ``from_pretrained`` copies them);
 * :class:`JoblibMmap`: ``joblib.load(path, mmap_mode="r")`` (scikit-learn estimators saved with joblib);
 * :class:`OnCpu`: any loader's model moved to the CPU, for ``Processes(device="cuda:N")``, which
   puts the weights on the GPU itself.
@@ -27,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-__all__ = ["TorchStateDict", "JoblibMmap", "OnCpu"]
+__all__ = ["TorchStateDict", "Pretrained", "JoblibMmap", "OnCpu"]
 
 
 class TorchStateDict:
@@ -74,6 +76,93 @@ class TorchStateDict:
     def files(self) -> tuple[str, ...]:
         """The state dict file, whose identity versions the model."""
         return (self.path,)
+
+
+class Pretrained:
+    """A Hugging Face model from a ``save_pretrained`` directory, its weights the mapped files' pages.
+
+    ``model_class`` is a ``transformers`` class or its name (``"AutoModelForCausalLM"``; default
+    ``"AutoModel"``). The model is built from ``config.json`` without initializing weights, then
+    each tensor of ``model.safetensors`` (or the shards an index names; ``pytorch_model.bin`` where
+    there is no safetensors file) is assigned as a view of the mapped file; tied weights are tied
+    again. Nothing is downloaded: ``path`` is a local directory (a Hub cache snapshot included).
+    A weight the files do not hold is a ``ValueError`` naming it. Pair with
+    ``Processes(map_files=True)`` to keep the weights in the files rather than copied::
+
+        SharedModel(Pretrained("/models/bert"), key="bert", share=Processes(map_files=True))
+    """
+
+    def __init__(self, path: Union[str, Path], model_class: Union[str, Callable[..., Any]] = "AutoModel") -> None:
+        self.path = str(path)
+        self.model_class = model_class
+
+    def __call__(self) -> Any:
+        import transformers
+        from transformers.modeling_utils import no_init_weights
+
+        files = self.files  # no weights here: say so before transformers looks for a model
+        cls = getattr(transformers, self.model_class) if isinstance(self.model_class, str) else self.model_class
+        config = transformers.AutoConfig.from_pretrained(self.path, local_files_only=True)
+        try:
+            with no_init_weights():  # storage is allocated but never written: the file's tensors replace it
+                model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(f"model_class {getattr(cls, '__name__', cls)} cannot be built from {self.path}'s "
+                             f"config ({type(config).__name__}): {exc}") from exc
+        state = _matching_prefix(model, _state_of(files[1:]))
+        missing = set(model.load_state_dict(state, strict=False, assign=True).missing_keys)
+        model.tie_weights()
+        missing -= set(getattr(model, "_tied_weights_keys", None) or ())
+        if missing:
+            raise ValueError(f"the weights in {self.path} do not set {', '.join(sorted(missing)[:5])} of "
+                             f"{type(model).__name__}; is model_class the class it was saved from?")
+        model.requires_grad_(False)
+        return model.eval()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """``config.json`` and the weight files, whose identities version the model."""
+        import json
+
+        folder = Path(self.path)
+        for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            if (folder / index).exists():
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+                return (str(folder / "config.json"), *(str(folder / shard) for shard in shards))
+            if (folder / single).exists():
+                return (str(folder / "config.json"), str(folder / single))
+        raise FileNotFoundError(f"{self.path} holds no model.safetensors or pytorch_model.bin (nor a sharded "
+                                "index of either): pass the directory save_pretrained wrote")
+
+
+def _state_of(files: tuple[str, ...]) -> dict[str, Any]:
+    """The tensors of ``files`` (safetensors, or torch's zip format), each a view of the mapped file."""
+    state: dict[str, Any] = {}
+    for file in files:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state.update(load_file(file, device="cpu"))
+        else:
+            import torch
+
+            state.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+    return state
+
+
+def _matching_prefix(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its keys renamed to ``model``'s where the checkpoint was saved from the model with
+    its head (keys under ``<base_model_prefix>.``) and loaded into the base model, or the other way."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix == "." or not state:
+        return state
+    own = set(model.state_dict())
+    if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    if any(k.startswith(prefix) for k in own) and not any(k.startswith(prefix) for k in state):
+        return {prefix + k if prefix + k in own else k: v for k, v in state.items()}
+    return state
 
 
 class JoblibMmap:

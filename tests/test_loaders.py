@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from modelshare import SharedModel, loader_fingerprint
-from modelshare.loaders import JoblibMmap, OnCpu, TorchStateDict
+from modelshare import Processes, SharedModel, loader_fingerprint, memory
+from modelshare._host.inventory import list_segments
+from modelshare.loaders import JoblibMmap, OnCpu, Pretrained, TorchStateDict
 
 
 def _mlp(width: int):
@@ -86,3 +88,44 @@ def test_on_cpu_moves_what_can_move_and_leaves_the_rest() -> None:
     torch = pytest.importorskip("torch")
     assert OnCpu(lambda: torch.ones(3))().device.type == "cpu"
     assert OnCpu(lambda: {"w": 1})() == {"w": 1}
+
+
+def _tiny_gpt2(folder: Path, **save: Any) -> Any:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64)
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder, **save)
+    return model
+
+
+@pytest.mark.parametrize("save", [{}, {"max_shard_size": "200KB"}], ids=["one file", "sharded"])
+def test_pretrained_is_from_pretrained_without_the_copy(tmp_path: Path, shm_dir: Path, save: dict) -> None:
+    import torch
+
+    reference = _tiny_gpt2(tmp_path, **save)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model = Pretrained(tmp_path, "AutoModelForCausalLM")()
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied again
+    base = Pretrained(tmp_path)()  # the checkpoint of the model with its head, into the base model
+    with torch.inference_mode():
+        assert torch.equal(base(ids).last_hidden_state, reference.transformer(ids).last_hidden_state)
+    shared = SharedModel(Pretrained(tmp_path, "AutoModelForCausalLM"), key="gpt2", share=Processes(map_files=True))
+    with shared.use() as held, torch.inference_mode():
+        assert torch.equal(held(ids).logits, reference(ids).logits)
+        assert memory.segment_bytes(shm_dir) < 1 << 20  # the weights stay in the safetensors files
+        (info,) = list_segments(shm_dir)
+        assert len(info.files) == len(Pretrained(tmp_path).files) - 1  # every weights file mapped, not config.json
+
+
+def test_pretrained_names_what_is_missing_or_wrong(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        Pretrained(tmp_path)()
+    _tiny_gpt2(tmp_path)
+    with pytest.raises(ValueError, match="model_class"):
+        Pretrained(tmp_path, "BertModel")()
