@@ -24,6 +24,7 @@ write permission bits, or a read-only mount: container images, package caches) a
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import stat
@@ -111,15 +112,11 @@ def _address(view: memoryview) -> int:
     return int(numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data)
 
 
-def _untouched(start: int, nbytes: int) -> bool:
+def _untouched(pagemap: int, start: int, nbytes: int) -> bool:
     """Whether no page of [start, start + nbytes) is anonymous memory in this process (a private
-    mapping's page that was written, or swapped out), per ``/proc/self/pagemap``."""
+    mapping's page that was written, or swapped out), per ``/proc/self/pagemap`` (open at ``pagemap``)."""
     first, last = start // _PAGE, (start + nbytes - 1) // _PAGE
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        raw = os.pread(fd, 8 * (last - first + 1), 8 * first)
-    finally:
-        os.close(fd)
+    raw = os.pread(pagemap, 8 * (last - first + 1), 8 * first)
     if len(raw) != 8 * (last - first + 1):
         return False
     return not any(e & _SWAPPED or (e & _PRESENT and not e & _FILE_PAGE) for (e,) in struct.iter_unpack("<Q", raw))
@@ -136,30 +133,47 @@ def locate(buffers: Sequence[memoryview], *, policy: Optional[bool], exclude: Pa
     pages = FilePages([], [None] * len(buffers))
     if policy is False or not buffers or not os.path.exists("/proc/self/maps"):
         return pages
-    areas = _areas()
+    areas = sorted(_areas(), key=lambda a: a.start)
+    starts = [a.start for a in areas]
     index: dict[tuple[int, int], int] = {}
+    allowed: dict[tuple[str, tuple[int, int], int], Optional[os.stat_result]] = {}
     excluded = os.path.realpath(exclude) + os.sep
-    for i, view in enumerate(buffers):
-        if view.nbytes == 0:
-            continue
-        start = _address(view)
-        area = next((a for a in areas if a.start <= start and start + view.nbytes <= a.end), None)
-        if area is None or area.path.startswith(excluded) or ("w" in area.perms and "s" in area.perms):
-            continue  # not one file's pages, one of ours, or shared-writable (this process may write the file)
-        try:
-            st = os.stat(area.path)
-        except OSError:
-            continue  # deleted or renamed since it was mapped
-        if ((st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)) != (area.ino, *area.dev)
-                or not stat.S_ISREG(st.st_mode) or (policy is None and _writable(area.path, st))):
-            continue
-        if not _untouched(start, view.nbytes):
-            continue
-        file_index = index.setdefault((st.st_dev, st.st_ino), len(pages.files))
-        if file_index == len(pages.files):
-            pages.files.append(FileIdentity.of(area.path, st))
-        pages.where[i] = (file_index, area.offset + start - area.start)
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for i, view in enumerate(buffers):
+            if view.nbytes == 0:
+                continue
+            start = _address(view)
+            at = bisect.bisect_right(starts, start) - 1
+            area = areas[at] if at >= 0 and start + view.nbytes <= areas[at].end else None
+            if area is None or area.path.startswith(excluded) or ("w" in area.perms and "s" in area.perms):
+                continue  # not one file's pages, one of ours, or shared-writable (this process may write the file)
+            name = (area.path, area.dev, area.ino)
+            if name not in allowed:
+                allowed[name] = _mappable(area, policy)
+            st = allowed[name]
+            if st is None or not _untouched(pagemap, start, view.nbytes):
+                continue
+            file_index = index.setdefault((st.st_dev, st.st_ino), len(pages.files))
+            if file_index == len(pages.files):
+                pages.files.append(FileIdentity.of(area.path, st))
+            pages.where[i] = (file_index, area.offset + start - area.start)
+    finally:
+        os.close(pagemap)
     return pages
+
+
+def _mappable(area: _Area, policy: Optional[bool]) -> Optional[os.stat_result]:
+    """The stat of ``area``'s file if its path still names that regular file and ``policy`` allows
+    mapping it, else None."""
+    try:
+        st = os.stat(area.path)
+    except OSError:
+        return None  # deleted or renamed since it was mapped
+    if ((st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)) != (area.ino, *area.dev)
+            or not stat.S_ISREG(st.st_mode) or (policy is None and _writable(area.path, st))):
+        return None
+    return st
 
 
 def _changed_error(identity: FileIdentity, segment: Path, why: str) -> SegmentCorruptedError:

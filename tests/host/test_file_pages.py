@@ -19,6 +19,7 @@ from modelshare._host.inventory import list_segments, segment_sizes
 from modelshare.errors import SegmentCorruptedError
 from modelshare.loaders import JoblibMmap, TorchStateDict
 
+from ..router.test_router import _clear
 from ..support import workers
 from ..support.pss import run_shared
 from ..support.workers import MiB
@@ -206,3 +207,44 @@ def test_joblib_and_safetensors_weights_are_mapped(tmp_path: Path, shm_dir: Path
     with SharedModel(loader, key="st", share=Processes(map_files=True)).use() as model:
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
         assert _stored(shm_dir) < MiB and list_segments(shm_dir)[0].files
+
+
+def test_a_forked_child_computes_on_the_mapped_file_and_leaves_the_parents_hold(tmp_path: Path, shm_dir: Path) -> None:
+    import multiprocessing
+
+    width, depth = 256, 4
+    path = _weights_file(tmp_path, width, depth)
+    shared = SharedModel(TorchStateDict(workers.torch_layers, path, params={"width": width, "depth": depth}),
+                         key="forked", share=Processes(map_files=True))
+    x = torch.randn(2, width)
+    model = shared.acquire()
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=workers.attach_error, args=(shared, queue))
+    child.start()
+    kind, first = queue.get(timeout=60)
+    child.join(60)
+    assert kind is None and child.exitcode == 0
+    assert first == float(next(model.parameters()).flatten()[0])
+    assert shared.segment_name.seg_path.exists(), "the child's exit must not release the parent's hold"
+    with torch.inference_mode():
+        assert torch.equal(model(x), _reference(path, width, depth)(x))
+    shared.release(model)
+
+
+def test_a_router_budget_counts_a_mapped_model_at_its_full_size(tmp_path: Path, shm_dir: Path) -> None:
+    from modelshare import Budget, ModelRouter
+
+    width, depth = 512, 4  # 4 MiB each
+    paths = [_weights_file(tmp_path, width, depth, seed=seed) for seed in range(2)]
+    models = {f"k{i}": SharedModel(TorchStateDict(workers.torch_layers, p, params={"width": width, "depth": depth}),
+                                   key=f"k{i}", share=Processes(map_files=True)) for i, p in enumerate(paths)}
+    router = ModelRouter(models, budget=Budget(host=6 * MiB), wait=30)
+    for key in ("k0", "k1"):
+        shared, model = router.acquire(key)
+        shared.release(model)
+        del model
+        assert sum(segment_sizes(shm_dir).values()) <= 6 * MiB
+    assert sum(s.evictions for s in router.stats().values()) == 1  # two 4 MiB models never fit 6 MiB together
+    assert _stored(shm_dir) < MiB
+    _clear(router, models)
