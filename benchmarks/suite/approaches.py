@@ -22,6 +22,10 @@ way RunInference uses them:
   charged to the cgroup that first reads it (the suite evicts the file first), reclaimable under
   the limit and read again from disk when needed; its processes share the cores out as
   modelshare's do (cores / processes threads each);
+* ``ray-object-store``: Ray's zero-copy pattern (``ray_peer``) -- a detached actor puts the state
+  dict in Ray's object store once, every worker process gets it as read-only views and assigns
+  them to the module (PyTorch only; needs ``ray``: the ``peers`` extra); the cores shared out
+  as for ``mmap-file``;
 * ``beam-model-copies``: ``model_copies=N`` -- N ``MultiProcessShared`` servers (tags
   ``<key>_<i>``, each a thread of the worker that first asked for it), calls round robin;
 * ``modelshare-server``: ``SharedModel(share=Server(copies=N))`` -- N server processes, each
@@ -46,7 +50,7 @@ import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from modelshare import Server, SharedModel
 from modelshare.threads import ThreadShare
@@ -152,9 +156,40 @@ def mmap_file(spec: RunSpec) -> Infer:
     return infer
 
 
-def applies(approach: str, framework: str) -> bool:
-    """Whether ``approach`` can run ``framework``'s models (the mapped ones need a mapped load)."""
-    return approach not in ("mmap-file", "modelshare-mapped") or FRAMEWORKS[framework].lean_load is not None
+def ray_object_store(spec: RunSpec) -> Infer:
+    from . import ray_peer
+
+    framework = FRAMEWORKS[spec.framework]
+    if spec.framework != "torch":
+        raise ValueError(f"the Ray peer rebuilds PyTorch modules only, not {spec.framework} models")
+
+    def connect_and_get() -> Any:
+        ray_peer.connect(Path(spec.run_dir), Path(spec.model_path).stat().st_size)
+        return ray_peer.shared_module(spec.key, framework.load, Path(spec.model_path))
+
+    model = _once_per_process("ray-object-store", connect_and_get)
+    threads = _once_per_process("ray-thread-share", lambda: ThreadShare(max(1, (os.cpu_count() or 1)
+                                                                             // spec.processes)))
+
+    def infer(_: int, x: Any) -> Any:
+        threads.apply(None)
+        return framework.call(model, x)
+
+    return infer
+
+
+def why_not(approach: str, framework: str) -> Optional[str]:
+    """Why ``approach`` cannot run ``framework``'s models here, or None if it can (the mapped ones
+    need a mapped load; Ray's, PyTorch and Ray)."""
+    if approach == "ray-object-store":
+        from .ray_peer import available
+
+        if framework != "torch":
+            return "it rebuilds PyTorch modules only"
+        return None if available() else "ray is not installed (pip install 'modelshare[peers]')"
+    if approach in ("mmap-file", "modelshare-mapped") and FRAMEWORKS[framework].lean_load is None:
+        return f"{framework} models have no memory-mapped load"
+    return None
 
 
 def beam_model_copies(spec: RunSpec) -> Infer:
@@ -245,6 +280,7 @@ APPROACHES: dict[str, Callable[[RunSpec], Infer]] = {
     "modelshare-threads": functools.partial(_modelshare, "threads"),
     "modelshare-mapped": functools.partial(_modelshare, "mapped"),
     "mmap-file": mmap_file,
+    "ray-object-store": ray_object_store,
     "beam-model-copies": beam_model_copies,
     "modelshare-server": modelshare_server,
     "beam-keyed-hint": beam_keyed_hint,
@@ -259,6 +295,7 @@ LABELS: dict[str, str] = {
     "modelshare-threads": "modelshare (`share=\"threads\"`)",
     "modelshare-mapped": "modelshare, weights left in the file (`Processes(map_files=True)`)",
     "mmap-file": "the file memory-mapped in every process (`torch.load(mmap=True)`, joblib `mmap_mode`)",
+    "ray-object-store": "Ray's object store (`ray.put` state dict, rebuilt in each process)",
     "beam-model-copies": "Beam's `model_copies=N` (N `MultiProcessShared`)",
     "modelshare-server": "modelshare (`share=Server(copies=N)`)",
     "beam-keyed-hint": "Beam's `KeyedModelHandler(max_models_per_worker_hint=N)`",

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 from ..cgroup import unavailable_reason
 from ..models import MiB
 from . import report, scenarios
-from .approaches import APPROACHES, applies
+from .approaches import APPROACHES, why_not
 from .run import (
     SCRATCH_PREFIX,
     RunResult,
@@ -86,7 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sweep_leftovers()
     scenario = scenarios.get(args.scenario)
     threads = args.threads or scenario.threads
-    approaches = args.approaches or [a for a in scenario.approaches if applies(a, args.framework)]
+    approaches = [a for a in args.approaches or scenario.approaches if why_not(a, args.framework) is None]
+    for approach in args.approaches or scenario.approaches:
+        if (reason := why_not(approach, args.framework)) is not None:
+            print(f"[benchmarks] {approach} does not run here: {reason}", file=sys.stderr)
     use_cgroup = not args.no_cgroup
     if use_cgroup and (reason := unavailable_reason()) is not None:
         print(f"[benchmarks] no memory limit can be enforced here: {reason}. Peaks are measured and compared "

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from benchmarks.cgroup import MemoryCgroup, unavailable_reason
@@ -73,6 +74,24 @@ def test_scenario_3_private_copies_are_oom_killed_modelshare_completes(tmp_path:
                    "3", "--calls", "2", "--limit-mib", str(limit), "--approaches", "modelshare", "modelshare-mapped")
     assert tight["modelshare"]["status"] == "oom-killed", tight["modelshare"]
     assert tight["modelshare-mapped"]["status"] == "completed" and tight["modelshare-mapped"]["outputs_equal"]
+
+
+@needs_cgroup
+def test_the_ray_peer_shares_one_copy_through_its_object_store(tmp_path: Path) -> None:
+    from benchmarks.suite.approaches import why_not
+
+    if (reason := why_not("ray-object-store", "torch")) is not None:
+        pytest.skip(f"the Ray peer cannot run: {reason}")
+    def ray_daemons() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")}
+
+    before = ray_daemons()
+    runs = _suite(tmp_path, "--scenario", "3", "--framework", "torch", "--size-mib", "96", "--processes", "2",
+                  "--calls", "2", "--limit-mib", "4000", "--approaches", "ray-object-store", "modelshare-mapped")
+    ray, mapped = runs["ray-object-store"], runs["modelshare-mapped"]
+    assert ray["status"] == "completed" and ray["outputs_equal"], ray  # the module rebuilt over the store's views
+    assert mapped["status"] == "completed" and mapped["outputs_equal"], mapped
+    assert ray_daemons() <= before, "the run's Ray head outlived it"
 
 
 @needs_cgroup
