@@ -74,6 +74,17 @@ def connect(run_dir: Path, model_bytes: int) -> None:
     ray.init(address=address, namespace="modelshare-bench", logging_level="ERROR", log_to_driver=False)
 
 
+def _give_back_heap() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _weights_holder() -> Any:
     import ray
 
@@ -85,6 +96,9 @@ def _weights_holder() -> Any:
             model = load(path)
             state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
             self.refs = [ray.put(state), pickle.dumps(model.to("meta"))]  # in a list: get() hands over the ref
+            del model, state
+            _give_back_heap()  # the loaded copy goes, as modelshare's loader gives its own back
+
 
         def get(self) -> list[Any]:
             return self.refs
