@@ -145,8 +145,14 @@ def mmap_file(spec: RunSpec) -> Infer:
     if framework.lean_load is None:
         raise ValueError(f"{spec.framework} models have no memory-mapped load: the mmap-file peer does not apply")
     model = _once_per_process("mmap-file", lambda: framework.lean_load(Path(spec.model_path)))
-    # the cores shared out as modelshare shares them, so that the two differ in memory, not in threads
-    threads = _once_per_process("mmap-thread-share", lambda: ThreadShare(max(1, (os.cpu_count() or 1)
+    return _cores_shared_out(spec, model)
+
+
+def _cores_shared_out(spec: RunSpec, model: Any) -> Infer:
+    """Calls on ``model`` with this process's share of the cores (cores / processes threads): a peer
+    shares them out as modelshare does, so that the two differ in memory, not in threads."""
+    framework = FRAMEWORKS[spec.framework]
+    threads = _once_per_process("peer-thread-share", lambda: ThreadShare(max(1, (os.cpu_count() or 1)
                                                                               // spec.processes)))
 
     def infer(_: int, x: Any) -> Any:
@@ -167,15 +173,7 @@ def ray_object_store(spec: RunSpec) -> Infer:
         ray_peer.connect(Path(spec.run_dir), Path(spec.model_path).stat().st_size)
         return ray_peer.shared_module(spec.key, framework.load, Path(spec.model_path))
 
-    model = _once_per_process("ray-object-store", connect_and_get)
-    threads = _once_per_process("ray-thread-share", lambda: ThreadShare(max(1, (os.cpu_count() or 1)
-                                                                             // spec.processes)))
-
-    def infer(_: int, x: Any) -> Any:
-        threads.apply(None)
-        return framework.call(model, x)
-
-    return infer
+    return _cores_shared_out(spec, _once_per_process("ray-object-store", connect_and_get))
 
 
 def why_not(approach: str, framework: str) -> Optional[str]:
