@@ -51,7 +51,7 @@ import copy
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
+from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Optional, TypeVar, Union
 
 from . import _process
 from ._fingerprint import loader_fingerprint
@@ -159,7 +159,7 @@ class SharedModel(Generic[M]):
             raise ValueError("pass version= or watch=, not both: version= decides alone; watch= makes the "
                              "watched files' identity part of the loader's version")
         self.version = None if version is None else str(version)
-        codec_name = codec if isinstance(codec, str) or codec is None else codec.name
+        codec_name = codec if isinstance(codec, str) or codec is None else f"{codec.name}:{codec.layout}".rstrip(":")
         basis = f"version:{self.version}" if version is not None else f"loader:{loader_fingerprint(loader)}"
         self._version_basis = f"{basis}\0{codec_name or ''}"
         self.watched: tuple[str, ...] = () if version is not None else watched_files(watch, loader)
@@ -191,7 +191,7 @@ class SharedModel(Generic[M]):
         share: Share = "processes",
         providers: Optional[list[Any]] = None,
         session_options: Any = None,
-        prepack: bool = False,
+        prepack: Union[bool, Literal["shared"]] = False,
         **kwargs: Any,
     ) -> "SharedModel[Any]":
         """A shared ``onnxruntime.InferenceSession`` whose initializers live once per machine.
@@ -199,9 +199,11 @@ class SharedModel(Generic[M]):
         ``path_or_bytes``: an ``.onnx`` file (external data beside it is loaded too) or its bytes.
         ``key`` defaults to the file's stem (or a hash of the bytes); the version follows the
         file's identity (``watch=``; external data files are not watched: name them in ``watch=``
-        if they change alone) or the bytes. ``session_options``: a dict or ``onnxruntime.SessionOptions``;
-        ``prepack=True`` lets ORT repack weights privately per process (faster kernels, more
-        memory). Other keyword arguments go to ``SharedModel``.
+        if they change alone) or the bytes. ``session_options``: a dict or ``onnxruntime.SessionOptions``.
+        ``prepack``: ``False`` keeps one copy of the weights (kernels pack them on every call);
+        ``True`` lets ORT pack them privately per process (fast calls, a copy per process);
+        ``"shared"`` packs once into the segment (fast calls, the segment holds the weights and
+        their packed layouts; CPU only). Other keyword arguments go to ``SharedModel``.
         """
         from ._model_source import FileOrBytes
         from .codecs.onnx import OnnxCodec, load_onnx_bytes, load_onnx_file

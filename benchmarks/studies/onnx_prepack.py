@@ -1,10 +1,12 @@
-"""ONNX Runtime's prepacking, measured: per-call time and private memory, with and without it.
+"""ONNX Runtime's prepacking, measured: per-call time and private memory for each ``prepack=``
+choice, beside a private session (ORT's own, on the file, prepacking on as ORT defaults).
 
 ORT's CPU MatMul repacks a constant weight into its kernel layout. With prepacking on (ORT's
 default) that happens once, at session creation, into private memory: fast calls, a private copy
-per process. With it off (modelshare's default, so that weights stay shared) the kernel packs
-the weight on every call: no private copy, but each call pays for the packing, which matters most
-for small batches. Each configuration runs in a fresh process on a session over a shared segment.
+per process. Off (``prepack=False``, modelshare's default) the kernel packs the weight on every
+call: no private copy, but each call pays for the packing, most at small batches.
+``prepack="shared"`` puts the layouts ORT packed once into the segment: packed calls over shared
+memory. Each row runs in a fresh process; ``--rounds`` repeats every row, interleaved.
 
 Run: ``python -m benchmarks.studies.onnx_prepack [--size-mib 128]``. Prints a Markdown table.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,56 +29,74 @@ from ..models import onnx_mlp
 _PROBE = """
 import json, statistics, sys, time, pickle
 from benchmarks.models import onnx_input
-shared, batch, calls = pickle.loads(sys.stdin.buffer.read())
+shared, path, batches, calls = pickle.loads(sys.stdin.buffer.read())
 def anon():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon')) / 1024
+import onnxruntime as ort
 before = anon()
-session = shared.acquire()
-x = onnx_input(batch=batch)
-session.run(None, {'x': x})
-grown = anon() - before
-times = []
-for _ in range(calls):
-    t = time.perf_counter(); session.run(None, {'x': x}); times.append(time.perf_counter() - t)
-print(json.dumps({'private_mib': grown, 'call_ms': 1e3 * statistics.median(times)}))
-shared.release(session)
+if shared is None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+else:
+    session = shared.acquire()
+result = {}
+for batch in batches:
+    x = onnx_input(batch=batch)
+    session.run(None, {'x': x})
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter(); session.run(None, {'x': x}); times.append(time.perf_counter() - t)
+    result[batch] = 1e3 * statistics.median(times)
+print(json.dumps({'private_mib': anon() - before, 'call_ms': result}))
 """
 
+CHOICES = ("private", False, True, "shared")
 
-def measure(size_mib: int, batches: list[int], calls: int = 20) -> list[dict]:
-    """One row per (batch, prepack): private memory a session adds, and median call time."""
+
+def measure(size_mib: int, batches: list[int], calls: int = 20, rounds: int = 2) -> dict:
+    """Per choice: private memory a session adds (MiB, the median) and median call time per batch."""
     import pickle
 
     import onnx
 
-    rows = []
+    runs: dict = {choice: [] for choice in CHOICES}
     with tempfile.TemporaryDirectory() as files, tempfile.TemporaryDirectory(dir="/dev/shm") as segments:
         path = Path(files) / "mlp.onnx"
         onnx.save(onnx_mlp(size_mib), path)
-        for prepack in (False, True):
-            shared = SharedModel.from_onnx(path, key=f"prepack-{prepack}", directory=segments, prepack=prepack)
-            holder = shared.acquire()
-            for batch in batches:
-                out = subprocess.run([sys.executable, "-c", _PROBE], input=pickle.dumps((shared, batch, calls)),
-                                     capture_output=True, check=True, cwd=ROOT)
-                rows.append(dict(json.loads(out.stdout), batch=batch, prepack=prepack))
-            shared.release(holder)
-    return rows
+        shared = {choice: SharedModel.from_onnx(path, key=f"prepack-{choice}", directory=segments, prepack=choice,
+                                                session_options={"intra_op_num_threads": 1})
+                  for choice in CHOICES if choice != "private"}
+        holders = {choice: model.acquire() for choice, model in shared.items()}
+        for _ in range(rounds):
+            for choice in CHOICES:
+                out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, check=True, cwd=ROOT,
+                                     input=pickle.dumps((shared.get(choice), str(path), batches, calls)))
+                runs[choice].append(json.loads(out.stdout.decode().strip().splitlines()[-1]))
+        for choice, holder in holders.items():
+            shared[choice].release(holder)
+    return {choice: {"private_mib": statistics.median(r["private_mib"] for r in found),
+                     "call_ms": {b: statistics.median(r["call_ms"][str(b)] for r in found) for b in batches}}
+            for choice, found in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 32, 256])
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    rows = measure(args.size_mib, args.batches)
-    print(f"ONNX MLP of {args.size_mib} MiB (2048-wide MatMul layers), one fresh process per row\n")
-    print("| batch | prepack off: call | prepack on: call | off / on | private MiB per process, off | on |")
-    print("|---|---|---|---|---|---|")
-    for batch in args.batches:
-        off, on = (next(r for r in rows if r["batch"] == batch and r["prepack"] is p) for p in (False, True))
-        print(f"| {batch} | {off['call_ms']:.2f} ms | {on['call_ms']:.2f} ms | {off['call_ms'] / on['call_ms']:.2f}x "
-              f"| {off['private_mib']:.0f} | {on['private_mib']:.0f} |")
+    found = measure(args.size_mib, args.batches, rounds=args.rounds)
+    print(f"ONNX MLP of {args.size_mib} MiB (2048-wide MatMul layers, one intra-op thread), a fresh process per "
+          f"row, medians of {args.rounds} rounds\n")
+    names = {"private": "private session", False: "prepack=False", True: "prepack=True", "shared": 'prepack="shared"'}
+    print("| | private MiB per process | " + " | ".join(f"batch {b}: call (x private)" for b in args.batches) + " |")
+    print("|---|---|" + "---|" * len(args.batches))
+    private = found["private"]["call_ms"]
+    for choice in CHOICES:
+        row = found[choice]
+        cells = [f"{row['call_ms'][b]:.2f} ms ({row['call_ms'][b] / private[b]:.2f}x)" for b in args.batches]
+        print(f"| {names[choice]} | {row['private_mib']:.0f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ copied once onto GPU N, and every process maps that copy and computes on it (``_
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import os
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from .. import _process
+from .._heap import reclaim_heap
 from .._host import counts, file_pages, inventory
 from .._host.format import segment_size
 from .._host.holds import SegmentHandle, forget_lingering, release
@@ -118,7 +117,7 @@ class Processes(Mode):
             _log.warning("%s; nobody held it: removed it, loading anew", exc.args[0].split(". ")[0])
             return self.hold(shared)
         if published:
-            _reclaim_heap()
+            reclaim_heap()
         elif _adopted(handle) and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
             return self.hold(shared)
         try:
@@ -235,12 +234,3 @@ def _produce(shared: "SharedModel[Any]", map_files: Optional[bool], directory: P
     if shared._admit_publish is not None:  # a router's: the exact size, before a byte is written
         shared._admit_publish(segment_size(fields, encoded, pages))
     return Publication(fields, encoded, shared.keep_warm, pages)
-
-
-def _reclaim_heap() -> None:
-    """Return freed memory to the system: glibc keeps freed heap pages until ``malloc_trim``."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass

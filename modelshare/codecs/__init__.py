@@ -83,6 +83,12 @@ class Codec(abc.ABC):
     #: copied into the segment (False for a codec whose decode reads the segment file by its path).
     file_backed: bool = True
 
+    @property
+    def layout(self) -> str:
+        """What of this instance's options changes the segment it writes (part of the model's
+        version, so that two layouts never share a segment); empty for most codecs."""
+        return ""
+
     @abc.abstractmethod
     def encode(self, model: Any) -> Encoded:
         """Split ``model``; buffers must be C-contiguous bytes-like views (no copy needed)."""

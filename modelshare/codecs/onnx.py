@@ -23,10 +23,13 @@ constant folding read the dummy (wrong outputs, caught by the property tests).
 Attaching processes never import the ``onnx`` package (~10 MiB per process): the skeleton's
 file name and offsets are fixed-width placeholders, patched as bytes.
 
-Prepacking: ORT's CPU kernels may repack a constant weight into a private, kernel-friendly layout
-at session creation -- a second copy per process. It is off by default
-(``session.disable_prepacking = 1``); ``prepack=True`` turns it on, at the memory cost measured
-in ``benchmarks/RESULTS.md``.
+Prepacking: ORT's CPU kernels may repack a constant weight into a kernel-friendly layout at
+session creation. ``prepack=False`` (the default) turns it off (``session.disable_prepacking``):
+one copy of the weights, but kernels pack on every call. ``prepack=True``: each process packs
+into private memory -- a second copy per process. ``prepack="shared"``: the publisher has ORT
+optimize and pack the model once and the packed layouts go into the segment beside the weights
+(``_onnx_prepacked``): packed kernels in every process over one shared copy of the layouts, for
+the segment holding both. Measured in ``docs/codecs.md``.
 
 What stays in the skeleton: initializers under ``min_shared_bytes``, strings, packed 4-bit
 types, and initializers of subgraphs (If/Loop/Scan bodies), which ORT cannot take from outside.
@@ -41,21 +44,24 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
 
+from .._heap import reclaim_heap
 from .._host.directory import temporary_beside
 from ..errors import EncodeError
 from . import Codec, Encoded
+from ._onnx_prepacked import PrepackedOnnxModel, format_prepacked, prepack_once
 
-__all__ = ["OnnxCodec", "session_options_dict"]
+__all__ = ["OnnxCodec", "Prepack", "session_options_dict"]
 
 _OPTION_ATTRIBUTES = ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "execution_mode",
                       "execution_order", "enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse",
                       "log_severity_level", "log_verbosity_level", "use_deterministic_compute", "logid")
 SessionOptionsLike = Union[Mapping[str, Any], "ort.SessionOptions", None]
+Prepack = Union[bool, Literal["shared"]]
 
 # TensorProto.DataType values this codec shares, with their numpy dtype (None: ORT reads raw bits).
 _ELEMENT_TYPES: dict[int, Optional[str]] = {
@@ -117,6 +123,11 @@ def _build_session_options(options: Mapping[str, Any], prepack: bool) -> "ort.Se
     if not prepack:
         built.add_session_config_entry("session.disable_prepacking", "1")
     return built
+
+
+def _provider_name(provider: Any) -> str:
+    """A provider's name, whether given as a name or as (name, options)."""
+    return provider[0] if isinstance(provider, (tuple, list)) else str(provider)
 
 
 def _view(buffer: memoryview, data_type: int, dims: Sequence[int]) -> "ort.OrtValue":
@@ -191,7 +202,7 @@ def _model_proto(model: Any) -> Any:
 
     from ._onnx_file import MappedOnnxModel
 
-    proto = model.proto if isinstance(model, MappedOnnxModel) else model
+    proto = model.proto if isinstance(model, (MappedOnnxModel, PrepackedOnnxModel)) else model
     if not isinstance(proto, onnx.ModelProto):
         raise EncodeError(f"the ONNX codec takes an onnx.ModelProto, not {type(model).__qualname__}")
     return proto
@@ -204,6 +215,18 @@ def _data_of(model: Any, tensor: Any) -> memoryview:
     return found if found is not None else _initializer_bytes(tensor)
 
 
+def _saved_for_ort(model: Any, directory: Path) -> Path:
+    """A file ORT can read ``model`` from: the model's own file, or one written into ``directory``."""
+    path = getattr(model, "path", None)
+    if path is not None:
+        return Path(path)
+    import onnx
+
+    saved = directory / "source.onnx"
+    onnx.save_model(model, str(saved), save_as_external_data=True, location="source.data", size_threshold=1024)
+    return saved
+
+
 class OnnxCodec(Codec):
     """``onnx.ModelProto`` in, ``onnxruntime.InferenceSession`` over shared initializers out."""
 
@@ -211,17 +234,32 @@ class OnnxCodec(Codec):
     file_backed = False  # decode hands ONNX Runtime the segment file's path and offsets
 
     def __init__(self, providers: Optional[Sequence[Any]] = None, session_options: SessionOptionsLike = None,
-                 prepack: bool = False, min_shared_bytes: int = 1024) -> None:
+                 prepack: Prepack = False, min_shared_bytes: int = 1024) -> None:
+        if prepack not in (False, True, "shared"):
+            raise ValueError(f"prepack must be False, True or 'shared', not {prepack!r}")
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        if prepack == "shared" and any(_provider_name(p) != "CPUExecutionProvider" for p in self.providers):
+            raise ValueError(f"prepack='shared' shares the layouts ORT's CPU kernels pack, and providers="
+                             f"{self.providers!r} runs elsewhere: use prepack=False (or True) there")
         self.session_options = session_options_dict(session_options)
         self.prepack = prepack
         self.min_shared_bytes = min_shared_bytes
 
+    @property
+    def layout(self) -> str:
+        return "prepacked" if self.prepack == "shared" else ""
+
     def encode(self, model: Any) -> Encoded:
-        """Split ``model``; its large initializers are moved out (the ModelProto is consumed)."""
+        """Split ``model``; its large initializers are moved out (the ModelProto is consumed).
+        With ``prepack="shared"`` the model ORT optimized and packed is split instead, its packed
+        layouts becoming buffers too."""
+        if self.prepack == "shared":
+            model = prepack_once(model, _saved_for_ort, _build_session_options(self.session_options, True),
+                                 {"session.optimized_model_external_initializers_min_size_in_bytes":
+                                  str(self.min_shared_bytes)})
         proto = _model_proto(model)
         encoded = Encoded(b"", [], [], views="copy-on-write")
-        specs = []
+        specs: list[Optional[tuple[str, int, list[int]]]] = []  # per buffer: an initializer, or None (a layout)
         for tensor in proto.graph.initializer:
             if tensor.data_type not in _ELEMENT_TYPES:  # strings and packed 4-bit types stay in the skeleton
                 _embed(model, tensor)
@@ -230,27 +268,54 @@ class OnnxCodec(Codec):
             if data.nbytes < self.min_shared_bytes:
                 _embed(model, tensor)
                 continue
+            layouts = model.packed_layouts(tensor) if isinstance(model, PrepackedOnnxModel) else []
             specs.append((tensor.name, tensor.data_type, list(tensor.dims)))
             encoded.buffers.append(data)
             encoded.buffer_info.append({"initializer": tensor.name, "dims": list(tensor.dims),
                                         "data_type": tensor.data_type})
             _strip(tensor, len(encoded.buffers) - 1, data.nbytes)
-        encoded.skeleton = pickle.dumps((proto.SerializeToString(), specs), protocol=5)
+            for number, (key, blobs) in enumerate(layouts):
+                placed = []
+                for blob in blobs:
+                    specs.append(None)
+                    encoded.buffers.append(blob)
+                    encoded.buffer_info.append({"initializer": tensor.name, "packed": key})
+                    placed.append((_placeholder("offset", len(encoded.buffers) - 1, _OFFSET_WIDTH), blob.nbytes))
+                entry = tensor.external_data.add()
+                entry.key, entry.value = f"prepacked_{number}", format_prepacked(key, placed)
+        packed = isinstance(model, PrepackedOnnxModel)
+        encoded.skeleton = pickle.dumps((proto.SerializeToString(), specs, packed), protocol=5)
         return encoded
 
     def decode(self, skeleton: memoryview, buffers: Sequence[memoryview]) -> "ort.InferenceSession":
-        model_bytes, specs = pickle.loads(skeleton)
-        options = _build_session_options(self.session_options, self.prepack)
-        values = [_view(buffer, data_type, dims) for buffer, (_, data_type, dims) in zip(buffers, specs)]
-        for (name, _, _), value in zip(specs, values):
-            options.add_initializer(name, value)  # what the kernels compute on: the segment itself
+        model_bytes, specs, *rest = pickle.loads(skeleton)
         path = getattr(buffers, "path", None)
+        if rest and rest[0]:  # packed layouts: ORT maps them, and the weights, from the segment file
+            return self._packed_session(model_bytes, buffers, path)
+        options = _build_session_options(self.session_options, self.prepack is True)
+        values = [_view(buffer, spec[1], spec[2]) for buffer, spec in zip(buffers, specs) if spec is not None]
+        for (name, _, _), value in zip((spec for spec in specs if spec is not None), values):
+            options.add_initializer(name, value)  # what the kernels compute on: the segment itself
         if path is None:
             session = self._session_from_memory(model_bytes, buffers, options)
         else:
             session = self._session_beside(path, _patch(model_bytes, lambda i: path.name, buffers.offsets.__getitem__),
                                            options)
         session._modelshare_initializers = values  # the OrtValues must outlive the session
+        return session
+
+    def _packed_session(self, model_bytes: bytes, buffers: Sequence[memoryview],
+                        path: Optional[Path]) -> "ort.InferenceSession":
+        """A session over a skeleton with packed layouts. ORT packs each weight again, from the
+        segment file, uses a saved layout only where the keys match, and frees its own packing:
+        the freed heap goes back to the system here. Buffers not in one file cannot be named by a
+        layout entry (it has no file of its own): packing stays off there."""
+        if path is None:
+            return self._session_from_memory(model_bytes, buffers,
+                                             _build_session_options(self.session_options, False))
+        session = self._session_beside(path, _patch(model_bytes, lambda i: path.name, buffers.offsets.__getitem__),
+                                       _build_session_options(self.session_options, True))
+        reclaim_heap()
         return session
 
     def _session_beside(self, path: Path, model_bytes: bytes, options: "ort.SessionOptions") -> "ort.InferenceSession":
@@ -276,7 +341,7 @@ class OnnxCodec(Codec):
 
     def private_session(self, model: Any) -> "ort.InferenceSession":
         """A session that owns its weights (``share="threads"``, or a private baseline)."""
-        options = _build_session_options(self.session_options, self.prepack)
+        options = _build_session_options(self.session_options, self.prepack is not False)
         path = getattr(model, "path", None)
         source = str(path) if path is not None else model.SerializeToString()  # ORT reads a file itself
         return ort.InferenceSession(source, sess_options=options, providers=self.providers)

@@ -202,3 +202,49 @@ def test_attaching_processes_do_not_import_onnx(shm_dir: Path, tmp_path: Path) -
     shared.release(holder)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().strip() == "False"
+
+
+def test_shared_prepacking_runs_packed_kernels_over_one_copy_for_four_processes(shm_dir: Path, tmp_path: Path,
+                                                                                 spawn) -> None:
+    """prepack="shared": the layouts ORT packs are made once and mapped by every process -- outputs
+    bit-identical to a private session that prepacks, PSS of one copy, no private packed copy."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(onnx_mlp(256), path)
+    x = onnx_input()
+    options = {"intra_op_num_threads": 1}
+    expected = OnnxCodec(prepack=True, session_options=options).private_session(onnx.load(path)).run(None, {"x": x})[0]
+    shared = SharedModel.from_onnx(path, key="packed", prepack="shared", session_options=options)
+    run = run_shared(spawn, shm_dir, "onnxruntime", _workers.onnx_use_worker, shared, x)
+    weights = 256 * MiB
+    print(run.report(weights), f"; segments {run.segment_bytes / MiB:.0f} MiB")
+    for out in run.outputs:
+        np.testing.assert_array_equal(out, expected)
+    assert run.total_pss <= run.budget(weights), run.report(weights)  # the layouts once, no private copy
+    assert run.in_segments == pytest.approx(weights, rel=0.05), run.report(weights)  # what the kernels map
+    assert run.segment_bytes == pytest.approx(2 * weights, rel=0.02)  # the weights and their layouts
+
+
+def test_shared_prepacking_is_its_own_version_and_takes_models_in_memory(shm_dir: Path) -> None:
+    model = onnx_mlp(4, width=256)
+    x = onnx_input(256)
+    expected = OnnxCodec(prepack=True).private_session(model).run(None, {"x": x})[0]
+    plain = SharedModel.from_onnx(model.SerializeToString(), key="m")
+    packed = SharedModel.from_onnx(model.SerializeToString(), key="m", prepack="shared")
+    assert plain.version_hash != packed.version_hash, "a segment's layout is part of its version"
+    with plain.use() as unpacked_session, packed.use() as packed_session:
+        np.testing.assert_array_equal(packed_session.run(None, {"x": x})[0], expected)
+        np.testing.assert_allclose(unpacked_session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)
+        assert len(list(shm_dir.glob("m--*.seg"))) == 2
+
+
+def test_shared_prepacking_threads_and_wrong_choices(shm_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx_mlp(4, width=256), path)
+    x = onnx_input(256)
+    expected = OnnxCodec(prepack=True).private_session(onnx.load(path)).run(None, {"x": x})[0]
+    with SharedModel.from_onnx(path, prepack="shared", share="threads").use() as session:  # a private packing
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+    with pytest.raises(ValueError, match=r"prepack must be False, True or 'shared', not 'yes'"):
+        SharedModel.from_onnx(path, prepack="yes")
+    with pytest.raises(ValueError, match=r"prepack='shared' shares the layouts ORT's CPU kernels pack"):
+        SharedModel.from_onnx(path, prepack="shared", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
