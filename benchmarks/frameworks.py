@@ -13,7 +13,7 @@ import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -122,7 +122,7 @@ class _OnnxFramework(Framework):
     Prepacked and unpacked MatMul kernels sum in different orders, so outputs are compared to
     within 1e-5 rather than bit for bit (the tests compare sessions of equal options exactly)."""
 
-    prepack: bool = False
+    prepack: Union[bool, str] = False
 
     def shared(self, path: Path, key: str, directory: Path, share: str = "processes") -> SharedModel[Any]:
         return SharedModel.from_onnx(path, key=key, directory=directory, prepack=self.prepack, share=share)
@@ -140,6 +140,8 @@ FRAMEWORKS: dict[str, Framework] = {
                            "onnxruntime"),
     "onnx-prepack": _OnnxFramework("onnx-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,
                                    models.onnx_input, "onnxruntime", prepack=True),
+    "onnx-shared-prepack": _OnnxFramework("onnx-shared-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,
+                                          models.onnx_input, "onnxruntime", prepack="shared"),
     "sklearn": Framework("sklearn", models.sklearn_knn, _joblib_save, _joblib_load, lambda m, x: m.predict_proba(x),
                          models.sklearn_input, "sklearn.neighbors", _joblib_lean_load),
 }
