@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import psutil
 
+from .._heap import reclaim_heap
 from .._host import counts
 from .._host.directory import SegmentName, default_directory
 from .._host.holds import forget_lingering
@@ -238,6 +239,7 @@ class ModelRouter:
             if isinstance(admitted, _NoRoom):
                 return admitted
             record.last_used = time.time()
+        reclaim_heap()  # freed heap pages still resident would take the loader's copy unseen: no growth to measure
         start = anonymous_bytes()
         try:
             with Peak(anonymous_bytes, every=0.002) as peak:  # what the load costs this process beside the segment

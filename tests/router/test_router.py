@@ -101,6 +101,42 @@ def test_a_load_counts_the_loaders_private_copy_by_default(shm_dir: Path) -> Non
     _clear(lone, "c")
 
 
+_ROUTE_OVER_A_WARM_HEAP = """
+import ctypes, functools, os, sys
+import numpy as np
+from modelshare import Budget, ModelRouter, SharedModel
+from tests.support import workers
+MiB = 2**20
+libc = ctypes.CDLL(None)
+libc.mallopt(-3, 64 * MiB)  # M_MMAP_THRESHOLD: the loader's 4 MiB comes from the heap
+libc.mallopt(-1, 2048 * MiB)  # M_TRIM_THRESHOLD: freed heap pages stay resident
+junk = [np.ones(MiB // 2) for _ in range(40)]
+del junk
+directory = sys.argv[1]
+models = {k: SharedModel(functools.partial(workers.slow_blob, 4, i), key=k, directory=directory)
+          for i, k in enumerate("ab")}
+router = ModelRouter(models, budget=Budget(host=11 * MiB), wait=0)
+with router.use("a"):
+    pass
+with router.use("b"):
+    print(sorted(f.split("--")[0] for f in os.listdir(directory) if f.endswith(".seg")))
+from tests.router.test_router import _clear
+_clear(router, "ab")
+"""
+
+
+def test_a_loaders_copy_counts_even_where_freed_heap_would_hide_it(shm_dir: Path) -> None:
+    """A process whose heap holds freed, still-resident pages (a long-lived worker's) builds the
+    next model in them without its RSS growing: the router gives them back before it measures."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ROUTE_OVER_A_WARM_HEAP, str(shm_dir)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['b']", "b loaded beside a: its loader's copy was not counted"
+
+
 def test_a_model_larger_than_the_budget_fails_at_once(shm_dir: Path) -> None:
     router = ModelRouter({"big": SharedModel(functools.partial(blob, 8), key="big", directory=shm_dir)},
                          budget=Budget(host="4MiB"), sizes={"big": "8MiB"})
