@@ -205,6 +205,7 @@ class _Server:
         self.idle_exit = idle_exit
         self.call_lock = threading.Lock()
         self.state_lock = threading.Lock()
+        self.exit_lock = threading.Lock()
         self.closing = False
         self.clients = 0
         self.in_flight = 0
@@ -302,17 +303,19 @@ class _Server:
             self._write_stats()
 
     def _exit_if_idle(self) -> None:
+        """Leave if no client came for ``idle_exit`` seconds: remove this copy's files and exit.
+
+        One idle timer at a time (``exit_lock``): a second timer that took the start lock after the
+        first had unlinked its file would create the file anew, and the process would exit leaving it."""
         try:
-            with self.files.starting():
+            with self.exit_lock, self.files.starting():
                 with self.state_lock:
                     if self.clients or self.closing or time.monotonic() - self.idle_since < self.idle_exit * 0.99:
                         return  # a client came (and maybe went: its own timer decides)
                     self.closing = True
                 self.shutdown()
                 self.files.remove()
-                # exit still holding the start lock: another idle timer of this process, waiting on
-                # it, would otherwise take it once released and create the start file anew
-                os._exit(0)
+                os._exit(0)  # holding both locks: no other timer of this process gets to the start file
         except OSError:  # its directory is gone (or no longer usable): nobody can reach it, leave
             pass
         os._exit(0)

@@ -262,3 +262,35 @@ def test_a_server_whose_directory_was_removed_still_leaves() -> None:
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(pid), "the server outlived its directory"
+
+
+_TWO_IDLE_TIMERS = """
+import sys, threading
+from modelshare import Server, SharedModel
+from modelshare._host.trust import ensure_directory
+from modelshare._owners.server import ServerFiles, _Server
+from tests.support.workers import Unsplittable
+shared = SharedModel(Unsplittable, key="timers", share=Server(), directory=ensure_directory(sys.argv[1]))
+files = ServerFiles(shared.segment_name, 0)
+server = _Server(Unsplittable(), files, "", 0.0, files.hold_status())
+remove = files.remove
+
+def remove_then_second_timer(**kwargs):
+    removed = remove(**kwargs)  # the start file is gone; this process is about to exit
+    second = threading.Thread(target=server._exit_if_idle)
+    second.start()
+    second.join(1.0)  # a second idle timer fires right now
+    return removed
+
+object.__setattr__(files, "remove", remove_then_second_timer)
+server._exit_if_idle()
+"""
+
+
+def test_a_second_idle_timer_at_the_exit_leaves_no_start_file(shm_dir: Path) -> None:
+    """Two idle timers of one server fire together (a loaded machine delays one): the one that
+    exits removes the files, and the other must not create the start file anew on its way."""
+    out = subprocess.run([sys.executable, "-c", _TWO_IDLE_TIMERS, str(shm_dir)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert leftovers(shm_dir) == []
