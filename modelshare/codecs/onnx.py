@@ -347,6 +347,10 @@ class OnnxCodec(Codec):
         return ort.InferenceSession(source, sess_options=options, providers=self.providers)
 
     def estimate(self, model: Any) -> int:
+        """The model's bytes; with ``prepack="shared"`` twice its weights (packed layouts take about
+        what they pack: an estimate, the exact size is known once ORT has packed)."""
         proto = _model_proto(model)
-        return proto.ByteSize() + sum(len(view) for view in map(getattr(model, "initializer_bytes", lambda t: None),
-                                                                  proto.graph.initializer) if view is not None)
+        in_file = sum(len(view) for view in map(getattr(model, "initializer_bytes", lambda t: None),
+                                                proto.graph.initializer) if view is not None)
+        weights = in_file + sum(len(tensor.raw_data) for tensor in proto.graph.initializer)
+        return proto.ByteSize() + in_file + (weights if self.prepack == "shared" else 0)

@@ -248,3 +248,15 @@ def test_shared_prepacking_threads_and_wrong_choices(shm_dir: Path, tmp_path: Pa
         SharedModel.from_onnx(path, prepack="yes")
     with pytest.raises(ValueError, match=r"prepack='shared' shares the layouts ORT's CPU kernels pack"):
         SharedModel.from_onnx(path, prepack="shared", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_the_estimate_counts_the_packed_layouts(tmp_path: Path) -> None:
+    model = onnx_mlp(4, width=256)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    plain = OnnxCodec().estimate(model)
+    assert OnnxCodec(prepack="shared").estimate(model) == pytest.approx(2 * plain, rel=0.01)
+    from modelshare.codecs.onnx import load_onnx_file
+
+    encoded = OnnxCodec(prepack="shared").encode(load_onnx_file(path))
+    assert OnnxCodec(prepack="shared").estimate(load_onnx_file(path)) == pytest.approx(encoded.nbytes, rel=0.02)
