@@ -10,5 +10,6 @@
 * ``segments``: publish a model version once per machine, or attach to it;
 * ``holds``: a process's hold on a segment, and giving it back (the last holder unlinks);
 * ``inventory``: what a directory holds, eviction and garbage collection;
-* ``counts``: machine-wide counts of loads, attaches and evictions per key (for metrics and ``top``).
+* ``counts``: machine-wide counts of loads, attaches and evictions per key (for metrics and ``top``);
+* ``heap``: freed heap given back to the system after a load (and before a router measures one).
 """

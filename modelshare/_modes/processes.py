@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from .. import _process
-from .._heap import reclaim_heap
 from .._host import counts, file_pages, inventory
 from .._host.format import segment_size
+from .._host.heap import reclaim_heap
 from .._host.holds import SegmentHandle, forget_lingering, release
 from .._host.locks import lock_holders
 from .._host.segments import Publication, open_or_publish

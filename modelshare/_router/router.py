@@ -52,9 +52,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import psutil
 
-from .._heap import reclaim_heap
 from .._host import counts
 from .._host.directory import SegmentName, default_directory
+from .._host.heap import reclaim_heap
 from .._host.holds import forget_lingering
 from .._host.inventory import evict, segment_sizes
 from .._host.locks import lock_holders, lock_table

@@ -49,8 +49,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from .._heap import reclaim_heap
 from .._host.directory import temporary_beside
+from .._host.heap import reclaim_heap
 from ..errors import EncodeError
 from . import Codec, Encoded
 from ._onnx_prepacked import PrepackedOnnxModel, format_prepacked, prepack_once
