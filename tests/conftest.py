@@ -2,6 +2,8 @@
 
 The suite runs with ``MODELSHARE_LINGER=0`` (its children inherit it): its tests check what a
 release frees, at once; the linger itself, default included, is tested in ``tests/modes/test_linger.py``.
+It runs with ``MODELSHARE_DIR`` set to a directory of its own, so that no test writes in the
+user's default directory (the Beam batching tests did: a counts file in ``/dev/shm/modelshare-<uid>``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ from modelshare import _process
 from .support import leftovers
 
 os.environ["MODELSHARE_LINGER"] = "0"
+# a test that does not ask for ``shm_dir`` still never touches the user's own directory
+_SESSION_DIRECTORY = Path("/dev/shm") / f"modelshare-tests-{uuid.uuid4().hex[:12]}"
+os.environ["MODELSHARE_DIR"] = str(_SESSION_DIRECTORY)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_directory() -> Iterator[None]:
+    """The directory of tests without ``shm_dir``: removed with the session."""
+    yield
+    shutil.rmtree(_SESSION_DIRECTORY, ignore_errors=True)
 
 
 @pytest.fixture
