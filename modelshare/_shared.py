@@ -51,17 +51,7 @@ import copy
 import hashlib
 import os
 from pathlib import Path
-from typing import (
-    Any,
-    Callable,
-    Generic,
-    Iterable,
-    Iterator,
-    Literal,
-    Optional,
-    TypeVar,
-    Union,
-)
+from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Optional, TypeVar, Union
 
 from . import _process
 from ._fingerprint import loader_fingerprint

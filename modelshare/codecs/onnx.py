@@ -258,6 +258,7 @@ class OnnxCodec(Codec):
                                  {"session.optimized_model_external_initializers_min_size_in_bytes":
                                   str(self.min_shared_bytes)})
         proto = _model_proto(model)
+        packed_layouts = model.packed_layouts if isinstance(model, PrepackedOnnxModel) else lambda tensor: []
         encoded = Encoded(b"", [], [], views="copy-on-write")
         specs: list[Optional[tuple[str, int, list[int]]]] = []  # per buffer: an initializer, or None (a layout)
         for tensor in proto.graph.initializer:
@@ -268,7 +269,7 @@ class OnnxCodec(Codec):
             if data.nbytes < self.min_shared_bytes:
                 _embed(model, tensor)
                 continue
-            layouts = model.packed_layouts(tensor) if isinstance(model, PrepackedOnnxModel) else []
+            layouts = packed_layouts(tensor)
             specs.append((tensor.name, tensor.data_type, list(tensor.dims)))
             encoded.buffers.append(data)
             encoded.buffer_info.append({"initializer": tensor.name, "dims": list(tensor.dims),
