@@ -31,7 +31,7 @@ from typing import Literal, Optional
 from ..errors import InvalidKeyError, SegmentDirectoryError
 
 __all__ = ["default_directory", "directory_error", "is_modelshare_name", "ROUTER_FILES", "COUNTS_FILE", "validate_key",
-           "make_key", "SegmentName", "DirEntry", "parse", "split_name", "scan", "temporary_beside"]
+           "make_key", "SegmentName", "DirEntry", "parse", "split_name", "scan"]
 
 _KEY = r"[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,127}"
 _KEY_RE = re.compile(_KEY)
@@ -119,15 +119,17 @@ class SegmentName:
         return self.directory / (self.stem + LOCK)
 
     def temporary_path(self) -> Path:
-        """A fresh name for a segment while it is written (renamed to ``seg_path`` when complete)."""
-        return temporary_beside(self.seg_path)
+        """A fresh name for a segment while it is written (renamed to ``seg_path`` when complete):
+        ``<stem>.seg.tmp-<pid>-<hex>``. Whoever next holds the segment's exclusive lock (a publisher,
+        ``gc``) removes it if its writer died."""
+        return self.directory / f"{self.stem}{TEMPORARY}{os.getpid()}-{secrets.token_hex(4)}"
 
     def owner_path(self, owner: str, kind: str) -> Path:
         """The socket (``.sock``), status (``.srv``, ``.gpu``) or start lock (``.start``) of one owner."""
         return self.directory / f"{self.stem}.{owner}{kind}"
 
     def temporaries(self) -> list[Path]:
-        """This version's temporary files: segments being written, files codecs wrote beside them."""
+        """This version's temporary files: segments being written."""
         prefix = self.stem + TEMPORARY
         try:
             filenames = os.listdir(self.directory)
@@ -135,13 +137,6 @@ class SegmentName:
             return []
         return [self.directory / f for f in filenames
                 if f.startswith(prefix) and split_name(f) == (self.stem, "temporary")]
-
-
-def temporary_beside(seg_path: Path, purpose: str = "") -> Path:
-    """A fresh temporary name beside the segment ``seg_path``: ``<stem>.seg.tmp-[<purpose>-]<pid>-<hex>``.
-    Whoever next holds the segment's exclusive lock (a publisher, ``gc``) removes it if its writer died."""
-    prefix = f"{purpose}-" if purpose else ""
-    return seg_path.with_name(f"{seg_path.name}{TEMPORARY[len(SEGMENT):]}{prefix}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 @dataclass(frozen=True)

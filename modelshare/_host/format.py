@@ -198,10 +198,9 @@ class Mapping:
         manifest = self.header["manifest"]
         views = [files[e["file"]][e["file_offset"] : e["file_offset"] + e["nbytes"]] if "file" in e
                  else whole[data_offset + e["offset"] : data_offset + e["offset"] + e["nbytes"]] for e in manifest]
-        if self.files:  # no single file holds every buffer: codecs that read the segment by path never map files
-            self.buffers = SegmentBuffers(views)
-        else:
-            self.buffers = SegmentBuffers(views, path, [data_offset + e["offset"] for e in manifest])
+        locations = [(Path(self.files[e["file"]].path), e["file_offset"]) if "file" in e
+                     else (path, data_offset + e["offset"]) for e in manifest]
+        self.buffers = SegmentBuffers(views, locations)
         self._file_views = files
         self.nbytes = st.st_size
 
@@ -213,10 +212,7 @@ class Mapping:
         """Recompute every buffer's CRC-32 (the weights: not checked on attach, as they are large),
         and check that the weights files mapped are still the ones published; raise
         :class:`SegmentCorruptedError` naming the first that does not match."""
-        for identity in self.files:
-            error = changed(identity, self.path)
-            if error is not None:
-                raise error
+        self.check_files()
         for i, (entry, buf) in enumerate(zip(self.header["manifest"], self.buffers)):
             if "file" not in entry and zlib.crc32(buf) != entry["crc32"]:
                 raise SegmentCorruptedError(
@@ -224,6 +220,15 @@ class Mapping:
                     "checksum; the file was modified after publishing. Remove it "
                     "(`modelshare gc --all`, once no process uses it) and load again", reason=f"buffer {i} damaged"
                 )
+
+    def check_files(self) -> None:
+        """Raise :class:`SegmentCorruptedError` (``FILE_CHANGED``) if a weights file this segment maps
+        is no longer at its path: a codec that reopened it there (ONNX Runtime) may have read another
+        file's bytes."""
+        for identity in self.files:
+            error = changed(identity, self.path)
+            if error is not None:
+                raise error
 
     def close(self) -> bool:
         """Drop this mapping's own views and unmap, unless the model still uses them; whether it

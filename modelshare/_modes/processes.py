@@ -111,34 +111,50 @@ class Processes(Mode):
         try:
             handle, published = open_or_publish(
                 shared.segment_name, lambda: _produce(shared, self.map_files, directory), timeout=shared.timeout)
+            if published:
+                reclaim_heap()
+            elif _adopted(handle) and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
+                return self.hold(shared)
+            model, buffers, new_instance = self._decode(shared, handle, verify=self.verify and not published)
         except SegmentCorruptedError as exc:
-            if exc.reason != file_pages.FILE_CHANGED or not inventory.evict(shared.segment_name):
+            if exc.reason != file_pages.FILE_CHANGED:
+                raise
+            forget_lingering(shared.segment_name)  # what this process built on it is gone with the exception
+            if shared.segment_name.seg_path.exists() and not inventory.evict(shared.segment_name):
                 raise
             _log.warning("%s; nobody held it: removed it, loading anew", exc.args[0].split(". ")[0])
             return self.hold(shared)
-        if published:
-            reclaim_heap()
-        elif _adopted(handle) and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
-            return self.hold(shared)
-        try:
-            if not published and self.verify:
-                handle.mapping.verify()
-            buffers = self._buffers(shared, handle.mapping)
-            codec = shared._decoder(handle.mapping.header["codec"])
-
-            def new_instance() -> Any:
-                return pooled([codec.decode(handle.mapping.skeleton, buffers) for _ in range(self.instances)])
-
-            model = new_instance()
-        except BaseException:
-            release(handle)
-            raise
         device_bytes = buffers.device.nbytes if buffers.device is not None else 0
         info = HoldInfo(published, time.perf_counter() - start, handle.mapping.nbytes, device_bytes)
         _log.info("%s model %r (version %s, %s in %s) in %.3f s", "loaded" if published else "attached to",
                   shared.key, shared.version_hash, format_size(info.shared_bytes), handle.name.seg_path, info.seconds)
         counts.add(directory, shared.key, "loads" if published else "attaches")
         return _SegmentHold(model, info, handle, buffers.device, new_instance)
+
+    def _decode(self, shared: "SharedModel[Any]", handle: SegmentHandle,
+                verify: bool) -> tuple[Any, SegmentBuffers, Callable[[], Any]]:
+        """The model rebuilt over ``handle``'s segment (released if that fails), its buffers, and how
+        to build another instance. The weights files it maps are checked once more after decoding:
+        a codec that reopened one by its path (ONNX Runtime) must have read the published file."""
+        try:
+            if verify:
+                handle.mapping.verify()
+            buffers = self._buffers(shared, handle.mapping)
+            codec = shared._decoder(handle.mapping.header["codec"])
+
+            def new_instance() -> Any:
+                built = pooled([codec.decode(handle.mapping.skeleton, buffers) for _ in range(self.instances)])
+                try:
+                    handle.mapping.check_files()
+                except SegmentCorruptedError:
+                    del built  # not kept alive by the traceback: the stale segment can go
+                    raise
+                return built
+
+            return new_instance(), buffers, new_instance
+        except BaseException:
+            release(handle)
+            raise
 
     def _buffers(self, shared: "SharedModel[Any]", mapping: "Mapping") -> SegmentBuffers:
         """The segment's buffers, with the model's GPU copy where ``device`` asks for one (the copy
@@ -150,7 +166,7 @@ class Processes(Mode):
         gpu_budget = None if self.gpu_budget is None else parse_size(self.gpu_budget)
         placement = open_device_copy(mapping, shared.segment_name, self.device, key=shared.key,
                                      gpu_budget=gpu_budget, timeout=shared.timeout)
-        return SegmentBuffers(mapping.buffers, mapping.buffers.path, mapping.buffers.offsets, device=placement)
+        return SegmentBuffers(mapping.buffers, mapping.buffers.locations, device=placement)
 
 
 class _SegmentHold(Hold):
@@ -230,7 +246,9 @@ def _produce(shared: "SharedModel[Any]", map_files: Optional[bool], directory: P
         "created": time.time(),
         "loader_pid": os.getpid(),
     }
-    pages = file_pages.locate(encoded.buffers, policy=map_files if codec.file_backed else False, exclude=directory)
+    pages = file_pages.locate(encoded.buffers, policy=map_files, exclude=directory)
+    if not codec.maps_files([Path(pages.files[w[0]].path) if w else None for w in pages.where]):
+        pages = file_pages.FilePages([], [None] * len(encoded.buffers))
     if shared._admit_publish is not None:  # a router's: the exact size, before a byte is written
         shared._admit_publish(segment_size(fields, encoded, pages))
     return Publication(fields, encoded, shared.keep_warm, pages)

@@ -59,18 +59,18 @@ class Encoded:
 class SegmentBuffers(list):  # type: ignore[type-arg]
     """What ``Codec.decode`` gets as ``buffers``: memoryviews of the segment, in order.
 
-    ``path`` and ``offsets`` say where each buffer lies in the segment file, for frameworks that
-    want to read bytes from a file themselves (ONNX Runtime's graph optimizers); both are empty
-    when the buffers do not come from a file. ``device``, where set, is the model's GPU copy
-    (``Processes(device="cuda:N")``): a codec builds its tensors there, at
-    ``device.address_of(index)`` on ``device.device``, instead of over the host views.
+    ``locations[i]`` says which file holds buffer ``i`` and at what offset -- the segment file, or
+    the weights file a file-backed buffer stayed in -- for frameworks that read bytes from a file
+    themselves (ONNX Runtime's graph optimizers); empty when the buffers do not come from files.
+    ``device``, where set, is the model's GPU copy (``Processes(device="cuda:N")``): a codec builds
+    its tensors there, at ``device.address_of(index)`` on ``device.device``, instead of over the
+    host views.
     """
 
-    def __init__(self, views: Sequence[memoryview], path: Optional[Path] = None, offsets: Sequence[int] = (),
+    def __init__(self, views: Sequence[memoryview], locations: Sequence[tuple[Path, int]] = (),
                  device: Any = None) -> None:
         super().__init__(views)
-        self.path = path
-        self.offsets = list(offsets)
+        self.locations = list(locations)
         self.device = device
 
 
@@ -79,9 +79,10 @@ class Codec(abc.ABC):
 
     #: Unique name, stored in every segment so that attaching processes pick the same codec.
     name: str = ""
-    #: Whether buffers that are pages of a weights file may stay in that file instead of being
-    #: copied into the segment (False for a codec whose decode reads the segment file by its path).
-    file_backed: bool = True
+    def maps_files(self, files: Sequence[Optional[Path]]) -> bool:
+        """Whether this codec can decode with buffers left in their weights files (``files[i]``:
+        buffer i's file, or None for one copied into the segment); if not, every buffer is copied."""
+        return True
 
     @property
     def layout(self) -> str:

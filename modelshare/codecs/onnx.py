@@ -10,10 +10,17 @@ Decoding, in every process, gives ORT the weights twice over without copying the
   view, no copy) handed to ``SessionOptions.add_initializer``, with which ORT "uses this
   initializer instance instead of deserializing one from the model file": the kernels compute
   on the segment;
-* the model's external-data entries point at the segment *file* itself, at each buffer's
-  offset, so that graph optimizers that read an initializer's bytes (constant folding a Cast of
-  an fp16 weight, say) read the real bytes. ORT only accepts data files beside the model file,
-  so the skeleton is written next to the segment for the session's creation, then removed.
+* the model's external-data entries point at the file that holds each buffer, at its offset,
+  so that graph optimizers that read an initializer's bytes (constant folding a Cast of an fp16
+  weight, say) read the real bytes. ORT reads data files from one directory only (no absolute
+  paths, no symlinks out): the model is given from memory with that directory as its external
+  data folder.
+
+File-backed: a model read from an ONNX file whose weights cannot be rewritten (or with
+``map_files=True``) keeps them in that file -- the ``.onnx`` itself or its external data beside it
+-- and every process maps the file instead of a copy in ``/dev/shm``, as ORT does for one
+session: nothing is copied at publish, the pages are reclaimable page cache. Only when every
+buffer is in one directory (``maps_files``); otherwise they are all copied.
 
 Measured dead ends, kept out: ``add_external_initializers`` and in-memory external data both copy
 every initializer into the session (+128 MiB of private memory per process for a 128 MiB
@@ -49,7 +56,6 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from .._host.directory import temporary_beside
 from .._host.heap import reclaim_heap
 from ..errors import EncodeError
 from . import Codec, Encoded
@@ -231,7 +237,6 @@ class OnnxCodec(Codec):
     """``onnx.ModelProto`` in, ``onnxruntime.InferenceSession`` over shared initializers out."""
 
     name = "onnx"
-    file_backed = False  # decode hands ONNX Runtime the segment file's path and offsets
 
     def __init__(self, providers: Optional[Sequence[Any]] = None, session_options: SessionOptionsLike = None,
                  prepack: Prepack = False, min_shared_bytes: int = 1024) -> None:
@@ -288,47 +293,54 @@ class OnnxCodec(Codec):
         encoded.skeleton = pickle.dumps((proto.SerializeToString(), specs, packed), protocol=5)
         return encoded
 
+    def maps_files(self, files: Sequence[Optional[Path]]) -> bool:
+        """ORT reads external data from one directory only (``session.model_external_initializers_
+        file_folder_path``): buffers stay in weights files only when every one does, all in one
+        directory. Packed layouts are written into the segment, so ``prepack="shared"`` copies."""
+        return (self.prepack != "shared" and bool(files) and all(files)
+                and len({f.parent for f in files}) == 1 and all(len(f.name) <= _LOCATION_WIDTH for f in files))
+
     def decode(self, skeleton: memoryview, buffers: Sequence[memoryview]) -> "ort.InferenceSession":
-        model_bytes, specs, *rest = pickle.loads(skeleton)
-        path = getattr(buffers, "path", None)
-        if rest and rest[0]:  # packed layouts: ORT maps them, and the weights, from the segment file
-            return self._packed_session(model_bytes, buffers, path)
+        model_bytes, specs, packed = pickle.loads(skeleton)
+        locations = getattr(buffers, "locations", [])
+        if packed:  # packed layouts: ORT maps them, and the weights, from the segment file
+            return self._packed_session(model_bytes, buffers, locations)
         options = _build_session_options(self.session_options, self.prepack is True)
-        values = [_view(buffer, spec[1], spec[2]) for buffer, spec in zip(buffers, specs) if spec is not None]
-        for (name, _, _), value in zip((spec for spec in specs if spec is not None), values):
-            options.add_initializer(name, value)  # what the kernels compute on: the segment itself
-        if path is None:
-            session = self._session_from_memory(model_bytes, buffers, options)
+        values = []
+        for buffer, spec in zip(buffers, specs):
+            if spec is not None:
+                values.append(_view(buffer, spec[1], spec[2]))
+                options.add_initializer(spec[0], values[-1])  # what the kernels compute on: the segment itself
+        if locations:
+            session = self._session_over_files(model_bytes, locations, options)
         else:
-            session = self._session_beside(path, _patch(model_bytes, lambda i: path.name, buffers.offsets.__getitem__),
-                                           options)
+            session = self._session_from_memory(model_bytes, buffers, options)
         session._modelshare_initializers = values  # the OrtValues must outlive the session
         return session
 
     def _packed_session(self, model_bytes: bytes, buffers: Sequence[memoryview],
-                        path: Optional[Path]) -> "ort.InferenceSession":
+                        locations: Sequence[tuple[Path, int]]) -> "ort.InferenceSession":
         """A session over a skeleton with packed layouts. ORT packs each weight again, from the
         segment file, uses a saved layout only where the keys match, and frees its own packing:
         the freed heap goes back to the system here. Buffers not in one file cannot be named by a
         layout entry (it has no file of its own): packing stays off there."""
-        if path is None:
+        if not locations:
             return self._session_from_memory(model_bytes, buffers,
                                              _build_session_options(self.session_options, False))
-        session = self._session_beside(path, _patch(model_bytes, lambda i: path.name, buffers.offsets.__getitem__),
-                                       _build_session_options(self.session_options, True))
+        session = self._session_over_files(model_bytes, locations, _build_session_options(self.session_options, True))
         reclaim_heap()
         return session
 
-    def _session_beside(self, path: Path, model_bytes: bytes, options: "ort.SessionOptions") -> "ort.InferenceSession":
-        """Create the session from a model file written next to the segment file, then remove it."""
-        # a ".tmp-" name: if this process dies right here, `modelshare gc` removes it with the segment
-        beside = temporary_beside(path, "onnx")
-        try:
-            with open(beside, "xb") as f:
-                f.write(model_bytes)
-            return ort.InferenceSession(str(beside), sess_options=options, providers=self.providers)
-        finally:
-            beside.unlink(missing_ok=True)
+    def _session_over_files(self, model_bytes: bytes, locations: Sequence[tuple[Path, int]],
+                            options: "ort.SessionOptions") -> "ort.InferenceSession":
+        """A session whose external data entries name each buffer's file (the segment, or the weights
+        file it stayed in) and offset: ORT reads them from that directory, the model from memory."""
+        folders = {path.parent for path, _ in locations}
+        if len(folders) != 1:
+            raise ValueError(f"the ONNX codec reads a model's buffers from one directory, not {sorted(folders)}")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folders.pop()))
+        patched = _patch(model_bytes, lambda i: locations[i][0].name, lambda i: locations[i][1])
+        return ort.InferenceSession(patched, sess_options=options, providers=self.providers)
 
     def _session_from_memory(self, model_bytes: bytes, buffers: Sequence[memoryview],
                              options: "ort.SessionOptions") -> "ort.InferenceSession":

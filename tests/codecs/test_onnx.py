@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from benchmarks.models import onnx_input, onnx_mlp  # noqa: E402
-from modelshare import EncodeError, SharedModel  # noqa: E402
+from modelshare import EncodeError, Processes, SharedModel, memory  # noqa: E402
 from modelshare.codecs import codec_for  # noqa: E402
 from modelshare.codecs.onnx import OnnxCodec  # noqa: E402
 
@@ -260,3 +261,118 @@ def test_the_estimate_counts_the_packed_layouts(tmp_path: Path) -> None:
 
     encoded = OnnxCodec(prepack="shared").encode(load_onnx_file(path))
     assert OnnxCodec(prepack="shared").estimate(load_onnx_file(path)) == pytest.approx(encoded.nbytes, rel=0.02)
+
+
+# -- file-backed: the weights stay in the ONNX file (or its external data), mapped by every process ---------------
+
+
+def _saved(model: Any, directory: Path, *, external: bool, read_only: bool = True) -> Path:
+    """``model`` saved under ``directory`` (weights in the .onnx, or in ``model.data`` beside it)."""
+    path = directory / "model.onnx"
+    onnx.save(model, path, save_as_external_data=external, location="model.data", size_threshold=1024)
+    if read_only:
+        for file in directory.iterdir():
+            file.chmod(0o444)
+    return path
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["weights-in-the-onnx", "external-data"])
+def test_an_onnx_file_nobody_can_rewrite_stays_mapped_one_copy_for_every_process(
+        shm_dir: Path, tmp_path: Path, spawn: Any, external: bool) -> None:
+    """No copy in /dev/shm: the segment records where each initializer lies in the model's files,
+    every process maps them (page cache, one copy) and ORT reads them there for its optimizers."""
+    path = _saved(onnx_mlp(64, width=1024), tmp_path, external=external)
+    x = onnx_input(1024)
+    expected = OnnxCodec().private_session(onnx.load(path)).run(None, {"x": x})[0]
+    shared = SharedModel.from_onnx(path, key="mapped-onnx")
+    run = run_shared(spawn, shm_dir, "onnxruntime", _workers.onnx_use_worker, shared, x, n=3)
+    weights = 64 * MiB
+    print(run.report(weights), f"; segments {run.segment_bytes / MiB:.2f} MiB")
+    for out in run.outputs:
+        np.testing.assert_array_equal(out, expected)
+    assert run.segment_bytes < MiB, "the weights were copied into tmpfs"
+    assert run.in_segments == pytest.approx(weights, rel=0.05), run.report(weights)  # the file's pages, once
+    private = (run.total_pss - run.bare_pss - run.in_segments) / len(run.outputs)
+    assert private < weights / 4, f"{private / MiB:.0f} MiB private per process: " + run.report(weights)
+
+
+def _typed_fields(model: Any) -> Any:
+    """``model`` with one large initializer in ``float_data`` (not raw bytes): it cannot stay in the file."""
+    first = model.graph.initializer[0]
+    values = numpy_helper.to_array(first)
+    first.ClearField("raw_data")
+    first.float_data.extend(values.ravel().tolist())
+    return model
+
+
+@pytest.mark.parametrize("case, mapped", [
+    ("read-only", True), ("writable", False), ("writable, map_files=True", True), ("map_files=False", False),
+    ("one initializer in typed fields", False), ('prepack="shared"', False)])
+def test_which_onnx_files_stay_mapped(shm_dir: Path, tmp_path: Path, case: str, mapped: bool) -> None:
+    """All or nothing: ORT reads external data from one directory, so one buffer that must be copied
+    (typed fields; packed layouts, which live in the segment) means every buffer is copied."""
+    from modelshare._host.inventory import list_segments
+
+    model = _typed_fields(onnx_mlp(4, width=512)) if "typed" in case else onnx_mlp(4, width=512)
+    path = _saved(model, tmp_path, external=True, read_only="writable" not in case)
+    map_files = True if "map_files=True" in case else False if "map_files=False" in case else None
+    prepack = "shared" if "prepack" in case else False
+    x = onnx_input(512)
+    expected = OnnxCodec(prepack=prepack is not False).private_session(onnx.load(path)).run(None, {"x": x})[0]
+    shared = SharedModel.from_onnx(path, share=Processes(map_files=map_files), prepack=prepack)
+    with shared.use() as session:
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+        (info,) = list_segments(shm_dir)
+        assert bool(info.files) == mapped, info.files
+        assert (memory.segment_bytes(shm_dir) < MiB) == mapped
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=graphs(), external=st.sampled_from([None, 0, 64]))
+def test_a_mapped_model_file_gives_the_outputs_of_a_private_session(case: Any, external: Any,
+                                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Constant folding (the bfloat16 table's Cast) reads the initializers from the user's files."""
+
+    model, feeds = case
+    expected = OnnxCodec().private_session(model).run(None, feeds)[0]
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    onnx.save(model, path, save_as_external_data=external is not None, location="model.data",
+              size_threshold=external or 0)
+    directory = tmp_path_factory.mktemp("segments")
+    shared = SharedModel.from_onnx(path, share=Processes(map_files=True), directory=directory)
+    with shared.use() as session:
+        np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+
+
+class _ReplacedWhileDecoding(OnnxCodec):
+    """Replaces the model's external data (renamed over, as a deploy does) right before the first
+    decode: what another process does between this one mapping the file and ORT reopening it."""
+
+    def __init__(self, data: Path, new_data: Path) -> None:
+        super().__init__()
+        self.data, self.new_data = data, new_data
+
+    def decode(self, skeleton: memoryview, buffers: Any) -> Any:
+        if self.new_data.exists():
+            os.replace(self.new_data, self.data)
+        return super().decode(skeleton, buffers)
+
+
+def test_a_weights_file_replaced_while_a_session_is_made_is_loaded_anew(shm_dir: Path, tmp_path: Path) -> None:
+    """ORT reopens the weights file by its path: a file replaced since it was mapped would feed its
+    optimizers other bytes than the kernels compute on. The hold sees the path changed, lets the
+    stale segment go, and serves the file's current weights."""
+    from modelshare._model_source import FileOrBytes
+    from modelshare.codecs.onnx import load_onnx_bytes, load_onnx_file
+
+    path = _saved(onnx_mlp(4, width=512, seed=1), tmp_path, external=True, read_only=False)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    _saved(onnx_mlp(4, width=512, seed=2), staging, external=True, read_only=False)
+    x = onnx_input(512)
+    expected = OnnxCodec().private_session(onnx.load(staging / "model.onnx")).run(None, {"x": x})[0]
+    codec = _ReplacedWhileDecoding(tmp_path / "model.data", staging / "model.data")
+    shared = SharedModel(FileOrBytes(path, "ONNX model", load_onnx_file, load_onnx_bytes), key="replaced",
+                         codec=codec, share=Processes(map_files=True), version="1")
+    with shared.use() as session:
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelshare import InvalidKeyError
-from modelshare._host.directory import SegmentName, parse, scan, temporary_beside
+from modelshare._host.directory import SegmentName, parse, scan
 
 
 @pytest.mark.parametrize("key", ["m", "a.seg.tmp-1", "x-", "v1.2=+_", "a.lock", "k" * 128])
@@ -22,7 +22,6 @@ def test_every_file_of_a_model_version_reads_back_as_that_version(tmp_path: Path
     for owner, suffix in (("copy0", ".srv"), ("copy12", ".sock"), ("gpu-0a1b2c3d4e5f", ".gpu"), ("copy1", ".start")):
         entry = parse(tmp_path, name.owner_path(owner, suffix).name)
         assert entry is not None and (entry.kind, entry.owner, entry.owner_kind) == ("owner", owner, suffix)
-    assert parse(tmp_path, temporary_beside(name.seg_path, "onnx").name).kind == "temporary"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("foreign", ["poetry.lock", "yarn.lock", "labels_0001.seg", "Cargo.lock", "notes.txt",
