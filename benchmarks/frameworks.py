@@ -46,6 +46,10 @@ class Framework:
     def equal(self, a: Any, b: Any) -> bool:
         return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
+    def files(self, path: Path) -> list[Path]:
+        """The files ``save`` wrote for ``path``: the model, and what it reads beside it."""
+        return [path]
+
 
 def _pickle_save(model: Any, path: Path) -> None:
     with open(path, "wb") as f:
@@ -100,16 +104,30 @@ def _torch_call(model: Any, x: Any) -> Any:
         return model(x).numpy()
 
 
+def _onnx_data(path: Path) -> Path:
+    return path.with_name(f"{path.name}.data")
+
+
 def _onnx_save(model: Any, path: Path) -> None:
+    """The weights as external data beside the model (what large models ship as, and what ORT maps)."""
     import onnx
 
-    onnx.save(model, path)
+    onnx.save(model, path, save_as_external_data=True, location=_onnx_data(path).name, size_threshold=1024)
 
 
 def _onnx_load(path: Path) -> Any:
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _onnx_mapped_load(path: Path) -> Any:
+    """ORT's own mapping: with prepacking off, a session computes on its external data's mapped pages."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _onnx_call(session: Any, x: Any) -> Any:
@@ -125,7 +143,11 @@ class _OnnxFramework(Framework):
     prepack: Union[bool, str] = False
 
     def shared(self, path: Path, key: str, directory: Path, share: str = "processes") -> SharedModel[Any]:
-        return SharedModel.from_onnx(path, key=key, directory=directory, prepack=self.prepack, share=share)
+        mode = Processes(map_files=True) if share == "mapped" else share
+        return SharedModel.from_onnx(path, key=key, directory=directory, prepack=self.prepack, share=mode)
+
+    def files(self, path: Path) -> list[Path]:
+        return [path, _onnx_data(path)]
 
     def equal(self, a: Any, b: Any) -> bool:
         return bool(np.allclose(a, b, rtol=1e-5, atol=1e-6))
@@ -137,7 +159,7 @@ FRAMEWORKS: dict[str, Framework] = {
     "torch": Framework("torch", models.torch_mlp, _torch_save, _torch_load, _torch_call, models.torch_input,
                        "torch", _torch_lean_load),
     "onnx": _OnnxFramework("onnx", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call, models.onnx_input,
-                           "onnxruntime"),
+                           "onnxruntime", _onnx_mapped_load),
     "onnx-prepack": _OnnxFramework("onnx-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,
                                    models.onnx_input, "onnxruntime", prepack=True),
     "onnx-shared-prepack": _OnnxFramework("onnx-shared-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,

@@ -18,7 +18,8 @@ way RunInference uses them:
   the lean load mapped stay in the saved file (a file-backed segment): the page cache is the one
   copy, as for ``mmap-file``, with modelshare's load-once, lifetime and budget;
 * ``mmap-file``: the peer where it applies -- every process maps the saved file itself
-  (``torch.load(mmap=True)``, ``joblib.load(mmap_mode="r")``): the page cache is the one copy,
+  (``torch.load(mmap=True)``, ``joblib.load(mmap_mode="r")``, an ONNX Runtime session over
+  external data with prepacking off): the page cache is the one copy,
   charged to the cgroup that first reads it (the suite evicts the file first), reclaimable under
   the limit and read again from disk when needed; its processes share the cores out as
   modelshare's do (cores / processes threads each);
@@ -292,7 +293,8 @@ LABELS: dict[str, str] = {
     "modelshare": "modelshare (`share=\"processes\"`)",
     "modelshare-threads": "modelshare (`share=\"threads\"`)",
     "modelshare-mapped": "modelshare, weights left in the file (`Processes(map_files=True)`)",
-    "mmap-file": "the file memory-mapped in every process (`torch.load(mmap=True)`, joblib `mmap_mode`)",
+    "mmap-file": ("the file memory-mapped in every process (`torch.load(mmap=True)`, joblib `mmap_mode`, "
+                  "ORT external data)"),
     "ray-object-store": "Ray's object store (`ray.put` state dict, rebuilt in each process)",
     "beam-model-copies": "Beam's `model_copies=N` (N `MultiProcessShared`)",
     "modelshare-server": "modelshare (`share=Server(copies=N)`)",

@@ -95,17 +95,18 @@ def prepare_model(framework_name: str, size_mib: int, folder: Path) -> PreparedM
     model = framework.load(path)
     reference = np.asarray(framework.call(model, framework.sample()))
     del model
-    return PreparedModel(framework_name, path, path.stat().st_size, reference)
+    return PreparedModel(framework_name, path, sum(f.stat().st_size for f in framework.files(path)), reference)
 
 
-def _drop_page_cache(path: Path) -> None:
-    """Evict the model file from the page cache, so that every run reads it (and is charged for it) anew."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def _drop_page_cache(paths: list[Path]) -> None:
+    """Evict the model's files from the page cache, so that every run reads them (and is charged for them) anew."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def bare_worker_bytes(framework_name: str, use_cgroup: bool) -> int:
@@ -168,7 +169,7 @@ def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: 
     segment_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir="/dev/shm"))
     cgroup = _try_cgroup(f"{approach}-{processes}", limit) if use_cgroup else None
     result.limit_enforced = cgroup is not None
-    _drop_page_cache(model.path)
+    _drop_page_cache(FRAMEWORKS[model.framework].files(model.path))
     for i in range(scenario.keyed_models if scenario.keyed_models > 1 else 0):  # keyed models: one file each
         keyed = Path(f"{model.path}.k{i}")
         if not keyed.exists():
