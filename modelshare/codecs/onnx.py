@@ -28,7 +28,9 @@ model); overriding initializers whose external data is a dummy file is zero-copy
 constant folding read the dummy (wrong outputs, caught by the property tests).
 
 Attaching processes never import the ``onnx`` package (~10 MiB per process): the skeleton's
-file name and offsets are fixed-width placeholders, patched as bytes.
+file name and offsets are fixed-width placeholders, patched as bytes. Nor does a process that
+publishes a model file: it is split at the protobuf wire level (``_onnx_file``), unless an
+initializer holds typed data fields that only ``onnx`` converts, or ``prepack="shared"``.
 
 Prepacking: ORT's CPU kernels may repack a constant weight into a kernel-friendly layout at
 session creation. ``prepack=False`` (the default) turns it off (``session.disable_prepacking``):
@@ -59,6 +61,7 @@ import onnxruntime as ort
 from .._host.heap import reclaim_heap
 from ..errors import EncodeError
 from . import Codec, Encoded
+from ._onnx_file import FileInitializer, MappedOnnxModel
 from ._onnx_prepacked import PrepackedOnnxModel, format_prepacked, prepack_once
 
 __all__ = ["OnnxCodec", "Prepack", "session_options_dict"]
@@ -185,8 +188,6 @@ def load_onnx_file(path: Path) -> Any:
     """The model in an ONNX file, its weights left in the file's pages until they are encoded
     (``_onnx_file``); external data beside it included. A file the wire-level reader cannot take
     is loaded whole with ``onnx.load``."""
-    from ._onnx_file import MappedOnnxModel
-
     try:
         return MappedOnnxModel(path)
     except (ValueError, IndexError, OSError):
@@ -205,8 +206,6 @@ def load_onnx_bytes(data: bytes) -> Any:
 def _model_proto(model: Any) -> Any:
     """The ``onnx.ModelProto`` of ``model`` (a ModelProto, or a file read by ``load_onnx_file``)."""
     import onnx
-
-    from ._onnx_file import MappedOnnxModel
 
     proto = model.proto if isinstance(model, (MappedOnnxModel, PrepackedOnnxModel)) else model
     if not isinstance(proto, onnx.ModelProto):
@@ -262,6 +261,9 @@ class OnnxCodec(Codec):
             model = prepack_once(model, _saved_for_ort, _build_session_options(self.session_options, True),
                                  {"session.optimized_model_external_initializers_min_size_in_bytes":
                                   str(self.min_shared_bytes)})
+        elif isinstance(model, MappedOnnxModel) and not any(i.typed and i.data_type in _ELEMENT_TYPES
+                                                             for i in model.initializers):
+            return self._encode_file(model)
         proto = _model_proto(model)
         packed_layouts = model.packed_layouts if isinstance(model, PrepackedOnnxModel) else lambda tensor: []
         encoded = Encoded(b"", [], [], views="copy-on-write")
@@ -291,6 +293,27 @@ class OnnxCodec(Codec):
                 entry.key, entry.value = f"prepacked_{number}", format_prepacked(key, placed)
         packed = isinstance(model, PrepackedOnnxModel)
         encoded.skeleton = pickle.dumps((proto.SerializeToString(), specs, packed), protocol=5)
+        return encoded
+
+    def _encode_file(self, model: MappedOnnxModel) -> Encoded:
+        """A model file split at the wire level: the same split as a ModelProto's, without the ``onnx``
+        package (half a second to import, cold, before a first inference) or a parse of the model."""
+        encoded = Encoded(b"", [], [], views="copy-on-write")
+        specs: list[Optional[tuple[str, int, list[int]]]] = []
+
+        def place(tensor: FileInitializer) -> bytes:
+            data = tensor.data
+            if data is None or tensor.data_type not in _ELEMENT_TYPES or data.nbytes < self.min_shared_bytes:
+                return tensor.embedded()
+            index = len(encoded.buffers)
+            specs.append((tensor.name, tensor.data_type, list(tensor.dims)))
+            encoded.buffers.append(data)
+            encoded.buffer_info.append({"initializer": tensor.name, "dims": list(tensor.dims),
+                                        "data_type": tensor.data_type})
+            return tensor.elsewhere(_placeholder("location", index, _LOCATION_WIDTH),
+                                    _placeholder("offset", index, _OFFSET_WIDTH), data.nbytes)
+
+        encoded.skeleton = pickle.dumps((model.rewrite(place), specs, False), protocol=5)
         return encoded
 
     def maps_files(self, files: Sequence[Optional[Path]]) -> bool:
@@ -362,6 +385,9 @@ class OnnxCodec(Codec):
     def estimate(self, model: Any) -> int:
         """The model's bytes; with ``prepack="shared"`` twice its weights (packed layouts take about
         what they pack: an estimate, the exact size is known once ORT has packed)."""
+        if isinstance(model, MappedOnnxModel):
+            weights = sum(len(i.data) for i in model.initializers if i.data is not None)
+            return model.nbytes + (weights if self.prepack == "shared" else 0)
         proto = _model_proto(model)
         in_file = sum(len(view) for view in map(getattr(model, "initializer_bytes", lambda t: None),
                                                 proto.graph.initializer) if view is not None)

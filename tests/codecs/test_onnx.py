@@ -205,6 +205,56 @@ def test_attaching_processes_do_not_import_onnx(shm_dir: Path, tmp_path: Path) -
     assert out.stdout.decode().strip() == "False"
 
 
+def test_publishing_a_model_file_does_not_import_onnx(shm_dir: Path, tmp_path: Path) -> None:
+    """The publisher splits a file at the wire level: ``import onnx`` (half a second cold, ~10 MiB)
+    would come before every first inference of a freshly started worker."""
+    import subprocess
+    import sys
+
+    for external in (False, True):
+        path = tmp_path / f"m{int(external)}.onnx"
+        onnx.save(onnx_mlp(4, width=256), path, save_as_external_data=external, location=f"m{int(external)}.data")
+        code = ("import sys; import numpy as np; from modelshare import SharedModel; "
+                f"m = SharedModel.from_onnx({str(path)!r}); s = m.acquire(); "
+                "assert m.hold_info().loaded_here; s.run(None, {'x': np.ones((1, 256), np.float32)}); "
+                "print('onnx' in sys.modules); m.release(s)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "MODELSHARE_DIR": str(shm_dir)})
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout.decode().strip() == "False", f"external={external}: the publisher imported onnx"
+
+
+def test_typed_and_string_initializers_in_a_model_file(tmp_path: Path) -> None:
+    """Initializers whose data are typed fields (``float_data``) take the proto path, and strings stay
+    in the skeleton: both give a private session's outputs, the large raw weight still shared."""
+    from modelshare.codecs.onnx import load_onnx_file
+
+    rng = np.random.default_rng(5)
+    weight = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    typed_bias = helper.make_tensor("b", TensorProto.FLOAT, [64], rng.standard_normal(64).tolist())
+    labels = helper.make_tensor("labels", TensorProto.STRING, [2], [b"no", b"yes"])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"]),
+         helper.make_node("Identity", ["labels"], ["names"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64]),
+         helper.make_tensor_value_info("names", TensorProto.STRING, [2])], [weight, typed_bias, labels])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = {"x": rng.standard_normal((3, 64)).astype(np.float32)}
+    expected = OnnxCodec().private_session(model).run(None, feeds)
+    for typed in (True, False):
+        if not typed:
+            model.graph.initializer[1].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(typed_bias), "b"))
+        path = tmp_path / f"typed{int(typed)}.onnx"
+        onnx.save(model, path)
+        session, mapping = roundtrip(load_onnx_file(path), tmp_path / f"seg{int(typed)}", OnnxCodec(min_shared_bytes=0))
+        got = session.run(None, feeds)
+        np.testing.assert_array_equal(got[0], expected[0])
+        assert list(got[1]) == list(expected[1])
+        assert len(mapping.buffers) == 2, f"typed={typed}: the weight and the bias are shared, the strings not"
+
+
 def test_shared_prepacking_runs_packed_kernels_over_one_copy_for_four_processes(shm_dir: Path, tmp_path: Path,
                                                                                  spawn) -> None:
     """prepack="shared": the layouts ORT packs are made once and mapped by every process -- outputs
