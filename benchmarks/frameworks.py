@@ -13,13 +13,14 @@ import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 
-from modelshare import Processes, SharedModel
-
 from . import models
+
+if TYPE_CHECKING:  # imported where used: a peer's worker process never imports modelshare
+    from modelshare import SharedModel
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Framework:
         """modelshare loading the same file, once per machine (or per process, ``share="threads"``, with
         the framework's own load: a memory-mapped model would share the file's pages by itself);
         ``share="mapped"``: once per machine, the weights left in the file (``map_files=True``)."""
+        from modelshare import Processes, SharedModel
+
         load = self.lean_load if share in ("processes", "mapped") and self.lean_load else self.load
         mode = Processes(map_files=True) if share == "mapped" else share
         return SharedModel(functools.partial(load, path), key=key, directory=directory, version=str(path), share=mode)
@@ -143,6 +146,8 @@ class _OnnxFramework(Framework):
     prepack: Union[bool, str] = False
 
     def shared(self, path: Path, key: str, directory: Path, share: str = "processes") -> SharedModel[Any]:
+        from modelshare import Processes, SharedModel
+
         mode = Processes(map_files=True) if share == "mapped" else share
         return SharedModel.from_onnx(path, key=key, directory=directory, prepack=self.prepack, share=mode)
 

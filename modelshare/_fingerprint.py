@@ -31,8 +31,6 @@ import types
 import warnings
 from typing import Any, Callable, Optional
 
-import cloudpickle
-
 _SIMPLE = (str, bytes, int, float, complex, bool, type(None))
 
 
@@ -124,6 +122,8 @@ def _value_digest(value: Any, seen: set[int]) -> bytes:
 
 
 def _feed_pickled(digest: "hashlib._Hash", value: Any) -> None:
+    import cloudpickle  # here: not a cost of importing modelshare
+
     try:
         _feed(digest, cloudpickle.dumps(value, protocol=5))
     except Exception as exc:  # unpicklable: fall back to the type, and say so

@@ -48,13 +48,11 @@ import functools
 import itertools
 import os
 import random
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-from modelshare import Server, SharedModel
-from modelshare.threads import ThreadShare
 
 from ..frameworks import FRAMEWORKS
 
@@ -125,6 +123,8 @@ def beam_multi_process_shared(spec: RunSpec) -> Infer:
 
 
 def _modelshare(share: str, spec: RunSpec) -> Infer:
+    from modelshare.threads import ThreadShare  # here: a peer's worker never imports modelshare
+
     framework = FRAMEWORKS[spec.framework]
 
     shared = _once_per_process(f"modelshare-{share}", lambda: framework.shared(
@@ -153,14 +153,21 @@ def _cores_shared_out(spec: RunSpec, model: Any) -> Infer:
     """Calls on ``model`` with this process's share of the cores (cores / processes threads): a peer
     shares them out as modelshare does, so that the two differ in memory, not in threads."""
     framework = FRAMEWORKS[spec.framework]
-    threads = _once_per_process("peer-thread-share", lambda: ThreadShare(max(1, (os.cpu_count() or 1)
-                                                                              // spec.processes)))
+    _once_per_process("peer-thread-share", lambda: _share_cores(max(1, (os.cpu_count() or 1) // spec.processes)))
+    return lambda _, x: framework.call(model, x)
 
-    def infer(_: int, x: Any) -> Any:
-        threads.apply(None)
-        return framework.call(model, x)
 
-    return infer
+def _share_cores(threads: int) -> None:
+    """What ``ThreadShare`` sets (PyTorch's intra-op pool, the BLAS pools), without importing
+    modelshare: a peer's process pays for nothing of ours, its memory included."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=threads)
 
 
 def ray_object_store(spec: RunSpec) -> Infer:
@@ -203,6 +210,8 @@ def beam_model_copies(spec: RunSpec) -> Infer:
 
 
 def modelshare_server(spec: RunSpec) -> Infer:
+    from modelshare import Server, SharedModel
+
     framework = FRAMEWORKS[spec.framework]
     shared = _once_per_process("modelshare-server", lambda: SharedModel(
         functools.partial(framework.load, Path(spec.model_path)), key=spec.key, share=Server(copies=spec.copies),
@@ -240,7 +249,7 @@ def beam_keyed_hint(spec: RunSpec) -> Infer:
 
 
 def modelshare_router(spec: RunSpec) -> Infer:
-    from modelshare import Budget, ModelRouter
+    from modelshare import Budget, ModelRouter, SharedModel
 
     framework = FRAMEWORKS[spec.framework]
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import psutil
-
 from .._host.inventory import list_segments
 from .._host.trust import open_own, read_own
 
@@ -64,6 +62,8 @@ class Reservation:
     def alive(self) -> bool:
         """Whether the process that made it still runs: the same process (not a reused pid), and
         not a zombie -- an exited worker its parent has not reaped yet holds no load."""
+        import psutil  # here: not a cost of importing modelshare
+
         try:
             process = psutil.Process(self.pid)
             return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - self.started) < 1.0
@@ -72,6 +72,8 @@ class Reservation:
 
 
 def _start_time(pid: int) -> float:
+    import psutil
+
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:

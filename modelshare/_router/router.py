@@ -50,8 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
-import psutil
-
 from .._host import counts
 from .._host.directory import SegmentName, default_directory
 from .._host.heap import reclaim_heap
@@ -334,6 +332,8 @@ class ModelRouter:
         held = self._held(state, exclude)
         last_used = {stem: record.last_used for stem, record in state.models.items()}
         in_use = {stem for stem in state.live_reservations() if stem != exclude}
+        import psutil  # here: not a cost of importing modelshare
+
         while True:
             available = psutil.virtual_memory().available
             plan = admission.plan(size, held, in_use, last_used, self.budget.host, available, best_effort=best_effort)

@@ -193,3 +193,19 @@ def test_forests_study_finds_what_shares_a_forest() -> None:
     assert all(row["right"] for row in rows.values()), rows
     assert rows["modelshare-server"]["pss_mib"] < rows["private"]["pss_mib"]
     assert rows["modelshare-server"]["gained_mib"] < rows["private"]["gained_mib"] / 4
+
+
+@pytest.mark.parametrize("framework", ["torch", "onnx", "sklearn"])
+def test_a_peers_worker_never_imports_modelshare(framework: str, tmp_path: Path) -> None:
+    """A peer's process pays for nothing of modelshare's (its import is ~6 MiB per process): a
+    worker running the memory-mapped file must not have imported it."""
+    model = prepare_model(framework, 1, tmp_path)
+    code = ("import sys, time; from benchmarks.suite.approaches import APPROACHES, RunSpec; "
+            "from benchmarks.frameworks import FRAMEWORKS; "
+            f"spec = RunSpec({framework!r}, {str(model.path)!r}, 'mmap-file', 1, 1, 'k', {str(tmp_path)!r}, "
+            f"{str(tmp_path)!r}, time.time(), processes=2); "
+            f"APPROACHES['mmap-file'](spec)(0, FRAMEWORKS[{framework!r}].sample()); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'modelshare'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
