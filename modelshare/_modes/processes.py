@@ -111,8 +111,8 @@ class Processes(Mode):
         try:
             handle, published = open_or_publish(
                 shared.segment_name, lambda: _produce(shared, self.map_files, directory), timeout=shared.timeout)
-            if published:
-                reclaim_heap()
+            if published:  # the loader's garbage is young: a full collection would delay the first call
+                reclaim_heap(generation=1)
             elif _adopted(handle) and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
                 return self.hold(shared)
             model, buffers, new_instance = self._decode(shared, handle, verify=self.verify and not published)
