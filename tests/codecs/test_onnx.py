@@ -79,6 +79,17 @@ def test_any_graph_gives_the_outputs_of_a_private_session(case: Any, min_shared:
         assert len(mapping.buffers) == len({t.name for t in model.graph.initializer})
 
 
+def _graph_in_a_file(case: Any, external: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    """``case``'s model saved to a file -- ``external``: None = weights inside the .onnx; else external
+    data for initializers of that many bytes and up -- with its feeds and a private session's output."""
+    model, feeds = case
+    expected = OnnxCodec().private_session(model).run(None, feeds)[0]
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    onnx.save(model, path, save_as_external_data=external is not None, location="model.data",
+              size_threshold=external or 0)
+    return path, feeds, expected
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=graphs(), external=st.sampled_from([None, 0, 64]), min_shared=st.sampled_from([0, 16, 1024]))
 def test_a_model_file_read_at_the_wire_level_gives_the_same_outputs(case: Any, external: Any, min_shared: int,
@@ -86,12 +97,7 @@ def test_a_model_file_read_at_the_wire_level_gives_the_same_outputs(case: Any, e
     from modelshare.codecs._onnx_file import MappedOnnxModel
     from modelshare.codecs.onnx import load_onnx_file
 
-    model, feeds = case
-    expected = OnnxCodec().private_session(model).run(None, feeds)[0]
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    # external: None = weights inside the .onnx; else external data for initializers of that many bytes and up
-    onnx.save(model, path, save_as_external_data=external is not None, location="model.data",
-              size_threshold=external or 0)
+    path, feeds, expected = _graph_in_a_file(case, external, tmp_path_factory)
     loaded = load_onnx_file(path)
     assert isinstance(loaded, MappedOnnxModel)
     # the segment lives in another directory than the model: nothing may still point at the model's files
@@ -383,11 +389,7 @@ def test_a_mapped_model_file_gives_the_outputs_of_a_private_session(case: Any, e
                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
     """Constant folding (the bfloat16 table's Cast) reads the initializers from the user's files."""
 
-    model, feeds = case
-    expected = OnnxCodec().private_session(model).run(None, feeds)[0]
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    onnx.save(model, path, save_as_external_data=external is not None, location="model.data",
-              size_threshold=external or 0)
+    path, feeds, expected = _graph_in_a_file(case, external, tmp_path_factory)
     directory = tmp_path_factory.mktemp("segments")
     shared = SharedModel.from_onnx(path, share=Processes(map_files=True), directory=directory)
     with shared.use() as session:
