@@ -84,3 +84,41 @@ def test_a_fork_start_child_releases_at_exit_what_it_inherited(shm_dir: Path) ->
     child.join(60)
     assert child.exitcode == 0
     assert leftovers(shm_dir) == [], "the child's exit hook was the last release: it unlinked the segment"
+
+
+_IMPORTED_FIRST = """
+import sys
+import numpy as np
+from modelshare import SharedModel
+assert "multiprocessing" not in sys.modules, "importing modelshare imported multiprocessing"
+shared = SharedModel(lambda: np.ones(1 << 20), key="late")
+model = shared.acquire()
+import multiprocessing  # after modelshare: the exit hook is installed at the first fork
+
+fork = multiprocessing.get_context("fork")
+ready, done = fork.Event(), fork.Event()
+child = fork.Process(target=lambda: (ready.set(), done.wait(60)))
+child.start()
+shared.release(model)
+del model
+assert ready.wait(60) and shared.holders() == [child.pid], shared.holders()
+done.set()
+child.join(60)
+assert child.exitcode == 0
+print(shared.segment_name.seg_path.exists())
+"""
+
+
+def test_multiprocessing_imported_after_modelshare_still_releases_at_a_childs_exit(shm_dir: Path) -> None:
+    """modelshare does not import multiprocessing (~1.7 MiB a process with what it pulls in); a
+    fork-start child of a program that imports it later still releases what it inherited at exit."""
+    import subprocess
+    import sys
+
+    from .support import ROOT
+
+    out = subprocess.run([sys.executable, "-c", _IMPORTED_FIRST], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env={**os.environ, "MODELSHARE_DIR": str(shm_dir)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False", "the child's exit hook did not release: the segment is still there"
+    assert leftovers(shm_dir) == []
