@@ -144,21 +144,17 @@ class MappedOnnxModel:
         self.path = Path(path)
         self._maps: dict[Path, mmap.mmap] = {self.path: _map_file(self.path)}
         self.initializers: list[FileInitializer] = []
-        for start, end in self._initializer_ranges():
-            self.initializers.append(self._read_initializer(memoryview(self._maps[self.path]), start, end))
+
+        def read(start: int, end: int) -> bytes:
+            tensor = self._read_initializer(memoryview(self._maps[self.path]), start, end)
+            self.initializers.append(tensor)
+            return tensor.kept + tensor.external
+
+        self.skeleton = self._replace_initializers(read)  # the model without its raw_data
         names = [i.name for i in self.initializers]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.path} names an initializer twice")
         self._by_name = {i.name: i for i in self.initializers}
-        self.skeleton = self.rewrite(lambda i: i.kept + i.external)  # the model without its raw_data
-
-    def _initializer_ranges(self) -> Iterator[tuple[int, int]]:
-        buf = memoryview(self._maps[self.path])
-        for field, wire, _, value_start, value_end in _fields(buf, 0, len(buf)):
-            if field == _MODEL_GRAPH and wire == _LEN:
-                for g_field, g_wire, _, g_start, g_end in _fields(buf, value_start, value_end):
-                    if g_field == _GRAPH_INITIALIZER and g_wire == _LEN:
-                        yield g_start, g_end
 
     def _read_initializer(self, buf: memoryview, start: int, end: int) -> FileInitializer:
         kept, external = bytearray(), bytearray()
@@ -205,25 +201,35 @@ class MappedOnnxModel:
 
     def rewrite(self, tensor: Callable[[FileInitializer], bytes]) -> bytes:
         """The serialized model with each top-level initializer's bytes replaced by ``tensor(it)``."""
-        buf = memoryview(self._maps[self.path])
         initializers = iter(self.initializers)
+        return self._replace_initializers(lambda start, end: tensor(next(initializers)))
+
+    def _replace_initializers(self, tensor: Callable[[int, int], bytes]) -> bytes:
+        """The model file with each top-level initializer -- the bytes [start, end) -- replaced by
+        ``tensor(start, end)``, everything else as it is."""
+        buf = memoryview(self._maps[self.path])
         model = bytearray()
         for field, wire, field_start, value_start, value_end in _fields(buf, 0, len(buf)):
             if field != _MODEL_GRAPH or wire != _LEN:
                 model += buf[field_start:value_end]
                 continue
             graph = bytearray()
-            for g_field, g_wire, g_start, _, g_end in _fields(buf, value_start, value_end):
+            for g_field, g_wire, g_start, g_value_start, g_end in _fields(buf, value_start, value_end):
                 is_initializer = g_field == _GRAPH_INITIALIZER and g_wire == _LEN
-                graph += _length_delimited(_GRAPH_INITIALIZER, tensor(next(initializers))) if is_initializer \
+                graph += _length_delimited(_GRAPH_INITIALIZER, tensor(g_value_start, g_end)) if is_initializer \
                     else buf[g_start:g_end]
             model += _length_delimited(_MODEL_GRAPH, bytes(graph))
         return bytes(model)
 
     @property
+    def weights_nbytes(self) -> int:
+        """The bytes of every initializer's data (in the file or in external data)."""
+        return sum(len(i.data) for i in self.initializers if i.data is not None)
+
+    @property
     def nbytes(self) -> int:
         """The model's size: its structure and every initializer's data."""
-        return len(self.skeleton) + sum(len(i.data) for i in self.initializers if i.data is not None)
+        return len(self.skeleton) + self.weights_nbytes
 
     @cached_property
     def proto(self) -> Any:

@@ -386,8 +386,7 @@ class OnnxCodec(Codec):
         """The model's bytes; with ``prepack="shared"`` twice its weights (packed layouts take about
         what they pack: an estimate, the exact size is known once ORT has packed)."""
         if isinstance(model, MappedOnnxModel):
-            weights = sum(len(i.data) for i in model.initializers if i.data is not None)
-            return model.nbytes + (weights if self.prepack == "shared" else 0)
+            return model.nbytes + (model.weights_nbytes if self.prepack == "shared" else 0)
         proto = _model_proto(model)
         in_file = sum(len(view) for view in map(getattr(model, "initializer_bytes", lambda t: None),
                                                 proto.graph.initializer) if view is not None)
