@@ -25,23 +25,30 @@ its spawn children's ``__mp_main__``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 import types
 import warnings
+from pathlib import PurePath
 from typing import Any, Callable, Optional
+
+# BLAKE2b, the one hash modelshare uses, without ``import hashlib``: that loads OpenSSL's libcrypto
+# (0.6 MiB private, ~3 MiB mapped, in every process) for a hash CPython builds in.
+try:
+    from _blake2 import blake2b
+except ImportError:  # a Python built without its own BLAKE2: hashlib's serves
+    from hashlib import blake2b
 
 _SIMPLE = (str, bytes, int, float, complex, bool, type(None))
 
 
 def loader_fingerprint(loader: Callable[[], Any]) -> str:
     """A hex digest that identifies ``loader``'s code and bound values."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = blake2b(digest_size=16)
     _walk.memo = {}
     try:
         _feed_callable(digest, loader, set())
     except RecursionError:  # bound values too deep to walk (a mock, a long linked graph): pickle them whole
-        digest = hashlib.blake2b(digest_size=16)
+        digest = blake2b(digest_size=16)
         _feed(digest, "deep")
         _feed_pickled(digest, loader)
     finally:
@@ -56,7 +63,7 @@ def loader_fingerprint(loader: Callable[[], Any]) -> str:
 _walk = threading.local()
 
 
-def _feed(digest: "hashlib._Hash", *parts: Any) -> None:
+def _feed(digest: "blake2b", *parts: Any) -> None:
     for part in parts:
         data = part if isinstance(part, bytes) else repr(part).encode()
         digest.update(len(data).to_bytes(8, "little"))
@@ -68,7 +75,7 @@ def _module(name: str) -> str:
     return "__main__" if name == "__mp_main__" else name
 
 
-def _feed_value(digest: "hashlib._Hash", value: Any, seen: Optional[set[int]] = None) -> None:
+def _feed_value(digest: "blake2b", value: Any, seen: Optional[set[int]] = None) -> None:
     """``value`` in a canonical form: equal values feed equal bytes in every process."""
     seen = set() if seen is None else seen
     if isinstance(value, _SIMPLE):
@@ -93,9 +100,11 @@ def _feed_value(digest: "hashlib._Hash", value: Any, seen: Optional[set[int]] = 
         _feed(digest, "dict", items)
     elif type(value).__module__ == "numpy" and hasattr(value, "tobytes") and hasattr(value, "dtype"):
         _feed(digest, "ndarray", str(value.dtype), getattr(value, "shape", ()),
-              hashlib.blake2b(value.tobytes(), digest_size=16).digest())
+              blake2b(value.tobytes(), digest_size=16).digest())
     elif isinstance(value, type):
         _feed(digest, "class", _module(value.__module__), value.__qualname__)
+    elif isinstance(value, PurePath):  # the commonest bound value, without loading cloudpickle
+        _feed(digest, kind.__name__, str(value))
     elif _plain_state(value):
         _feed(digest, "object", _module(kind.__module__), kind.__qualname__)
         _feed_value(digest, dict(vars(value)), seen)
@@ -114,14 +123,14 @@ def _value_digest(value: Any, seen: set[int]) -> bytes:
     known = memo.get(id(value))
     if known is not None and known[0] is value:
         return known[1]
-    digest = hashlib.blake2b(digest_size=16)
+    digest = blake2b(digest_size=16)
     _feed_value(digest, value, set(seen))
     if hasattr(_walk, "memo"):
         _walk.memo[id(value)] = (value, digest.digest())
     return digest.digest()
 
 
-def _feed_pickled(digest: "hashlib._Hash", value: Any) -> None:
+def _feed_pickled(digest: "blake2b", value: Any) -> None:
     import cloudpickle  # here: not a cost of importing modelshare
 
     try:
@@ -135,7 +144,7 @@ def _feed_pickled(digest: "hashlib._Hash", value: Any) -> None:
         _feed(digest, "unpicklable", _module(type(value).__module__), type(value).__qualname__)
 
 
-def _feed_code(digest: "hashlib._Hash", code: types.CodeType) -> None:
+def _feed_code(digest: "blake2b", code: types.CodeType) -> None:
     _feed(digest, code.co_code, code.co_names, code.co_varnames, code.co_argcount)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
@@ -146,7 +155,7 @@ def _feed_code(digest: "hashlib._Hash", code: types.CodeType) -> None:
             _feed(digest, type(const).__name__, const)
 
 
-def _feed_function(digest: "hashlib._Hash", func: types.FunctionType, seen: set[int]) -> None:
+def _feed_function(digest: "blake2b", func: types.FunctionType, seen: set[int]) -> None:
     _feed(digest, _module(func.__module__), func.__qualname__)
     _feed_code(digest, func.__code__)
     for value in (func.__defaults__ or ()) + tuple((func.__kwdefaults__ or {}).items()):
@@ -168,7 +177,7 @@ def _feed_function(digest: "hashlib._Hash", func: types.FunctionType, seen: set[
             _feed(digest, global_name, value)
 
 
-def _feed_callable(digest: "hashlib._Hash", loader: Any, seen: set[int]) -> None:
+def _feed_callable(digest: "blake2b", loader: Any, seen: set[int]) -> None:
     if id(loader) in seen:
         return
     seen.add(id(loader))

@@ -17,12 +17,12 @@ Which files: ``SharedModel(watch=[...])``, else the loader's ``files`` attribute
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
+from ._fingerprint import blake2b
 from ._host.directory import make_key
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -54,7 +54,7 @@ class FileOrBytes:
         """The file's stem made key-safe, or ``<prefix>-<hash of the bytes>``."""
         if self.path is not None:
             return make_key(self.path.stem, prefix)
-        return f"{prefix}-{hashlib.blake2b(self.data, digest_size=6).hexdigest()}"
+        return f"{prefix}-{blake2b(self.data, digest_size=6).hexdigest()}"
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -77,7 +77,7 @@ def watched_files(watch: Optional[Iterable[PathLike]], loader: Any) -> tuple[str
 
 def files_identity(paths: Sequence[str]) -> str:
     """A digest of each file's device, inode, size and mtime (symlinks followed), in order."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = blake2b(digest_size=16)
     for path in paths:
         try:
             st = os.stat(path)

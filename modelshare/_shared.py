@@ -48,13 +48,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Optional, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Generic,
+    Iterable,
+    Iterator,
+    Literal,
+    Optional,
+    TypeVar,
+    Union,
+)
 
 from . import _process
-from ._fingerprint import loader_fingerprint
+from ._fingerprint import blake2b, loader_fingerprint
 from ._host.directory import SegmentName, default_directory, validate_key
 from ._model_source import PathLike, files_identity, watched_files
 from ._modes import HoldInfo, Mode
@@ -100,7 +109,7 @@ def _linger(linger: Optional[float]) -> float:
 
 
 def _short_hash(*parts: str) -> str:
-    return hashlib.blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
+    return blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
 
 
 class SharedModel(Generic[M]):

@@ -4,6 +4,7 @@ exception lives, and that process state has one owner (one at-fork hook, one exi
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import subprocess
@@ -29,13 +30,31 @@ for info in pkgutil.walk_packages(modelshare.__path__, "modelshare."):
 """
 
 
-def test_import_modelshare_loads_no_gpu_owner_or_framework_code() -> None:
+def test_import_modelshare_loads_only_the_exceptions() -> None:
+    """A process pays for the code it runs: every public name but the exceptions loads on first use."""
     loaded = json.loads(_python("import json, sys, modelshare; print(json.dumps(sorted(sys.modules)))"))
-    assert not [m for m in loaded if m.startswith(("modelshare._gpu", "modelshare._owners"))]
+    assert [m for m in loaded if m.startswith("modelshare")] == ["modelshare", "modelshare.errors"]
     assert not [m for m in loaded if m.split(".")[0] in ("torch", "onnxruntime", "onnx", "sklearn", "apache_beam")]
     gpu = json.loads(_python("import json, sys, modelshare; modelshare.GpuCopyInfo; "
                              "print(json.dumps(sorted(sys.modules)))"))
     assert "modelshare._gpu.keeper" in gpu, "a GPU name loads the GPU code on first use"
+    assert "modelshare._router.router" not in gpu
+
+
+def test_every_public_name_is_what_type_checkers_are_told() -> None:
+    """The lazy names resolve to the objects the ``TYPE_CHECKING`` imports name, one for one, and
+    ``__all__`` lists exactly those, the two functions and the exceptions."""
+    tree = ast.parse(inspect.getsource(modelshare))
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    told = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom)
+        for alias in node.names:
+            module = importlib.import_module("." * node.level + (node.module or ""), "modelshare")
+            told[alias.asname or alias.name] = getattr(module, alias.name)
+    assert {name: getattr(modelshare, name) for name in told} == told
+    assert set(modelshare.__all__) == {*told, "list_segments", "gc_segments", "errors", *errors.__all__}
+    assert set(modelshare.__all__) <= set(dir(modelshare))
 
 
 def test_the_package_registers_one_at_fork_hook_and_one_exit_hook() -> None:
@@ -93,7 +112,7 @@ def test_beam_adapter_uses_nothing_private_of_modelshare() -> None:
 def test_the_top_level_holds_about_a_dozen_modules() -> None:
     top = sorted(p.name for p in (ROOT / "modelshare").glob("*.py"))
     packages = sorted(p.parent.name for p in (ROOT / "modelshare").glob("*/__init__.py"))
-    assert len(top) <= 13, top
+    assert len(top) <= 14, top
     assert packages == ["_gpu", "_host", "_modes", "_owners", "_router", "codecs"]
 
 

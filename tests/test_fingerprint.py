@@ -34,6 +34,23 @@ def test_closure_partial_and_defaults_count() -> None:
     assert loader_fingerprint(functools.partial(make_mlp, 8)) == loader_fingerprint(functools.partial(make_mlp, 8))
 
 
+def test_bound_paths_count_by_their_text_and_kind() -> None:
+    """Paths (what file loaders are bound to) are fed as their kind and text: the same in every
+    process, and without loading cloudpickle, which pickled them before."""
+    from pathlib import Path, PurePosixPath
+
+    def fingerprint(path: object) -> str:
+        return loader_fingerprint(functools.partial(np.load, path))
+
+    assert fingerprint(Path("/models/a.npy")) == fingerprint(Path("/models/a.npy"))
+    assert fingerprint(Path("/models/a.npy")) != fingerprint(Path("/models/b.npy"))
+    assert fingerprint(Path("/models/a.npy")) != fingerprint(PurePosixPath("/models/a.npy"))
+    code = ("import sys, functools, numpy as np; from pathlib import Path; from modelshare import loader_fingerprint; "
+            "print(loader_fingerprint(functools.partial(np.load, Path('/models/a.npy'))), 'cloudpickle' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
+    assert run.stdout.split() == [fingerprint(Path("/models/a.npy")), "False"]
+
+
 def test_module_constant_counts(monkeypatch) -> None:
     before = loader_fingerprint(load_weights)
     monkeypatch.setattr(sys.modules[__name__], "WEIGHTS", "v2.npz")

@@ -115,3 +115,29 @@ def test_the_library_installs_no_handler() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]", "a library leaves handlers to the application"
+
+
+_UNCONFIGURED = """
+import sys
+from modelshare._log import Log
+Log("modelshare.test").info("an info %s", "nobody could see")
+assert "logging" not in sys.modules, "an INFO record nobody could see imported logging"
+Log("modelshare.test").warning("a warning %s", "without logging configured")  # the last resort prints it
+import logging
+logging.basicConfig(level=logging.INFO, format="%(name)s %(funcName)s:%(lineno)d %(message)s")
+def caller():
+    Log("modelshare.test").info("an info %s", "once logging is configured")
+caller()
+"""
+
+
+def test_info_records_import_logging_only_once_someone_could_see_them() -> None:
+    """``import logging`` costs a worker 0.6 MiB; before a program imports it, no logger can be set
+    to INFO, so an INFO record is dropped without it -- and warnings, and every record once logging is
+    configured, come out as ``logging`` would print them (with the caller's function and line). A
+    worker's acquire logs at INFO: tests/codecs/test_onnx.py checks that it does not load logging."""
+    run = subprocess.run([sys.executable, "-c", _UNCONFIGURED], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    assert lines[0] == "a warning without logging configured", lines
+    assert "modelshare.test caller:10 an info once logging is configured" in lines, lines

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
 
+from .._log import Log
 from ..errors import UntrustedFileError
 from .directory import COUNTS_FILE
 from .trust import foreign_names, open_own
@@ -28,7 +28,7 @@ __all__ = ["EVENTS", "add", "read", "set_budget"]
 
 EVENTS = ("loads", "attaches", "evictions")
 _MAX_BYTES = 64 << 20  # far above 100,000 keys' counts
-_log = logging.getLogger("modelshare")
+_log = Log("modelshare")
 _warned: set[Path] = set()
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -122,7 +121,7 @@ class SegmentName:
         """A fresh name for a segment while it is written (renamed to ``seg_path`` when complete):
         ``<stem>.seg.tmp-<pid>-<hex>``. Whoever next holds the segment's exclusive lock (a publisher,
         ``gc``) removes it if its writer died."""
-        return self.directory / f"{self.stem}{TEMPORARY}{os.getpid()}-{secrets.token_hex(4)}"
+        return self.directory / f"{self.stem}{TEMPORARY}{os.getpid()}-{os.urandom(4).hex()}"
 
     def owner_path(self, owner: str, kind: str) -> Path:
         """The socket (``.sock``), status (``.srv``, ``.gpu``) or start lock (``.start``) of one owner."""

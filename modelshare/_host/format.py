@@ -23,14 +23,13 @@ Every byte that decides how a segment is read is checked each time it is mapped:
 (flags included) and the header by their CRC-32s, the header's shape field by field, and the
 skeleton by its CRC-32 -- a flip anywhere there is a :class:`SegmentCorruptedError`, never a model
 decoded wrong. The buffers (the weights) are checked on demand, ``Mapping.verify()``: each has its
-CRC-32, and the fingerprint (a SHA-256 over the skeleton and each buffer's size and CRC-32) names
+CRC-32, and the fingerprint (a 256-bit BLAKE2b over the skeleton and each buffer's size and CRC-32) names
 the version. The writer fills a temporary file next to the final name and renames it: a reader
 never sees half a segment. Who may write and when is ``segments``' business, not this module's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -40,6 +39,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .._fingerprint import blake2b
 from ..codecs import Encoded, SegmentBuffers
 from ..errors import SegmentCorruptedError, UntrustedFileError
 from .directory import directory_error
@@ -128,7 +128,7 @@ def write_segment(path: Path, temporary: Path, fields: dict[str, Any], encoded: 
             _reserve(fd, data_offset, size, manifest, len(skeleton))
         except OSError as exc:
             raise directory_error(exc, path.parent, size) from exc
-        fingerprint = hashlib.sha256(bytes(skeleton))
+        fingerprint = blake2b(bytes(skeleton), digest_size=32)
         _pwrite_all(fd, skeleton, data_offset)
         for entry, buf in zip(manifest, encoded.buffers):
             if "file" in entry:  # named by the file's identity, not its bytes

@@ -30,10 +30,10 @@ Example::
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
+from .._log import Log
 from ..codecs import Encoded
 from ..errors import AcquireTimeoutError
 from .directory import SegmentName
@@ -43,7 +43,7 @@ from .holds import SegmentHandle
 from .locks import inode, lock_file, lock_holders, same_file
 from .waiting import Deadline
 
-_log = logging.getLogger(__name__)
+_log = Log(__name__)
 
 __all__ = ["open_or_publish", "Produce", "Publication"]
 

@@ -12,7 +12,6 @@ copied once onto GPU N, and every process maps that copy and computes on it (``_
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from .._host.holds import SegmentHandle, forget_lingering, release
 from .._host.locks import lock_holders
 from .._host.segments import Publication, open_or_publish
 from .._host.trust import ensure_directory
+from .._log import Log
 from ..budget import Size, format_size, parse_size
 from ..codecs import SegmentBuffers
 from ..errors import EncodeError, SegmentCorruptedError
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .._host.format import Mapping
     from .._shared import SharedModel
 
-_log = logging.getLogger(__name__)
+_log = Log(__name__)
 
 __all__ = ["Processes", "parse_device"]
 

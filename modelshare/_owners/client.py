@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import logging
 import pickle
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from .._host.waiting import Deadline
+from .._log import Log
 from ..errors import (
     AcquireTimeoutError,
     CallTimeoutError,
@@ -48,7 +48,7 @@ from .wire import Channel
 if TYPE_CHECKING:
     from .._modes.server import Server
 
-_log = logging.getLogger(__name__)
+_log = Log(__name__)
 
 __all__ = ["ServerClient"]
 

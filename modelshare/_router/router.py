@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import os
 import threading
 import time
@@ -58,6 +57,7 @@ from .._host.inventory import evict, segment_sizes
 from .._host.locks import lock_holders, lock_table
 from .._host.trust import ensure_directory
 from .._host.waiting import Deadline
+from .._log import Log
 from .._modes.processes import Processes
 from .._shared import SharedModel
 from ..budget import Budget, Size, format_size, parse_size
@@ -67,7 +67,7 @@ from . import admission
 from .ledger import Ledger, LedgerState, Reservation
 from .membership import join
 
-_log = logging.getLogger(__name__)
+_log = Log(__name__)
 
 __all__ = ["ModelRouter", "KeyStats"]
 

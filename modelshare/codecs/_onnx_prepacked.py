@@ -17,7 +17,6 @@ the segment's buffers, so every session maps the packed weights from the segment
 from __future__ import annotations
 
 import mmap
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -79,6 +78,8 @@ def prepack_once(model: Any, save: Callable[[Any, Path], Path], options: "Any",
                  settings: Mapping[str, str]) -> PrepackedOnnxModel:
     """Have ORT optimize and pack ``model`` once (``save(model, directory)`` gives the file ORT
     reads; ``options``: the session options, prepacking on) and read back what it wrote."""
+    import tempfile  # here: only a publisher that prepacks needs it (and shutil, bz2, lzma with it)
+
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="modelshare-onnx-") as scratch:
