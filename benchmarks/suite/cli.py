@@ -37,6 +37,7 @@ from .run import (
     SCRATCH_PREFIX,
     RunResult,
     bare_worker_bytes,
+    compile_bytecode,
     prepare_model,
     run_one,
     sweep_leftovers,
@@ -84,6 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (cgroups, segments) when terminated
     sweep_leftovers()
+    compile_bytecode()
     scenario = scenarios.get(args.scenario)
     threads = args.threads or scenario.threads
     approaches = [a for a in args.approaches or scenario.approaches if why_not(a, args.framework) is None]
