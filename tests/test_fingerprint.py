@@ -46,8 +46,10 @@ def test_bound_paths_count_by_their_text_and_kind() -> None:
     assert fingerprint(Path("/models/a.npy")) != fingerprint(Path("/models/b.npy"))
     assert fingerprint(Path("/models/a.npy")) != fingerprint(PurePosixPath("/models/a.npy"))
     code = ("import sys, functools, numpy as np; from pathlib import Path; from modelshare import loader_fingerprint; "
-            "print(loader_fingerprint(functools.partial(np.load, Path('/models/a.npy'))), 'cloudpickle' in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
+            "print(loader_fingerprint(functools.partial(np.load, Path('/models/a.npy'))), "
+            "'cloudpickle' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=120)
     assert run.stdout.split() == [fingerprint(Path("/models/a.npy")), "False"]
 
 

@@ -22,13 +22,17 @@ __all__ = ["Deadline"]
 
 
 class Deadline:
-    """``seconds`` from now (None: never); ``sleep()`` waits 1 ms, then twice as long each time, up
-    to ``longest`` seconds, never past the deadline."""
+    """``seconds`` from now (None: never). ``sleep()`` sleeps a twentieth of the time waited so far
+    (1 ms at least, ``longest`` seconds at most, never past the deadline): what a waiter is waiting
+    for is seen at most 5% (or 1 ms) after it happens, at a few dozen tries for a wait of a second
+    and ``1 / longest`` a second after that."""
+
+    LATENESS = 0.05  # of the time waited so far
 
     def __init__(self, seconds: Optional[float], *, longest: float = 0.05) -> None:
         self.seconds = seconds
-        self._end = None if seconds is None else time.monotonic() + seconds
-        self._delay = 0.001
+        self._start = time.monotonic()
+        self._end = None if seconds is None else self._start + seconds
         self._longest = longest
 
     def expired(self) -> bool:
@@ -39,6 +43,6 @@ class Deadline:
         return None if self._end is None else max(0.0, self._end - time.monotonic())
 
     def sleep(self) -> None:
-        remaining = self.remaining()
-        time.sleep(self._delay if remaining is None else min(self._delay, remaining))
-        self._delay = min(self._delay * 2, self._longest)
+        now = time.monotonic()
+        delay = min(max(0.001, (now - self._start) * self.LATENESS), self._longest)
+        time.sleep(delay if self._end is None else max(0.0, min(delay, self._end - now)))
