@@ -6,7 +6,10 @@ default) that happens once, at session creation, into private memory: fast calls
 per process. Off (``prepack=False``, modelshare's default) the kernel packs the weight on every
 call: no private copy, but each call pays for the packing, most at small batches.
 ``prepack="shared"`` puts the layouts ORT packed once into the segment: packed calls over shared
-memory. Each row runs in a fresh process; ``--rounds`` repeats every row, interleaved.
+memory. Each row runs in a fresh process; ``--rounds`` repeats every row, interleaved. Two more
+rows are the mapped file's ground: ORT's own session over the weights as external data with
+prepacking off (the ``mmap-file`` peer), and modelshare leaving the weights in that file
+(``Processes(map_files=True)``): both compute with the unpacked kernels on the file's pages.
 
 Run: ``python -m benchmarks.studies.onnx_prepack [--size-mib 128]``. Prints a Markdown table.
 """
@@ -29,7 +32,7 @@ from ..models import onnx_mlp
 _PROBE = """
 import json, statistics, sys, time, pickle
 from benchmarks.models import onnx_input
-shared, path, batches, calls = pickle.loads(sys.stdin.buffer.read())
+shared, path, batches, calls, peer = pickle.loads(sys.stdin.buffer.read())
 def anon():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon')) / 1024
 import onnxruntime as ort
@@ -37,6 +40,8 @@ before = anon()
 if shared is None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    if peer:  # ORT's own mapping of external data: prepacking off
+        options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 else:
     session = shared.acquire()
@@ -51,7 +56,7 @@ for batch in batches:
 print(json.dumps({'private_mib': anon() - before, 'call_ms': result}))
 """
 
-CHOICES = ("private", False, True, "shared")
+CHOICES = ("private", False, True, "shared", "mapped-peer", "mapped")
 
 
 def measure(size_mib: int, batches: list[int], calls: int = 20, rounds: int = 2) -> dict:
@@ -60,18 +65,27 @@ def measure(size_mib: int, batches: list[int], calls: int = 20, rounds: int = 2)
 
     import onnx
 
+    from modelshare import Processes
+
     runs: dict = {choice: [] for choice in CHOICES}
     with tempfile.TemporaryDirectory() as files, tempfile.TemporaryDirectory(dir="/dev/shm") as segments:
-        path = Path(files) / "mlp.onnx"
-        onnx.save(onnx_mlp(size_mib), path)
+        path, external = Path(files) / "mlp.onnx", Path(files) / "external.onnx"
+        model = onnx_mlp(size_mib)
+        onnx.save(model, path)
+        onnx.save(model, external, save_as_external_data=True, location="external.data", size_threshold=1024)
+        options = {"intra_op_num_threads": 1}
         shared = {choice: SharedModel.from_onnx(path, key=f"prepack-{choice}", directory=segments, prepack=choice,
-                                                session_options={"intra_op_num_threads": 1})
-                  for choice in CHOICES if choice != "private"}
+                                                session_options=options)
+                  for choice in (False, True, "shared")}
+        shared["mapped"] = SharedModel.from_onnx(external, key="mapped", directory=segments, session_options=options,
+                                                 share=Processes(map_files=True))
         holders = {choice: model.acquire() for choice, model in shared.items()}
         for _ in range(rounds):
             for choice in CHOICES:
+                probe = (shared.get(choice), str(external if choice == "mapped-peer" else path), batches, calls,
+                         choice == "mapped-peer")
                 out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, check=True, cwd=ROOT,
-                                     input=pickle.dumps((shared.get(choice), str(path), batches, calls)))
+                                     input=pickle.dumps(probe))
                 runs[choice].append(json.loads(out.stdout.decode().strip().splitlines()[-1]))
         for choice, holder in holders.items():
             shared[choice].release(holder)
@@ -89,7 +103,9 @@ def main() -> None:
     found = measure(args.size_mib, args.batches, rounds=args.rounds)
     print(f"ONNX MLP of {args.size_mib} MiB (2048-wide MatMul layers, one intra-op thread), a fresh process per "
           f"row, medians of {args.rounds} rounds\n")
-    names = {"private": "private session", False: "prepack=False", True: "prepack=True", "shared": 'prepack="shared"'}
+    names = {"private": "private session", False: "prepack=False", True: "prepack=True", "shared": 'prepack="shared"',
+             "mapped-peer": "ORT over external data, prepacking off (the mmap-file peer)",
+             "mapped": "modelshare, weights left in that file (`map_files=True`)"}
     print("| | private MiB per process | " + " | ".join(f"batch {b}: call (x private)" for b in args.batches) + " |")
     print("|---|---|" + "---|" * len(args.batches))
     private = found["private"]["call_ms"]
@@ -97,6 +113,9 @@ def main() -> None:
         row = found[choice]
         cells = [f"{row['call_ms'][b]:.2f} ms ({row['call_ms'][b] / private[b]:.2f}x)" for b in args.batches]
         print(f"| {names[choice]} | {row['private_mib']:.0f} | " + " | ".join(cells) + " |")
+    peer = found["mapped-peer"]["call_ms"]
+    print("\nmodelshare over the mapped file, x the peer: " + ", ".join(
+        f"batch {b} {found['mapped']['call_ms'][b] / peer[b]:.3f}x" for b in args.batches))
 
 
 if __name__ == "__main__":
