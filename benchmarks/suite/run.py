@@ -102,7 +102,7 @@ def compile_bytecode() -> None:
     """Compile the worker code of this checkout (modelshare and the suite) to bytecode, as ``pip
     install`` does for an installed package and for every peer's: an editable install under
     ``PYTHONDONTWRITEBYTECODE`` compiles modelshare from source in every worker otherwise, which
-    measured 50 ms and 1.5 MiB a process -- a cost of this checkout, not of modelshare."""
+    measured 40-60 ms and 1.2 MiB a process -- a cost of this checkout, not of modelshare."""
     import compileall
 
     for package in ("modelshare", "benchmarks"):
