@@ -82,6 +82,45 @@ def _torch_lean_load(path: Path) -> Any:
     return torch.load(path, weights_only=False, mmap=True)
 
 
+def _safetensors_save(model: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), path)
+
+
+def _mlp_on_meta(state: dict[str, Any]) -> Any:
+    """``models.torch_mlp``'s architecture with its parameters unset (on the meta device), its
+    layer shapes read from the state dict -- what a Hugging Face config gives ``from_pretrained``."""
+    import torch
+
+    layers: list[Any] = []
+    with torch.device("meta"):
+        for i in range(sum(key.endswith(".weight") for key in state)):
+            out_features, in_features = state[f"{2 * i}.weight"].shape
+            layers += [torch.nn.Linear(in_features, out_features), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def _safetensors_load(path: Path) -> Any:
+    """The weights copied into a model of their own (``load_state_dict`` into allocated parameters)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    model = _mlp_on_meta(state).to_empty(device="cpu")
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def _safetensors_lean_load(path: Path) -> Any:
+    """The parameters are the mapped file's tensors (``load_file`` maps it; ``assign=True`` keeps them)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    model = _mlp_on_meta(state)
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
+
+
 def _joblib_save(model: Any, path: Path) -> None:
     import joblib
 
@@ -163,6 +202,8 @@ FRAMEWORKS: dict[str, Framework] = {
                        models.sample_input, "numpy"),
     "torch": Framework("torch", models.torch_mlp, _torch_save, _torch_load, _torch_call, models.torch_input,
                        "torch", _torch_lean_load),
+    "safetensors": Framework("safetensors", models.torch_mlp, _safetensors_save, _safetensors_load, _torch_call,
+                             models.torch_input, "safetensors.torch", _safetensors_lean_load),
     "onnx": _OnnxFramework("onnx", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call, models.onnx_input,
                            "onnxruntime", _onnx_mapped_load),
     "onnx-prepack": _OnnxFramework("onnx-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,

@@ -302,7 +302,7 @@ LABELS: dict[str, str] = {
     "modelshare": "modelshare (`share=\"processes\"`)",
     "modelshare-threads": "modelshare (`share=\"threads\"`)",
     "modelshare-mapped": "modelshare, weights left in the file (`Processes(map_files=True)`)",
-    "mmap-file": ("the file memory-mapped in every process (`torch.load(mmap=True)`, joblib `mmap_mode`, "
+    "mmap-file": ("the file memory-mapped in every process (`torch.load(mmap=True)`, safetensors, joblib `mmap_mode`, "
                   "ORT external data)"),
     "ray-object-store": "Ray's object store (`ray.put` state dict, rebuilt in each process)",
     "beam-model-copies": "Beam's `model_copies=N` (N `MultiProcessShared`)",

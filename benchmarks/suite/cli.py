@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", type=int, default=3, choices=scenarios.numbers())
-    parser.add_argument("--framework", default="torch", choices=["torch", "onnx", "sklearn", "numpy"])
+    parser.add_argument("--framework", default="torch", choices=["torch", "safetensors", "onnx", "sklearn", "numpy"])
     parser.add_argument("--size-mib", type=int, default=512, help="model size (default %(default)s)")
     parser.add_argument("--processes", type=int, nargs="+", default=[4],
                         help="worker processes; several values plot peak memory against them (default 4)")

@@ -77,6 +77,18 @@ def test_scenario_3_private_copies_are_oom_killed_modelshare_completes(tmp_path:
 
 
 @needs_cgroup
+def test_safetensors_mapped_by_the_peer_and_left_in_the_file_by_modelshare(tmp_path: Path) -> None:
+    """``load_file`` maps a safetensors file and ``assign=True`` keeps its tensors: the peer. A
+    file-backed segment leaves those weights in the file too, so modelshare holds no copy beside it."""
+    runs = _suite(tmp_path, "--scenario", "3", "--framework", "safetensors", "--size-mib", "96", "--processes", "2",
+                  "--calls", "2", "--approaches", "mmap-file", "modelshare-mapped")
+    mapped, in_file = runs["mmap-file"], runs["modelshare-mapped"]
+    for run in (mapped, in_file):
+        assert run["status"] == "completed" and run["outputs_equal"], run
+    assert in_file["peak_in_use_mib"] < mapped["peak_in_use_mib"] + 0.25 * in_file["model_mib"]
+
+
+@needs_cgroup
 def test_the_ray_peer_shares_one_copy_through_its_object_store(tmp_path: Path) -> None:
     from benchmarks.suite.approaches import why_not
 
@@ -195,7 +207,7 @@ def test_forests_study_finds_what_shares_a_forest() -> None:
     assert rows["modelshare-server"]["gained_mib"] < rows["private"]["gained_mib"] / 4
 
 
-@pytest.mark.parametrize("framework", ["torch", "onnx", "sklearn"])
+@pytest.mark.parametrize("framework", ["torch", "safetensors", "onnx", "sklearn"])
 def test_a_peers_worker_never_imports_modelshare(framework: str, tmp_path: Path) -> None:
     """A peer's process pays for nothing of modelshare's (its import is ~6 MiB per process): a
     worker running the memory-mapped file must not have imported it."""
