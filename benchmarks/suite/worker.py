@@ -10,6 +10,7 @@ model, and Beam's model server, which lives under the first worker, outlives eve
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -49,6 +50,11 @@ def _thread(spec: RunSpec, first_call: int, results: list[dict[str, Any]], outpu
 def main(spec_path: str, index: int) -> int:
     suite = os.getppid()
     spec = RunSpec(**json.loads(Path(spec_path).read_text()))
+    # The framework is imported up front, as a serving process does (Beam's handler modules import
+    # theirs), by every approach alike. Imported lazily, by the unpickling, it comes after the wait
+    # in an attaching worker: the attachers import scikit-learn together once the publisher has
+    # loaded, where every peer process imports it from the start (1-2 s later to a first inference).
+    importlib.import_module(FRAMEWORKS[spec.framework].module)
     run_dir = Path(spec.run_dir)
     results: list[dict[str, Any]] = []
     outputs: list[Any] = []

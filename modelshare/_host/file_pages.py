@@ -90,16 +90,23 @@ class _Area:
     path: str
 
 
-def _areas() -> list[_Area]:
-    """This process's file mappings, from ``/proc/self/maps``."""
+def _areas_holding(addresses: Sequence[int]) -> list[_Area]:
+    """This process's file mappings (``/proc/self/maps``) that hold one of ``addresses`` (sorted), by
+    start. Only those lines are parsed past their address range: a process with scipy or torch
+    loaded maps thousands of files (parsing every line took 12-22 ms of a 17 ms publish)."""
     found = []
     with open("/proc/self/maps") as maps:
         for line in maps:
+            dash = line.index("-")
+            space = line.index(" ", dash)
+            start, end = int(line[:dash], 16), int(line[dash + 1:space], 16)
+            at = bisect.bisect_left(addresses, start)
+            if at == len(addresses) or addresses[at] >= end:
+                continue  # holds none of them
             parts = line.split(maxsplit=5)
             if len(parts) < 6 or not parts[5].startswith("/"):
                 continue  # anonymous memory, [heap], [stack], memfd...
-            span, perms, offset, dev, ino, path = parts
-            start, end = (int(x, 16) for x in span.split("-"))
+            _, perms, offset, dev, ino, path = parts
             major, minor = (int(x, 16) for x in dev.split(":"))
             found.append(_Area(start, end, perms, int(offset, 16), (major, minor), int(ino), path.rstrip("\n")))
     return found
@@ -136,7 +143,8 @@ def locate(buffers: Sequence[memoryview], *, policy: Optional[bool], exclude: Pa
     pages = FilePages([], [None] * len(buffers))
     if policy is False or not buffers or not os.path.exists("/proc/self/maps"):
         return pages
-    areas = sorted(_areas(), key=lambda a: a.start)
+    addresses = [_address(view) if view.nbytes else 0 for view in buffers]
+    areas = _areas_holding(sorted(addresses))
     starts = [a.start for a in areas]
     index: dict[tuple[int, int], int] = {}
     allowed: dict[tuple[str, tuple[int, int], int], Optional[os.stat_result]] = {}
@@ -146,7 +154,7 @@ def locate(buffers: Sequence[memoryview], *, policy: Optional[bool], exclude: Pa
         for i, view in enumerate(buffers):
             if view.nbytes == 0:
                 continue
-            start = _address(view)
+            start = addresses[i]
             at = bisect.bisect_right(starts, start) - 1
             area = areas[at] if at >= 0 and start + view.nbytes <= areas[at].end else None
             if area is None or area.path.startswith(excluded) or ("w" in area.perms and "s" in area.perms):
