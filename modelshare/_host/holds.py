@@ -23,9 +23,9 @@ from .. import _process
 from ..errors import UntrustedFileError
 from .directory import SegmentName
 from .format import Mapping
-from .locks import lock_file, same_file
+from .locks import inode, lock_file, same_file
 
-__all__ = ["SegmentHandle", "release", "forget_lingering", "lingering_holds"]
+__all__ = ["SegmentHandle", "held_by_others", "release", "forget_lingering", "lingering_holds"]
 
 
 class _HeldAcrossForks:
@@ -151,6 +151,26 @@ class _LingeringHold(_HeldAcrossForks, _process.Resource):
 def lingering_holds() -> list[_LingeringHold]:
     """This process's lingering holds (for tests and inspection)."""
     return _process.tracked(_LingeringHold)
+
+
+def held_by_others(handle: SegmentHandle) -> Optional[bool]:
+    """Whether another process holds ``handle``'s segment too; None if the segment went away meanwhile
+    (the hold is stale: release it and start over).
+
+    This process's shared lock converted to an exclusive one without waiting succeeds only when
+    nobody else holds one (``/proc/locks`` tells as much, but reading it waits out an RCU grace
+    period: 8-16 ms on every attach). flock drops the shared lock before it tries, so the lock is
+    taken again and its names checked: a last holder letting go in that moment may have unlinked
+    them (safe, as in ``_give_up``: this process then loads anew)."""
+    try:
+        fcntl.flock(handle.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        others = False
+    except BlockingIOError:
+        others = True
+    fcntl.flock(handle.lock_fd, fcntl.LOCK_SH)  # blocks only behind an exclusive lock: a brief unlink or publish
+    if not same_file(handle.lock_fd, handle.name.lock_path) or inode(handle.name.seg_path) != handle.mapping.inode:
+        return None
+    return others
 
 
 def release(handle: SegmentHandle, *, keep_warm: Optional[bool] = None) -> bool:

@@ -22,7 +22,7 @@ from .. import _process
 from .._host import counts, file_pages, inventory
 from .._host.format import segment_size
 from .._host.heap import reclaim_heap
-from .._host.holds import SegmentHandle, forget_lingering, release
+from .._host.holds import SegmentHandle, forget_lingering, held_by_others, release
 from .._host.locks import lock_holders
 from .._host.segments import Publication, open_or_publish
 from .._host.trust import ensure_directory
@@ -113,7 +113,10 @@ class Processes(Mode):
                 shared.segment_name, lambda: _produce(shared, self.map_files, directory), timeout=shared.timeout)
             if published:  # the loader's garbage is young: a full collection would delay the first call
                 reclaim_heap(generation=1)
-            elif _adopted(handle) and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
+            elif (adopted := _adopted(handle)) is None:  # its holders let it go as we looked: start over
+                release(handle)
+                return self.hold(shared)
+            elif adopted and not _sound(handle):  # a damaged orphan: gone now, so this hold loads anew
                 return self.hold(shared)
             model, buffers, new_instance = self._decode(shared, handle, verify=self.verify and not published)
         except SegmentCorruptedError as exc:
@@ -198,10 +201,16 @@ class _SegmentHold(Hold):
             self.handle.after_fork_in_child()
 
 
-def _adopted(handle: SegmentHandle) -> bool:
+def _adopted(handle: SegmentHandle) -> Optional[bool]:
     """Whether this attach adopts an orphan: a segment whose holders all died, now held by this
-    process alone, not kept warm (its weights are checked before use: ``_sound``)."""
-    orphan = not handle.mapping.keep_warm and lock_holders(handle.name.lock_path) == [os.getpid()]
+    process alone, not kept warm (its weights are checked before use: ``_sound``); None if the
+    segment went away as this process looked (see ``held_by_others``)."""
+    if handle.mapping.keep_warm:
+        return False
+    others = held_by_others(handle)
+    if others is None:
+        return None
+    orphan = not others
     if orphan:
         _log.info("adopting %s: its holders died; checking its weights", handle.name.seg_path)
     return orphan
