@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import errors
 from .errors import *  # noqa: F403 -- every exception is public (errors.__all__)
@@ -52,7 +52,7 @@ __version__ = "0.1.0"
 # Every public name but the exceptions is imported on first use: a process pays (in memory and
 # start-up) for the code it runs -- a worker that attaches one model never loads the router, the
 # server's client or the GPU code. Name -> (module, attribute; None: the module itself).
-_LAZY: dict[str, tuple[str, Union[str, None]]] = {
+_LAZY: dict[str, tuple[str, Optional[str]]] = {
     "SharedModel": ("._shared", "SharedModel"),
     "Threads": ("._modes.threads", "Threads"),
     "Processes": ("._modes.processes", "Processes"),
@@ -119,6 +119,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """The public names too, before their first use (completion and ``dir()`` see them all)."""
     return sorted({*globals(), *__all__})
 
 
