@@ -27,8 +27,8 @@ def markdown(results: Sequence[RunResult]) -> str:
     lines = [f"Scenario {first.scenario}: {first.framework} model of {first.model_mib:.0f} MiB, "
              f"{first.threads} thread(s) per process; limit {first.limit_mib:.0f} MiB, {enforced}; a bare worker "
              f"process costs {first.bare_mib:.0f} MiB. In use = anonymous + shared memory (what the kernel cannot "
-             "reclaim); PSS = the workers' total.", "",
-             "| approach | processes | result | peak in use (limit) | peak PSS | first inference | calls/s | "
+             "reclaim); PSS = the workers' total, at its peak and once every worker holds the model.", "",
+             "| approach | processes | result | peak in use (limit) | PSS peak (held) | first inference | calls/s | "
              "latency p50 / p99 | outputs |" + (" loads, hits, evictions |" if any(r.stats for r in results) else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if any(r.stats for r in results) else "")]
     for r in results:
@@ -37,7 +37,8 @@ def markdown(results: Sequence[RunResult]) -> str:
         latency = (f"{r.latency_ms['p50']:.1f} / {r.latency_ms['p99']:.1f} ms" if r.latency_ms else "--")
         counters = ", ".join(f"{v} {k}" for k, v in sorted(r.stats.items()))
         lines.append(f"| {LABELS.get(r.approach, r.approach)} | {r.processes} | {result} | "
-                     f"{r.peak_in_use_mib:.0f} ({r.limit_mib:.0f}) MiB | {r.peak_pss_mib:.0f} MiB | "
+                     f"{r.peak_in_use_mib:.0f} ({r.limit_mib:.0f}) MiB | {r.peak_pss_mib:.0f}"
+                     f"{f' ({r.held_pss_mib:.0f})' if r.held_pss_mib is not None else ''} MiB | "
                      f"{_fmt(r.first_inference_s, '{:.2f} s')} | {_fmt(r.calls_per_s, '{:.1f}')} | {latency} | "
                      f"{outputs} |" + (f" {counters} |" if any(x.stats for x in results) else ""))
     return "\n".join(lines)

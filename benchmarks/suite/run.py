@@ -63,6 +63,7 @@ class RunResult:
     peak_in_use_mib: float = 0.0  # sampled anonymous + shared memory (without a cgroup: total PSS)
     peak_charged_mib: float = 0.0  # the cgroup's own peak, page cache included (without one: total PSS)
     peak_pss_mib: float = 0.0
+    held_pss_mib: Optional[float] = None  # once every worker is done and holds the model: no faulting under way
     peak_gpu_used_mib: Optional[float] = None  # all GPUs' used memory (NVML), where there are GPUs
     first_inference_s: Optional[float] = None  # median over the worker threads
     calls_per_s: Optional[float] = None  # all threads together
@@ -236,6 +237,10 @@ def _watch(result: RunResult, workers: list[subprocess.Popen[bytes]], run_dir: P
         progress(f"{elapsed:5.1f} s, {in_use / MiB:6.0f} MiB in use")
         settled = [(run_dir / f"worker-{i}.json").exists() or w.poll() is not None for i, w in enumerate(workers)]
         if all(settled):
+            # The peak may count a page twice: processes are read one after the other while pages are
+            # faulted in (one read before another maps the page). Held, nothing is being faulted.
+            held = total_pss([w.pid for w in workers] + (cgroup.pids() if cgroup else []), descendants=True)
+            result.held_pss_mib = held / MiB
             break
         if elapsed > timeout:
             result.status, result.error = "timed-out", f"still running after {timeout:.0f} s"

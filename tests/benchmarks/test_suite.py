@@ -85,6 +85,7 @@ def test_safetensors_mapped_by_the_peer_and_left_in_the_file_by_modelshare(tmp_p
     mapped, in_file = runs["mmap-file"], runs["modelshare-mapped"]
     for run in (mapped, in_file):
         assert run["status"] == "completed" and run["outputs_equal"], run
+        assert run["model_mib"] < run["held_pss_mib"] <= run["peak_pss_mib"] + 8, "measured once all hold the model"
     assert in_file["peak_in_use_mib"] < mapped["peak_in_use_mib"] + 0.25 * in_file["model_mib"]
 
 
