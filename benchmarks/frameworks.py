@@ -101,23 +101,15 @@ def _mlp_on_meta(state: dict[str, Any]) -> Any:
     return torch.nn.Sequential(*layers)
 
 
-def _safetensors_load(path: Path) -> Any:
-    """The weights copied into a model of their own (``load_state_dict`` into allocated parameters)."""
+def _safetensors_load(path: Path, *, mapped: bool = False) -> Any:
+    """The weights copied into a model of their own (``load_state_dict`` into allocated parameters);
+    ``mapped``: the parameters are the mapped file's tensors (``load_file`` maps it, ``assign=True``
+    keeps them)."""
     from safetensors.torch import load_file
 
     state = load_file(path)
-    model = _mlp_on_meta(state).to_empty(device="cpu")
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
-
-
-def _safetensors_lean_load(path: Path) -> Any:
-    """The parameters are the mapped file's tensors (``load_file`` maps it; ``assign=True`` keeps them)."""
-    from safetensors.torch import load_file
-
-    state = load_file(path)
-    model = _mlp_on_meta(state)
-    model.load_state_dict(state, assign=True)
+    model = _mlp_on_meta(state) if mapped else _mlp_on_meta(state).to_empty(device="cpu")
+    model.load_state_dict(state, assign=mapped)
     return model.eval().requires_grad_(False)
 
 
@@ -203,7 +195,8 @@ FRAMEWORKS: dict[str, Framework] = {
     "torch": Framework("torch", models.torch_mlp, _torch_save, _torch_load, _torch_call, models.torch_input,
                        "torch", _torch_lean_load),
     "safetensors": Framework("safetensors", models.torch_mlp, _safetensors_save, _safetensors_load, _torch_call,
-                             models.torch_input, "safetensors.torch", _safetensors_lean_load),
+                             models.torch_input, "safetensors.torch",
+                             functools.partial(_safetensors_load, mapped=True)),
     "onnx": _OnnxFramework("onnx", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call, models.onnx_input,
                            "onnxruntime", _onnx_mapped_load),
     "onnx-prepack": _OnnxFramework("onnx-prepack", models.onnx_mlp, _onnx_save, _onnx_load, _onnx_call,

@@ -50,17 +50,7 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import (
-    Any,
-    Callable,
-    Generic,
-    Iterable,
-    Iterator,
-    Literal,
-    Optional,
-    TypeVar,
-    Union,
-)
+from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Optional, TypeVar, Union
 
 from . import _process
 from ._fingerprint import blake2b, loader_fingerprint

@@ -222,8 +222,11 @@ def run_one(scenario: Scenario, approach: str, model: PreparedModel, processes: 
 def _watch(result: RunResult, workers: list[subprocess.Popen[bytes]], run_dir: Path,
            cgroup: Optional[MemoryCgroup], started: float, progress: Callable[[str], None], timeout: float) -> None:
     """Sample memory until every worker has either written its results or exited."""
+    def pss_now() -> int:
+        return total_pss([w.pid for w in workers] + (cgroup.pids() if cgroup else []), descendants=True)
+
     while True:
-        pss = total_pss([w.pid for w in workers] + (cgroup.pids() if cgroup else []), descendants=True)
+        pss = pss_now()
         in_use = cgroup.in_use() if cgroup else pss
         elapsed = time.monotonic() - started
         result.timeline.append((round(elapsed, 2), round(in_use / MiB, 1), round(pss / MiB, 1)))
@@ -239,8 +242,7 @@ def _watch(result: RunResult, workers: list[subprocess.Popen[bytes]], run_dir: P
         if all(settled):
             # The peak may count a page twice: processes are read one after the other while pages are
             # faulted in (one read before another maps the page). Held, nothing is being faulted.
-            held = total_pss([w.pid for w in workers] + (cgroup.pids() if cgroup else []), descendants=True)
-            result.held_pss_mib = held / MiB
+            result.held_pss_mib = pss_now() / MiB
             break
         if elapsed > timeout:
             result.status, result.error = "timed-out", f"still running after {timeout:.0f} s"

@@ -3,8 +3,8 @@
 Beam's default loads a private copy in every SDK worker process; ``large_model=True`` keeps one
 copy in a server process and pickles every call over a socket; modelshare keeps one copy of the
 weights in shared memory and every process computes on zero-copy views. The memory-mapped file
-is the peer where the framework can map its file (PyTorch, safetensors, scikit-learn through joblib, ONNX Runtime
-over external data with prepacking off): the page
+is the peer where the framework can map its file (PyTorch, safetensors, scikit-learn through
+joblib, ONNX Runtime over external data with prepacking off): the page
 cache holds it once -- and so does modelshare with ``map_files=True`` (``modelshare-mapped``),
 whose segment leaves those weights in the file. Ray's zero-copy pattern (the state dict in its
 object store, read-only views in every process) is the peer for PyTorch where Ray is installed.
